@@ -1,0 +1,112 @@
+"""Parity fixtures: every ``set_*`` directory under ``$COSYSERVE_PARITY_DIR`` (default: the
+``shared/parity/cosyvoice1`` directory beside the repository) is a test parameter, so a new set in
+the same format is picked up without code changes. ``assert_close`` records the max abs error of
+every stage; the table is printed at the end of the run."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PARITY_DIR = REPO_ROOT.parent / "shared" / "parity" / "cosyvoice1"
+
+_ERRORS: list[tuple[str, str, float, float]] = []  # (set, stage, max abs error, atol)
+
+
+def parity_root() -> Path:
+    return Path(os.environ.get("COSYSERVE_PARITY_DIR", DEFAULT_PARITY_DIR))
+
+
+def discover_sets() -> list[Path]:
+    root = parity_root()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("set_"))
+
+
+@dataclass
+class ParitySet:
+    path: Path
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.path.name
+
+    @cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        with np.load(self.path / "fixtures.npz") as npz:
+            return {k: npz[k] for k in npz.files}
+
+    def t(self, key: str) -> torch.Tensor:
+        """An array as a torch tensor (float32 / int64 as stored)."""
+        return torch.from_numpy(self.arrays[key].copy())
+
+    @cached_property
+    def frontend(self) -> dict:
+        return json.loads((self.path / "frontend.json").read_text(encoding="utf-8"))
+
+    @cached_property
+    def manifest(self) -> dict:
+        return json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+
+    @cached_property
+    def config(self):
+        from cosyserve.models.yaml_config import load_model_config
+
+        return load_model_config(self.path / "cosyvoice.yaml")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "parity_set" in metafunc.fixturenames:
+        sets = discover_sets()
+        metafunc.parametrize(
+            "parity_set",
+            [ParitySet(p) for p in sets] or [pytest.param(None, marks=pytest.mark.skip("no parity sets"))],
+            ids=[p.name for p in sets] or ["none"],
+            scope="session",
+        )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deterministic_threads():
+    # Fixtures were recorded with 2 threads; other counts change float summation order slightly.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def assert_close(
+    parity_set: ParitySet,
+    stage: str,
+    actual: torch.Tensor | np.ndarray,
+    expected: torch.Tensor | np.ndarray,
+    atol: float,
+    rtol: float = 0.0,
+) -> float:
+    """Compare one stage against its fixture; record and return the max abs error."""
+    a = actual.detach().cpu().double().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual, np.float64)
+    e = expected.detach().cpu().double().numpy() if isinstance(expected, torch.Tensor) else np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{stage}: shape {a.shape} != fixture {e.shape}"
+    err = float(np.max(np.abs(a - e))) if a.size else 0.0
+    _ERRORS.append((parity_set.name, stage, err, atol))
+    bound = atol + rtol * np.abs(e)
+    worst = np.max(np.abs(a - e) - bound) if a.size else -1.0
+    assert worst <= 0, f"{stage}: max abs error {err:.3g} exceeds atol {atol:g} (rtol {rtol:g})"
+    return err
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _ERRORS:
+        return
+    terminalreporter.section("parity: max abs error per stage")
+    for set_name, stage, err, atol in _ERRORS:
+        terminalreporter.write_line(f"{set_name:8s} {stage:40s} {err:10.3g}  (atol {atol:g})")
