@@ -31,6 +31,7 @@ serve: install
 	$(BIN)/cosyserve serve --host $(HOST) --port $(PORT) $(if $(MODEL_DIR),--model_dir $(MODEL_DIR),)
 
 test: install-dev
+	bash scripts/ensure-test-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-dev

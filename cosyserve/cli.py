@@ -12,9 +12,15 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("cosyserve.server.launch", "start the HTTP server (auto-configures for this machine)"),
     "say": ("cosyserve.tools.say", "synthesise text to a WAV file"),
-    "make-model": ("cosyserve.models.make_model", "write a random-weight model directory in the official format"),
+    "make-model": (
+        "cosyserve.models.make_model",
+        "write a random-weight model directory in the official format",
+    ),
     "bench": ("cosyserve.tools.bench", "benchmark RTF, first-chunk latency and per-stage times"),
-    "diagnose": ("cosyserve.tools.diagnose", "check Python, torch, CUDA, TensorRT, ONNX Runtime and a model directory"),
+    "diagnose": (
+        "cosyserve.tools.diagnose",
+        "check Python, torch, CUDA, TensorRT, ONNX Runtime and a model directory",
+    ),
     "precompile": ("cosyserve.tools.precompile", "export ONNX and build TensorRT engines ahead of time"),
 }
 

@@ -65,13 +65,13 @@ class SynthesisRequest:
         if not isinstance(self.text, str) or not self.text.strip():
             raise InvalidRequestError("text is empty: give the text to synthesise")
         if len(self.text) > MAX_TEXT_CHARS:
-            raise InvalidRequestError(
-                f"text has {len(self.text)} characters; the limit is {MAX_TEXT_CHARS}"
-            )
+            raise InvalidRequestError(f"text has {len(self.text)} characters; the limit is {MAX_TEXT_CHARS}")
         if self.mode not in MODES:
             raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if not isinstance(self.speed, (int, float)) or not math.isfinite(self.speed) or not (
-            MIN_SPEED <= self.speed <= MAX_SPEED
+        if (
+            not isinstance(self.speed, (int, float))
+            or not math.isfinite(self.speed)
+            or not (MIN_SPEED <= self.speed <= MAX_SPEED)
         ):
             raise InvalidRequestError(
                 f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {self.speed!r}"

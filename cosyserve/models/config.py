@@ -50,14 +50,28 @@ class LLMConfig:
     spk_embed_dim: int = 192
     text_encoder: EncoderConfig = field(
         default_factory=lambda: EncoderConfig(
-            input_size=512, output_size=1024, attention_heads=16, linear_units=4096, num_blocks=6,
-            input_layer="linear", activation="swish", block_type="conformer", causal=True,
+            input_size=512,
+            output_size=1024,
+            attention_heads=16,
+            linear_units=4096,
+            num_blocks=6,
+            input_layer="linear",
+            activation="swish",
+            block_type="conformer",
+            causal=True,
         )
     )
     llm: EncoderConfig = field(
         default_factory=lambda: EncoderConfig(
-            input_size=1024, output_size=1024, attention_heads=16, linear_units=4096, num_blocks=14,
-            input_layer="linear_legacy", activation="relu", block_type="transformer", causal=True,
+            input_size=1024,
+            output_size=1024,
+            attention_heads=16,
+            linear_units=4096,
+            num_blocks=14,
+            input_layer="linear_legacy",
+            activation="relu",
+            block_type="transformer",
+            causal=True,
         )
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -104,8 +118,15 @@ class FlowConfig:
     input_frame_rate: int = 50
     encoder: EncoderConfig = field(
         default_factory=lambda: EncoderConfig(
-            input_size=512, output_size=512, attention_heads=8, linear_units=2048, num_blocks=6,
-            input_layer="linear", activation="swish", block_type="conformer", causal=False,
+            input_size=512,
+            output_size=512,
+            attention_heads=8,
+            linear_units=2048,
+            num_blocks=6,
+            input_layer="linear",
+            activation="swish",
+            block_type="conformer",
+            causal=False,
         )
     )
     length_regulator: LengthRegulatorConfig = field(default_factory=LengthRegulatorConfig)

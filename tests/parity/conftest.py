@@ -93,8 +93,16 @@ def assert_close(
     rtol: float = 0.0,
 ) -> float:
     """Compare one stage against its fixture; record and return the max abs error."""
-    a = actual.detach().cpu().double().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual, np.float64)
-    e = expected.detach().cpu().double().numpy() if isinstance(expected, torch.Tensor) else np.asarray(expected, np.float64)
+    a = (
+        actual.detach().cpu().double().numpy()
+        if isinstance(actual, torch.Tensor)
+        else np.asarray(actual, np.float64)
+    )
+    e = (
+        expected.detach().cpu().double().numpy()
+        if isinstance(expected, torch.Tensor)
+        else np.asarray(expected, np.float64)
+    )
     assert a.shape == e.shape, f"{stage}: shape {a.shape} != fixture {e.shape}"
     err = float(np.max(np.abs(a - e))) if a.size else 0.0
     _ERRORS.append((parity_set.name, stage, err, atol))

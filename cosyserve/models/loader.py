@@ -1,0 +1,456 @@
+"""Open a CosyVoice v1 model directory: check its files, read its config, load its weights.
+
+The official layout (CosyVoice-300M, -SFT, -Instruct)::
+
+    cosyvoice.yaml            architecture (read safely by yaml_config, nothing executed)
+    llm.pt flow.pt hift.pt    torch.save(state_dict); hift.pt with weight-norm g/v tensors
+    spk2info.pt               {speaker: {'embedding': FloatTensor[1, 192]}}
+    campplus.onnx             speaker-embedding model   } zero-shot / cross-lingual only:
+    speech_tokenizer_v1.onnx  speech tokenizer          } presence recorded, opened lazily
+
+Every problem becomes ONE :class:`ModelDirectoryError` (or :class:`ModelConfigError`) that names
+the file and what is wrong with it, never a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import threading
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from cosyserve.errors import ModelConfigError, ModelDirectoryError
+from cosyserve.models.config import ModelConfig
+from cosyserve.models.yaml_config import load_model_config
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_FILE",
+    "REQUIRED_FILES",
+    "ZERO_SHOT_FILES",
+    "LoadedModel",
+    "ModelFiles",
+    "build_network",
+    "build_networks",
+    "check_state_dict",
+    "find_model_files",
+    "load_model_directory",
+    "load_networks",
+    "open_onnx_session",
+    "read_checkpoint",
+    "read_speakers",
+]
+
+CONFIG_FILE = "cosyvoice.yaml"
+REQUIRED_FILES = (CONFIG_FILE, "llm.pt", "flow.pt", "hift.pt", "spk2info.pt")
+CAMPPLUS_FILE = "campplus.onnx"
+SPEECH_TOKENIZER_FILE = "speech_tokenizer_v1.onnx"
+ZERO_SHOT_FILES = (CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE)
+
+# Files that identify a directory of a later family (so "cosyvoice.yaml missing" is not the message).
+_OTHER_FAMILY_FILES = {
+    "cosyvoice3.yaml": "CosyVoice3",
+    "cosyvoice2.yaml": "CosyVoice2",
+    "speech_tokenizer_v3.onnx": "CosyVoice3",
+    "speech_tokenizer_v2.onnx": "CosyVoice2",
+}
+
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files of a checked model directory. The ONNX models are None when absent."""
+
+    root: Path
+    config: Path
+    llm: Path
+    flow: Path
+    hift: Path
+    spk2info: Path
+    campplus: Path | None
+    speech_tokenizer: Path | None
+
+    @property
+    def supports_zero_shot(self) -> bool:
+        """Zero-shot / cross-lingual cloning needs both ONNX front-end models."""
+        return self.campplus is not None and self.speech_tokenizer is not None
+
+
+def find_model_files(model_dir: str | os.PathLike[str]) -> ModelFiles:
+    """Check that `model_dir` has the files of a CosyVoice v1 model directory."""
+    root = Path(model_dir).expanduser()
+    if not root.exists():
+        raise ModelDirectoryError(f"{root}: model directory not found")
+    if not root.is_dir():
+        raise ModelDirectoryError(f"{root}: is not a directory")
+    root = root.resolve()
+    if not (root / CONFIG_FILE).is_file():
+        for name, family in _OTHER_FAMILY_FILES.items():
+            if (root / name).exists():
+                raise ModelConfigError(
+                    f"{root}: this is a {family} model directory ({name}); {family} is not supported yet - "
+                    "cosyserve currently runs CosyVoice v1 models (CosyVoice-300M, -SFT, -Instruct)"
+                )
+    missing = [name for name in REQUIRED_FILES if not (root / name).is_file()]
+    if missing:
+        raise ModelDirectoryError(
+            f"{root}: missing {', '.join(missing)} (a CosyVoice v1 model directory needs "
+            f"{', '.join(REQUIRED_FILES)}; {', '.join(ZERO_SHOT_FILES)} for zero-shot)"
+        )
+
+    def optional(name: str) -> Path | None:
+        path = root / name
+        return path if path.is_file() else None
+
+    files = ModelFiles(
+        root=root,
+        config=root / CONFIG_FILE,
+        llm=root / "llm.pt",
+        flow=root / "flow.pt",
+        hift=root / "hift.pt",
+        spk2info=root / "spk2info.pt",
+        campplus=optional(CAMPPLUS_FILE),
+        speech_tokenizer=optional(SPEECH_TOKENIZER_FILE),
+    )
+    if not files.supports_zero_shot:
+        absent = [
+            n
+            for n, p in ((CAMPPLUS_FILE, files.campplus), (SPEECH_TOKENIZER_FILE, files.speech_tokenizer))
+            if p is None
+        ]
+        logger.info(
+            "%s: no %s: zero-shot / cross-lingual voice cloning is unavailable", root, ", ".join(absent)
+        )
+    return files
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _load_error(path: Path, exc: BaseException) -> ModelDirectoryError:
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "unsupported global" in text.lower():
+        reason = (
+            "holds Python objects other than tensors; refusing to unpickle them "
+            "(only plain state dicts are loaded, torch.load(weights_only=True))"
+        )
+    elif isinstance(exc, (zipfile.BadZipFile, EOFError, pickle.UnpicklingError)) or any(
+        s in text
+        for s in (
+            "central directory",
+            "PytorchStreamReader",
+            "Ran out of input",
+            "truncated",
+            "invalid load key",
+        )
+    ):
+        reason = "not a readable PyTorch checkpoint (truncated or corrupt file?)"
+    else:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        reason = f"cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {first[:200]})"
+    size = path.stat().st_size if path.exists() else 0
+    return ModelDirectoryError(f"{path}: {reason} [{size} bytes]")
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """`torch.load(weights_only=True, mmap=True)` a flat state dict, with one clear error for any problem."""
+    path = Path(path)
+    try:
+        try:
+            obj = _torch_load(path, mmap=True)
+        except RuntimeError as exc:
+            # mmap needs the zip format; checkpoints in torch's legacy format load without it.
+            if "mmap" not in str(exc) and "zipfile" not in str(exc):
+                raise
+            obj = _torch_load(path, mmap=False)
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise ModelDirectoryError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+        raise _load_error(path, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for broken files
+        raise _load_error(path, exc) from exc
+    if not isinstance(obj, Mapping):
+        raise ModelDirectoryError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        listed = ", ".join(repr(k) for k in bad[:_MAX_LISTED])
+        raise ModelDirectoryError(
+            f"{path}: expected a flat state dict (name -> tensor); {len(bad)} entries are not tensors "
+            f"(e.g. {listed})"
+        )
+    return dict(obj)
+
+
+def read_speakers(path: str | os.PathLike[str], embed_dim: int = 192) -> dict[str, torch.Tensor]:
+    """`spk2info.pt` -> {speaker name: embedding FloatTensor[1, embed_dim]}."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ModelDirectoryError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(path, exc) from exc
+    if not isinstance(obj, Mapping):
+        raise ModelDirectoryError(
+            f"{path}: expected {{speaker: {{'embedding': tensor[1, {embed_dim}]}}}}, got {type(obj).__name__}"
+        )
+    speakers: dict[str, torch.Tensor] = {}
+    for name, info in obj.items():
+        emb = info.get("embedding") if isinstance(info, Mapping) else None
+        if not isinstance(emb, torch.Tensor):
+            raise ModelDirectoryError(
+                f"{path}: speaker {name!r} has no 'embedding' tensor "
+                f"(expected {{speaker: {{'embedding': tensor[1, {embed_dim}]}}}})"
+            )
+        if emb.numel() != embed_dim or not emb.is_floating_point():
+            raise ModelDirectoryError(
+                f"{path}: speaker {name!r}: embedding has shape {list(emb.shape)} / {emb.dtype}, "
+                f"expected a float tensor [1, {embed_dim}]"
+            )
+        speakers[str(name)] = emb.detach().reshape(1, embed_dim).to(torch.float32).clone()
+    if not speakers:
+        logger.warning("%s: no speakers; only zero-shot / instruct voices are available", path)
+    return speakers
+
+
+def check_state_dict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], file: str | os.PathLike[str], note: str = ""
+) -> None:
+    """Raise ONE ModelDirectoryError listing missing / unexpected keys and shape mismatches."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        (k, tuple(expected[k].shape), tuple(v.shape))
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def listing(keys: list[str]) -> str:
+        more = f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+        return ", ".join(keys[:_MAX_LISTED]) + more
+
+    problems = []
+    if shapes:
+        shown = "; ".join(f"{k}: expected {list(e)}, got {list(g)}" for k, e, g in shapes[:_MAX_LISTED])
+        more = f"; ... ({len(shapes) - _MAX_LISTED} more)" if len(shapes) > _MAX_LISTED else ""
+        problems.append(f"{len(shapes)} tensors have the wrong shape ({shown}{more})")
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({listing(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({listing(unexpected)})")
+    raise ModelDirectoryError(
+        f"{file}: does not match the architecture in {CONFIG_FILE}{note}: " + "; ".join(problems)
+    )
+
+
+# ------------------------------------------------------------------------------------ networks
+
+
+NETWORK_NAMES = ("llm", "flow", "hift")
+
+
+def build_network(name: str, config: ModelConfig) -> nn.Module:
+    """Instantiate one network ("llm", "flow" or "hift") from a config, randomly initialised."""
+    # Imported here: the network modules are large and loader users often need only the files.
+    if name == "llm":
+        from cosyserve.models.llm import TransformerLM
+
+        cls: type[nn.Module] = TransformerLM
+    elif name == "flow":
+        from cosyserve.models.flow import MaskedDiffWithXvec
+
+        cls = MaskedDiffWithXvec
+    elif name == "hift":
+        from cosyserve.models.hift import HiFTGenerator
+
+        cls = HiFTGenerator
+    else:
+        raise ValueError(f"unknown network {name!r} (expected one of {NETWORK_NAMES})")
+    try:
+        return cls(getattr(config, name))
+    except (ValueError, NotImplementedError, KeyError) as exc:
+        # The network code refused an option the yaml reader let through.
+        raise ModelConfigError(f"{CONFIG_FILE}: '{name}' cannot be built: {exc}") from exc
+
+
+def build_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Instantiate (llm, flow, hift) from a config, with their default (random) initialisation."""
+    llm, flow, hift = (build_network(name, config) for name in NETWORK_NAMES)
+    return llm, flow, hift
+
+
+def _load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], file: Path, note: str = "") -> None:
+    check_state_dict(module, state_dict, file, note)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied; shapes/keys were checked above
+        raise ModelDirectoryError(f"{file}: cannot be loaded: {str(exc).strip().splitlines()[0]}") from exc
+
+
+_RANDOM_INITS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "orthogonal_",
+)
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _skip_random_init() -> Iterator[None]:
+    """Make torch.nn.init's random initialisers no-ops while networks are built for loading.
+
+    Every parameter is overwritten by the strict load right after, and drawing ~436M random
+    numbers costs ~10 s on two cores. Computed buffers (position tables, windows) do not use
+    these functions, so they are unaffected.
+    """
+    with _init_lock:
+        saved = {name: getattr(nn.init, name) for name in _RANDOM_INITS if hasattr(nn.init, name)}
+        try:
+            for name in saved:
+                setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
+
+
+def load_networks(
+    files: ModelFiles, config: ModelConfig, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Build the three networks and load their checkpoints (strict), in eval mode on `device`."""
+    from cosyserve.models.hift import convert_hift_state_dict
+
+    nets: list[nn.Module] = []
+    # One network at a time: build, load (mmap'd checkpoint, pages only read while copying), move.
+    for name, path in (("llm", files.llm), ("flow", files.flow), ("hift", files.hift)):
+        state_dict = read_checkpoint(path)
+        note = ""
+        if name == "hift":
+            try:
+                # Strips `generator.` and folds weight norm (weight_g/weight_v or parametrizations.*).
+                state_dict = convert_hift_state_dict(state_dict)
+            except (KeyError, RuntimeError) as exc:
+                raise ModelDirectoryError(f"{path}: broken weight-norm tensors: {exc}") from exc
+            note = " (after folding weight_g/weight_v)"
+        with _skip_random_init():
+            module = build_network(name, config)
+        _load_into(module, state_dict, path, note)  # strict: every parameter is overwritten
+        del state_dict
+        nets.append(module.to(device).eval())
+    return nets[0], nets[1], nets[2]
+
+
+# ------------------------------------------------------------------------------------ ONNX
+
+
+def open_onnx_session(
+    path: str | os.PathLike[str], providers: list[str] | None = None, threads: int = 0
+) -> onnxruntime.InferenceSession:
+    """An onnxruntime session for one of the front-end models, with one clear error if it is broken."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    try:
+        return onnxruntime.InferenceSession(
+            os.fspath(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelDirectoryError(f"{path}: not a loadable ONNX model: {first[:300]}") from exc
+
+
+@dataclass
+class LoadedModel:
+    """A model directory, loaded: config, networks (eval mode), speaker table; ONNX models lazily."""
+
+    files: ModelFiles
+    config: ModelConfig
+    llm: nn.Module
+    flow: nn.Module
+    hift: nn.Module
+    speakers: dict[str, torch.Tensor]
+    onnx_providers: list[str] | None = None
+    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def supports_zero_shot(self) -> bool:
+        return self.files.supports_zero_shot
+
+    def _session(self, path: Path | None, name: str) -> onnxruntime.InferenceSession:
+        if path is None:
+            raise ModelDirectoryError(
+                f"{self.files.root}: no {name}: zero-shot / cross-lingual cloning needs "
+                f"{CAMPPLUS_FILE} and {SPEECH_TOKENIZER_FILE} in the model directory"
+            )
+        with self._lock:  # opened once, on first use (loading the tokenizer takes ~1 s and 0.5 GB)
+            if name not in self._sessions:
+                self._sessions[name] = open_onnx_session(path, self.onnx_providers)
+            return self._sessions[name]
+
+    def campplus_session(self) -> onnxruntime.InferenceSession:
+        """Speaker embedding: input fbank float [B, T, 80] -> [B, 192]."""
+        return self._session(self.files.campplus, CAMPPLUS_FILE)
+
+    def speech_tokenizer_session(self) -> onnxruntime.InferenceSession:
+        """Speech tokens: `feats` float [1, 128, T] whisper log-mel, `feats_length` int32 [1] -> `indices`."""
+        return self._session(self.files.speech_tokenizer, SPEECH_TOKENIZER_FILE)
+
+
+def load_model_directory(
+    model_dir: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    onnx_providers: list[str] | None = None,
+) -> LoadedModel:
+    """Check, read and load a CosyVoice v1 model directory (see the module docstring).
+
+    Raises ModelDirectoryError / ModelConfigError naming the file and the problem.
+    """
+    files = find_model_files(model_dir)
+    config = load_model_config(files.config)
+    speakers = read_speakers(files.spk2info, config.llm.spk_embed_dim)  # cheap checks first
+    llm, flow, hift = load_networks(files, config, device)
+    logger.info(
+        "loaded %s: %d speakers, zero-shot %s",
+        files.root,
+        len(speakers),
+        "available" if files.supports_zero_shot else "unavailable",
+    )
+    return LoadedModel(
+        files=files,
+        config=config,
+        llm=llm,
+        flow=flow,
+        hift=hift,
+        speakers=speakers,
+        onnx_providers=onnx_providers,
+    )

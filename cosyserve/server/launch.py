@@ -1,0 +1,79 @@
+"""``cosyserve serve``: load the model (auto-configured for this machine), print the URL, run
+uvicorn. SIGTERM/SIGINT shut down gracefully: no new connections, in-flight streams get
+``--shutdown_timeout_s`` to finish, then the rest are cancelled."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from cosyserve.settings import Settings, add_arguments, settings_from_args
+
+logger = logging.getLogger(__name__)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+    parser.epilog = (
+        "Every flag can also be set as an environment variable: COSYSERVE_<FLAG> "
+        "(e.g. COSYSERVE_MODEL_DIR, COSYSERVE_API_KEY). A flag wins over the environment."
+    )
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    # The global --log-level defaults to INFO; let COSYSERVE_LOG_LEVEL decide when it is unset.
+    flag = str(getattr(args, "log_level", "") or "").upper()
+    env = os.environ.get("COSYSERVE_LOG_LEVEL", "").upper()
+    return env if env and flag in ("", "INFO") else (flag or "INFO")
+
+
+def public_urls(settings: Settings) -> list[str]:
+    if settings.host in ("0.0.0.0", "::", ""):
+        hosts = ["127.0.0.1", socket.gethostname()]
+    else:
+        hosts = [f"[{settings.host}]" if ":" in settings.host else settings.host]
+    return [f"http://{host}:{settings.port}" for host in hosts]
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cosyserve.errors import CosyserveError
+    from cosyserve.server.app import build_backend, create_app
+
+    try:
+        settings = settings_from_args(args, log_level=_log_level(args))
+    except ValueError as exc:  # pydantic's ValidationError: a bad flag or env value
+        print(f"cosyserve serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level)
+
+    try:
+        backend, report = build_backend(settings)
+    except CosyserveError as exc:
+        logger.error("cannot start: %s", exc.message)
+        return 1
+    for fallback in report.get("fallbacks", []) or []:
+        logger.warning("fallback: %s", fallback)
+    app = create_app(settings, backend=backend, launch_report=report)
+
+    urls = public_urls(settings)
+    print(f"cosyserve {backend.name} ready on {urls[0]}  (API docs: {urls[0]}/docs)", flush=True)
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s without an API key: set COSYSERVE_API_KEY", settings.host)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        # One process owns the model: several workers would each load it.
+        workers=1,
+    )
+    server = uvicorn.Server(config)
+    server.run()  # installs SIGTERM/SIGINT handlers; lifespan shutdown drains the engine
+    return 0

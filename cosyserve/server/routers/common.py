@@ -1,0 +1,507 @@
+"""What every router shares: the server state, request parsing, up-front validation, prompt
+decoding and the two ways of answering with audio (streamed as made, or one file with timing
+headers). The routers stay thin: parse → validate → :func:`stream_audio` / :func:`file_audio`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from anyio import to_thread
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from cosyserve.engine.scheduler import EngineLoop, EngineStoppedError, RequestHandle
+from cosyserve.engine.types import AudioChunk, Backend, PromptAudio, SynthesisRequest, VoiceInfo
+from cosyserve.errors import CosyserveError, InvalidRequestError, UnknownVoiceError, UnsupportedModeError
+from cosyserve.server.metrics import ServerMetrics
+from cosyserve.server.schemas import (
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+    describe_validation_error,
+    error_body,
+)
+from cosyserve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Upstream's speech tokenizer refuses prompts over 30 s; say so before queueing.
+MAX_PROMPT_S = 30.0
+# Formats whose encoding is pure numpy (cheap enough to run on the event loop).
+_INLINE_FORMATS = {"pcm", "wav"}
+
+
+class StreamAbortedError(Exception):
+    """A stream failed after its head was sent: the connection is dropped, never completed, so
+    the client cannot mistake a truncated body for a whole one."""
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    backend: Backend
+    engine: EngineLoop
+    metrics: ServerMetrics
+    launch_report: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    health: HealthChecker | None = None
+
+    @property
+    def uptime_s(self) -> float:
+        return time.time() - self.started_at
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.cosyserve
+
+
+def request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Upload:
+    field: str
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+
+async def read_fields(request: Request, settings: Settings) -> tuple[dict[str, Any], dict[str, Upload]]:
+    """Form fields (multipart or urlencoded), a JSON object, or query parameters, alike.
+    Body fields win over query parameters; uploads are read into memory (size-checked)."""
+    fields: dict[str, Any] = dict(request.query_params)
+    uploads: dict[str, Upload] = {}
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        raw = await request.body()
+        try:
+            data = json.loads(raw) if raw.strip() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequestError(f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidRequestError("the JSON body must be an object of fields")
+        fields.update(data)
+    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_files=4, max_fields=64, max_part_size=1024 * 1024)
+        except MultiPartException as exc:
+            raise InvalidRequestError(f"cannot read the form: {exc.message}") from exc
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if value.size is not None and value.size > settings.max_upload_bytes:
+                        raise _too_large(key, value.size, settings)
+                    data = await value.read()
+                    if len(data) > settings.max_upload_bytes:
+                        raise _too_large(key, len(data), settings)
+                    uploads[key] = Upload(key, value.filename, value.content_type, data)
+                else:
+                    fields[key] = value
+        finally:
+            await form.close()
+    elif ctype and await request.body():
+        raise UnsupportedMediaTypeError(
+            f"cannot read a {ctype} body: send multipart/form-data, "
+            "application/x-www-form-urlencoded or application/json"
+        )
+    return fields, uploads
+
+
+def _too_large(name: str, size: int, settings: Settings) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{name} is {size / 2**20:.1f} MiB; the limit is {settings.max_upload_mb:g} MiB "
+        "(COSYSERVE_MAX_UPLOAD_MB): send a shorter recording"
+    )
+
+
+def parse_model(model: type[BaseModel], fields: dict[str, Any]) -> Any:
+    """Validate fields into ``model``; a failure is a 400 that names each bad field."""
+    cleaned = {k: (None if v == "" and k not in ("tts_text",) else v) for k, v in fields.items()}
+    cleaned = {k: v for k, v in cleaned.items() if v is not None}
+    try:
+        return model.model_validate(cleaned)
+    except ValidationError as exc:
+        message, _ = describe_validation_error(exc)
+        raise InvalidRequestError(message) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def validate_synthesis(state: ServerState, request: SynthesisRequest) -> None:
+    """Everything that can be checked before queueing: a mistake is a 4xx at once."""
+    limit = state.settings.max_text_chars
+    if isinstance(request.text, str) and len(request.text) > limit:
+        raise InvalidRequestError(
+            f"text has {len(request.text)} characters; this server accepts at most {limit} "
+            "(COSYSERVE_MAX_TEXT_CHARS): split it into several requests"
+        )
+    state.backend.check_request(request)
+    if request.mode in ("sft", "instruct") and request.voice:
+        request.voice = resolve_voice_id(state.backend, request.voice)
+
+
+def ensure_mode(backend: Backend, mode: str) -> None:
+    """Refuse a mode the loaded model lacks before reading any upload."""
+    if mode not in backend.modes:
+        raise UnsupportedModeError(
+            f"the loaded model ({backend.name}) does not support {mode}; "
+            f"supported: {', '.join(sorted(backend.modes))}"
+        )
+
+
+def resolve_voice_id(backend: Backend, voice: str) -> str:
+    """The backend's id for ``voice``, or :class:`UnknownVoiceError` listing what exists."""
+    resolver: Callable[[str], str] | None = getattr(backend, "resolve_voice", None)
+    if resolver is not None:
+        return resolver(voice)
+    voices = backend.voices()
+    ids = [v.id for v in voices]
+    if voice in ids:
+        return voice
+    folded = {v.casefold(): v for v in ids}
+    if voice.casefold() in folded:
+        return folded[voice.casefold()]
+    raise UnknownVoiceError(f"unknown voice {voice!r}; available: {_list(ids)} (GET /v1/voices lists them)")
+
+
+def _list(ids: list[str], limit: int = 20) -> str:
+    if not ids:
+        return "none"
+    shown = ", ".join(ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def voice_out(voice: VoiceInfo) -> dict[str, Any]:
+    return {
+        "id": voice.id,
+        "name": voice.id,
+        "kind": voice.kind,
+        "language": voice.language,
+        "description": voice.description,
+        "object": "audio.voice",
+    }
+
+
+async def read_prompt(
+    state: ServerState,
+    upload: Upload | None,
+    encoded: Any,
+    text: str | None,
+    *,
+    field_name: str = "prompt_wav",
+) -> PromptAudio:
+    """Decode a prompt recording (a file field, or base64 in JSON) before anything is queued."""
+    from cosyserve.audio.io import decode_audio  # PyAV: imported when a prompt arrives
+
+    settings = state.settings
+    if upload is not None:
+        ctype = (upload.content_type or "").split(";")[0].strip().lower()
+        if ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
+            raise UnsupportedMediaTypeError(
+                f"{field_name} must be an audio file (wav, flac, mp3, ogg, m4a, ...), got {ctype}"
+            )
+        data = upload.data
+    elif isinstance(encoded, str) and encoded.strip():
+        payload = encoded.strip()
+        if payload.startswith("data:"):
+            payload = payload.partition(",")[2]
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequestError(
+                f"{field_name} in a JSON body must be base64-encoded audio (or upload it as a form file)"
+            ) from exc
+    else:
+        raise InvalidRequestError(f"{field_name} is required: upload the prompt recording as a file field")
+    if len(data) > settings.max_upload_bytes:
+        raise _too_large(field_name, len(data), settings)
+    audio, sample_rate = await to_thread.run_sync(lambda: decode_audio(data, None, MAX_PROMPT_S))
+    if len(audio) < 0.1 * sample_rate:
+        raise InvalidRequestError(
+            f"{field_name} is shorter than 0.1 s: record at least a few seconds of speech"
+        )
+    return PromptAudio(audio=audio, sample_rate=sample_rate, text=text)
+
+
+# --------------------------------------------------------------------------------------------
+# Answering with audio
+# --------------------------------------------------------------------------------------------
+
+
+class DisconnectWatcher:
+    """Cancels the request when the client goes away while we wait for the engine.
+
+    Reads ASGI ``receive`` after the body has been consumed: the next message a server sends is
+    ``http.disconnect`` (client gone, or our response complete: cancelling then is a no-op)."""
+
+    def __init__(self, request: Request, handle: RequestHandle):
+        self._handle = handle
+        self._receive = request.receive
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                message = await self._receive()
+                if message.get("type") == "http.disconnect":
+                    self._handle.cancel()
+                    return
+        except Exception:  # noqa: BLE001 - a server without disconnect events: nothing to watch
+            return
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def _encode(encoder: Any, audio: Any, fmt: str) -> bytes:
+    if fmt in _INLINE_FORMATS:
+        return encoder.encode(audio)
+    return await to_thread.run_sync(encoder.encode, audio)
+
+
+def timing_headers(handle: RequestHandle, sample_rate: int) -> dict[str, str]:
+    audio = handle.audio_seconds
+    total = handle.total_seconds
+    return {
+        "X-Request-Id": handle.id,
+        "X-Processing-Time": f"{total:.3f}",
+        "X-Audio-Duration": f"{audio:.3f}",
+        "X-RTF": f"{total / audio:.4f}" if audio > 0 else "inf",
+        "X-Sample-Rate": str(sample_rate),
+    }
+
+
+def _log_done(handle: RequestHandle, what: str, ok: bool) -> None:
+    first = handle.first_chunk_seconds
+    # A stream abandoned by its client is logged before the engine has processed the cancel.
+    outcome = "done" if ok else handle.state.value if handle.state.finished else "cancelled"
+    logger.info(
+        "%s %s %s: first chunk %s, %.2f s audio in %.2f s (RTF %.3f)",
+        what,
+        handle.id,
+        outcome,
+        f"{first:.3f} s" if first is not None else "-",
+        handle.audio_seconds,
+        handle.total_seconds,
+        handle.rtf if handle.audio_seconds else float("nan"),
+    )
+
+
+def submit(state: ServerState, request: Request, synthesis: SynthesisRequest) -> RequestHandle:
+    return state.engine.submit(synthesis, request_id=request_id(request))
+
+
+async def file_audio(
+    state: ServerState, request: Request, synthesis: SynthesisRequest, fmt: str, *, what: str = "synthesis"
+) -> Response:
+    """Synthesise everything, then answer one encoded file with exact headers and timings."""
+    from cosyserve.audio.encode import MEDIA_TYPES, encode_all
+
+    handle = submit(state, request, synthesis)
+    watcher = DisconnectWatcher(request, handle)
+    try:
+        audio, sample_rate = await handle.collect()
+    except BaseException:
+        handle.cancel()
+        raise
+    finally:
+        watcher.stop()
+    body = await to_thread.run_sync(encode_all, audio, sample_rate, fmt)
+    _log_done(handle, what, True)
+    return Response(body, media_type=MEDIA_TYPES[fmt], headers=timing_headers(handle, sample_rate))
+
+
+async def stream_audio(
+    state: ServerState,
+    request: Request,
+    synthesis: SynthesisRequest,
+    fmt: str,
+    *,
+    sse: bool = False,
+    what: str = "stream",
+) -> Response:
+    """Stream audio as the engine makes it.
+
+    The response head waits for the first chunk, so a request that fails before any audio
+    (bad prompt, backend error) still gets a proper JSON error and status.
+    """
+    from cosyserve.audio.encode import MEDIA_TYPES, make_encoder
+
+    handle = submit(state, request, synthesis)
+    watcher = DisconnectWatcher(request, handle)
+    try:
+        first: AudioChunk | None = await anext(handle, None)
+    except BaseException:
+        watcher.stop()
+        handle.cancel()
+        raise
+    sample_rate = first.sample_rate if first is not None else state.backend.sample_rate
+    encoder = make_encoder(fmt, sample_rate)
+    openai_style = request.url.path.startswith("/v1/")
+
+    async def body() -> AsyncIterator[bytes]:
+        ok = False
+        try:
+            chunk = first
+            while chunk is not None:
+                data = await _encode(encoder, chunk.audio, fmt)
+                if data:
+                    yield _sse_delta(data) if sse else data
+                chunk = await anext(handle, None)
+            tail = await to_thread.run_sync(encoder.flush)
+            if tail:
+                yield _sse_delta(tail) if sse else tail
+            ok = True
+            if sse:
+                yield _sse_done(handle)
+        except CosyserveError as exc:
+            logger.warning("%s %s failed mid-stream: %s", what, handle.id, exc.message)
+            if not sse:
+                raise StreamAbortedError(exc.message) from exc
+            # SSE has an in-band error event; the stream then ends cleanly.
+            yield _sse_event(
+                error_body(exc.status_code, exc.code, exc.message, openai_style=openai_style)
+                | {"type": "error"}
+            )
+        finally:
+            watcher.stop()
+            if not ok:
+                handle.cancel()
+                encoder.close()
+            _log_done(handle, what, ok)
+
+    headers = {
+        "X-Request-Id": handle.id,
+        "X-Sample-Rate": str(getattr(encoder, "codec_rate", sample_rate)),
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+    }
+    media_type = "text/event-stream" if sse else MEDIA_TYPES[fmt]
+    return StreamingResponse(body(), media_type=media_type, headers=headers)
+
+
+def _sse_event(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def _sse_delta(data: bytes) -> bytes:
+    return _sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+
+
+def _sse_done(handle: RequestHandle) -> bytes:
+    info = handle.info
+    input_tokens = len(handle.request.text)
+    output_tokens = info.speech_tokens if info is not None else 0
+    return _sse_event(
+        {
+            "type": "speech.audio.done",
+            "usage": {
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "total_tokens": input_tokens + output_tokens,
+            },
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Health
+# --------------------------------------------------------------------------------------------
+
+
+def probe_request(backend: Backend) -> SynthesisRequest | None:
+    """The tiniest real synthesis this backend can do, or None when it needs a prompt."""
+    voices = backend.voices()
+    if "sft" in backend.modes and voices:
+        builtin = [v for v in voices if v.kind != "saved"] or voices
+        return SynthesisRequest(text="Hi.", voice=builtin[0].id, mode="sft")
+    return None
+
+
+class HealthChecker:
+    """Runs a tiny synthesis through the engine (first chunk only) and caches the verdict for
+    ``cache_s`` seconds; concurrent callers share one probe."""
+
+    def __init__(self, engine: EngineLoop, backend: Backend, cache_s: float, timeout_s: float = 60.0):
+        self.engine = engine
+        self.backend = backend
+        self.cache_s = cache_s
+        self.timeout_s = timeout_s
+        self.probes = 0
+        self._lock = asyncio.Lock()
+        self._result: tuple[bool, dict[str, Any]] | None = None
+        self._at = 0.0
+
+    def _cached(self) -> tuple[bool, dict[str, Any]] | None:
+        if self._result is not None and time.monotonic() - self._at < self.cache_s:
+            ok, payload = self._result
+            return ok, {**payload, "cached": True}
+        return None
+
+    async def check(self) -> tuple[bool, dict[str, Any]]:
+        if not self.engine.accepting:
+            return False, {"status": "shutting_down", "backend": self.backend.name}
+        cached = self._cached()
+        if cached is not None:
+            return cached
+        async with self._lock:
+            cached = self._cached()
+            if cached is not None:
+                return cached
+            ok, payload = await self._probe()
+            self._result, self._at = (ok, payload), time.monotonic()
+            return ok, {**payload, "cached": False}
+
+    async def _probe(self) -> tuple[bool, dict[str, Any]]:
+        self.probes += 1
+        started = time.perf_counter()
+        base: dict[str, Any] = {
+            "backend": self.backend.name,
+            "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        request = probe_request(self.backend)
+        if request is None:
+            return True, {**base, "status": "ok", "probe": "skipped: the model has no built-in voice"}
+        handle: RequestHandle | None = None
+        try:
+            handle = self.engine.submit(request, request_id=f"health-{self.probes}", priority=True)
+            chunk = await asyncio.wait_for(anext(handle, None), self.timeout_s)
+            if chunk is None:
+                raise InvalidRequestError("the probe synthesis produced no audio")
+        except EngineStoppedError:
+            return False, {**base, "status": "shutting_down"}
+        except asyncio.TimeoutError:
+            return False, {**base, "status": "unhealthy", "error": f"no audio within {self.timeout_s:g} s"}
+        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+            message = exc.message if isinstance(exc, CosyserveError) else f"{type(exc).__name__}: {exc}"
+            logger.warning("health probe failed: %s", message)
+            return False, {**base, "status": "unhealthy", "error": message}
+        finally:
+            if handle is not None:
+                handle.cancel()  # one chunk proves the path; do not spend more
+        return True, {**base, "status": "ok", "latency_s": round(time.perf_counter() - started, 4)}

@@ -1,0 +1,202 @@
+"""The OpenAI-compatible surface: ``/v1/audio/speech``, ``/v1/audio/voices``, ``/v1/models``.
+
+The official ``openai`` client works unchanged (``base_url=http://host:port/v1``). Errors on
+these routes use OpenAI's shape (``error.message/type/param/code``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from cosyserve.engine.types import MAX_SPEED, MIN_SPEED, Backend, SynthesisRequest
+from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.server.routers.common import (
+    ServerState,
+    file_audio,
+    get_state,
+    resolve_voice_id,
+    stream_audio,
+    validate_synthesis,
+)
+from cosyserve.server.routers.voices import create_voice, delete_voice, voice_list
+from cosyserve.server.schemas import (
+    ERROR_RESPONSES,
+    ModelCard,
+    ModelList,
+    NotFoundError,
+    SpeechRequest,
+    VoiceDeletedOut,
+    VoiceListOut,
+    VoiceOut,
+)
+
+router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
+
+OPENAI_VOICES: tuple[str, ...] = (
+    "alloy",
+    "ash",
+    "ballad",
+    "coral",
+    "echo",
+    "fable",
+    "onyx",
+    "nova",
+    "sage",
+    "shimmer",
+    "verse",
+    "marin",
+    "cedar",
+)
+_FEMALE = {"alloy", "coral", "nova", "sage", "shimmer", "marin"}
+# CosyVoice-300M-SFT speaker names, best first; other models fall back to a stable pick.
+_FEMALE_PREFS = ("英文女", "中文女", "粤语女", "韩语女")
+_MALE_PREFS = ("英文男", "中文男", "日语男")
+_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "cosyvoice")
+_CREATED = int(time.time())
+
+
+def _bad(
+    param: str, message: str, error: type[InvalidRequestError] = InvalidRequestError
+) -> InvalidRequestError:
+    exc = error(message)
+    exc.param = param  # type: ignore[attr-defined]  # read by the OpenAI-shaped error handler
+    return exc
+
+
+def model_ids(backend: Backend) -> list[str]:
+    # Not from describe(): that may be costly, and this runs on every request.
+    return list(_MODEL_ALIASES) + ([backend.name] if backend.name not in _MODEL_ALIASES else [])
+
+
+def check_model(model: str, backend: Backend) -> None:
+    wanted = model.strip().lower()
+    ids = [m.lower() for m in model_ids(backend)]
+    if wanted in ids or wanted.startswith(("tts-1", "gpt-4o-mini-tts", "cosyvoice")):
+        return
+    raise _bad(
+        "model",
+        f"unknown model {model!r}: this server speaks with its one loaded model; "
+        f"use one of {', '.join(model_ids(backend))}",
+    )
+
+
+def map_voice(name: str, backend: Backend) -> str:
+    """A voice id, a saved voice, or an OpenAI voice name mapped onto an available voice."""
+    try:
+        return resolve_voice_id(backend, name)
+    except UnknownVoiceError as exc:
+        if name.strip().lower() not in OPENAI_VOICES:
+            exc.param = "voice"  # type: ignore[attr-defined]
+            raise
+    openai_name = name.strip().lower()
+    voices = backend.voices()
+    builtin = [v.id for v in voices if v.kind != "saved"] or [v.id for v in voices]
+    if not builtin:
+        raise _bad(
+            "voice", "this model has no built-in voice: create one with POST /v1/voices", UnknownVoiceError
+        )
+    for preferred in _FEMALE_PREFS if openai_name in _FEMALE else _MALE_PREFS:
+        if preferred in builtin:
+            return preferred
+    return builtin[OPENAI_VOICES.index(openai_name) % len(builtin)]
+
+
+@router.post(
+    "/audio/speech",
+    responses={
+        200: {
+            "description": "audio (chunked as made) or SSE events",
+            "content": {
+                "audio/mpeg": {},
+                "audio/ogg": {},
+                "audio/aac": {},
+                "audio/flac": {},
+                "audio/wav": {},
+                "audio/pcm": {},
+                "text/event-stream": {},
+            },
+        },
+        **ERROR_RESPONSES,
+    },
+    summary="Create speech (OpenAI API)",
+)
+async def create_speech(
+    body: SpeechRequest, request: Request, state: ServerState = Depends(get_state)
+) -> Response:
+    backend = state.backend
+    check_model(body.model, backend)
+    if not (MIN_SPEED <= body.speed <= MAX_SPEED):
+        raise _bad(
+            "speed",
+            f"speed must be between {MIN_SPEED} and {MAX_SPEED} on this server "
+            f"(OpenAI allows 0.25-4.0), got {body.speed:g}",
+        )
+    if not body.input.strip():
+        raise _bad("input", "input is empty: give the text to speak")
+    if len(body.input) > state.settings.max_text_chars:
+        raise _bad(
+            "input",
+            f"input has {len(body.input)} characters; this server accepts at most "
+            f"{state.settings.max_text_chars}: split it into several requests",
+        )
+    voice = map_voice(body.voice_id, backend)
+    mode, instruct = "sft", None
+    if body.instructions and body.instructions.strip() and "instruct" in backend.modes:
+        mode, instruct = "instruct", body.instructions.strip()
+    # Otherwise instructions are ignored, as OpenAI's tts-1 does.
+    sse = body.stream_format == "sse"
+    synthesis = SynthesisRequest(
+        text=body.input,
+        voice=voice,
+        mode=mode,
+        instruct=instruct,
+        stream=body.stream or sse,
+        speed=body.speed,
+        seed=body.seed,
+    )
+    validate_synthesis(state, synthesis)
+    if sse or body.stream:
+        return await stream_audio(state, request, synthesis, body.response_format, sse=sse, what="speech")
+    return await file_audio(state, request, synthesis, body.response_format, what="speech")
+
+
+@router.get("/audio/voices", response_model=VoiceListOut, summary="Voices (ids usable as `voice`)")
+async def list_audio_voices(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    listing = voice_list(state.backend)
+    listing["openai_aliases"] = (
+        {name: map_voice(name, state.backend) for name in OPENAI_VOICES} if listing["voices"] else {}
+    )
+    return listing
+
+
+@router.post(
+    "/audio/voices",
+    response_model=VoiceOut,
+    status_code=200,
+    summary="Create a voice from a recording (OpenAI: audio_sample, name)",
+)
+async def create_audio_voice(request: Request, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    out = await create_voice(request, state)
+    return {**out, "type": "audio_sample", "created_at": int(time.time())}
+
+
+@router.delete("/audio/voices/{voice_id}", response_model=VoiceDeletedOut, summary="Delete a saved voice")
+async def delete_audio_voice(voice_id: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    await delete_voice(voice_id, state)
+    return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
+
+
+@router.get("/models", response_model=ModelList, summary="Models (all names speak with the loaded model)")
+async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
+    return ModelList(data=[ModelCard(id=m, created=_CREATED) for m in model_ids(state.backend)])
+
+
+@router.get("/models/{model_id}", response_model=ModelCard)
+async def get_model(model_id: str, state: ServerState = Depends(get_state)) -> ModelCard:
+    if model_id not in model_ids(state.backend):
+        raise NotFoundError(f"no model {model_id!r}; GET /v1/models lists them")
+    return ModelCard(id=model_id, created=_CREATED)

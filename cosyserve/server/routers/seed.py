@@ -1,0 +1,119 @@
+"""The CosyVoice server API (``/inference_*``, ``/list_voices``), compatible with upstream's
+field names and raw-PCM streaming, accepting form fields, JSON or query parameters alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from cosyserve.engine.types import Mode, SynthesisRequest
+from cosyserve.server.routers.common import (
+    ServerState,
+    ensure_mode,
+    file_audio,
+    get_state,
+    parse_model,
+    read_fields,
+    read_prompt,
+    stream_audio,
+    validate_synthesis,
+    voice_out,
+)
+from cosyserve.server.schemas import ERROR_RESPONSES, SeedParams, seed_request_schema
+
+router = APIRouter(tags=["CosyVoice API"])
+
+_AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "format=stream: raw PCM s16le mono, chunked as made (rate in X-Sample-Rate); "
+        "otherwise one audio file with X-Processing-Time, X-Audio-Duration and X-RTF headers",
+        "content": {"audio/pcm": {}, "audio/wav": {}},
+    },
+    **ERROR_RESPONSES,
+}
+
+
+async def _synthesise(request: Request, state: ServerState, mode: Mode) -> Response:
+    ensure_mode(state.backend, mode)
+    fields, uploads = await read_fields(request, state.settings)
+    params: SeedParams = parse_model(SeedParams, fields)
+    prompt = None
+    if mode in ("zero_shot", "cross_lingual"):
+        prompt = await read_prompt(
+            state,
+            uploads.get("prompt_wav") or uploads.get("prompt_audio"),
+            fields.get("prompt_wav"),
+            params.prompt_text if mode == "zero_shot" else None,
+        )
+    streaming = params.format == "stream"
+    synthesis = SynthesisRequest(
+        text=params.tts_text,
+        voice=params.spk_id,
+        mode=mode,
+        prompt=prompt,
+        instruct=params.instruct_text if mode == "instruct" else None,
+        stream=streaming if params.stream is None else params.stream,
+        speed=params.speed,
+        seed=params.seed,
+        max_text_length=params.max_text_length,
+        enable_smart_split=params.enable_smart_split,
+    )
+    validate_synthesis(state, synthesis)
+    if streaming:
+        return await stream_audio(state, request, synthesis, "pcm", what=f"inference_{mode}")
+    return await file_audio(state, request, synthesis, params.format, what=f"inference_{mode}")
+
+
+@router.get("/inference_sft", include_in_schema=False)  # upstream answers GET with query fields too
+@router.post(
+    "/inference_sft",
+    responses=_AUDIO_RESPONSES,
+    openapi_extra=seed_request_schema(prompt=False),
+    summary="Speak text with a built-in or saved voice (tts_text, spk_id)",
+)
+async def inference_sft(request: Request, state: ServerState = Depends(get_state)) -> Response:
+    return await _synthesise(request, state, "sft")
+
+
+@router.post(
+    "/inference_zero_shot",
+    responses=_AUDIO_RESPONSES,
+    openapi_extra=seed_request_schema(prompt=True),
+    summary="Clone the voice of prompt_wav (with its transcript prompt_text) to speak tts_text",
+)
+async def inference_zero_shot(request: Request, state: ServerState = Depends(get_state)) -> Response:
+    return await _synthesise(request, state, "zero_shot")
+
+
+@router.post(
+    "/inference_cross_lingual",
+    responses=_AUDIO_RESPONSES,
+    openapi_extra=seed_request_schema(prompt=True),
+    summary="Speak tts_text (any language) in the voice of prompt_wav, no transcript needed",
+)
+async def inference_cross_lingual(request: Request, state: ServerState = Depends(get_state)) -> Response:
+    return await _synthesise(request, state, "cross_lingual")
+
+
+@router.get("/inference_instruct", include_in_schema=False)
+@router.post(
+    "/inference_instruct",
+    responses=_AUDIO_RESPONSES,
+    openapi_extra=seed_request_schema(prompt=False),
+    summary="Speak tts_text with spk_id, styled by instruct_text",
+)
+async def inference_instruct(request: Request, state: ServerState = Depends(get_state)) -> Response:
+    return await _synthesise(request, state, "instruct")
+
+
+@router.get("/list_voices", summary="Built-in and saved voices")
+async def list_voices(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    voices = state.backend.voices()
+    return {
+        "voices": [voice_out(v) for v in voices],
+        "spk_ids": [v.id for v in voices],
+        "builtin": [v.id for v in voices if v.kind != "saved"],
+        "saved": [v.id for v in voices if v.kind == "saved"],
+    }

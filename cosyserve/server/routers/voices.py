@@ -1,0 +1,123 @@
+"""Saved voices: clone a voice from a recording once, then use its name as ``spk_id``/``voice``.
+
+Adding and deleting touch the model (speaker embedding, speech tokens), so they run on the
+engine thread through :meth:`EngineLoop.call`, between two synthesis steps.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from cosyserve.engine.types import Backend, VoiceInfo
+from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.server.routers.common import ServerState, get_state, read_fields, read_prompt, voice_out
+from cosyserve.server.schemas import ERROR_RESPONSES, ConflictError, VoiceDeletedOut, VoiceListOut, VoiceOut
+
+router = APIRouter(prefix="/v1/voices", tags=["Voices"])
+
+# Letters (any script), digits, '_', '-', '.', ' '; not starting with a separator.
+_NAME = re.compile(r"^\w[\w\-. ]{0,63}$")
+_AUDIO_FIELDS = ("audio", "file", "audio_sample", "prompt_wav")
+_TRANSCRIPT_FIELDS = ("transcript", "prompt_text", "text")
+
+
+def voice_list(backend: Backend) -> dict[str, Any]:
+    voices = backend.voices()
+    return {"object": "list", "data": [voice_out(v) for v in voices], "voices": [v.id for v in voices]}
+
+
+def find_voice(backend: Backend, name: str) -> VoiceInfo:
+    voices = backend.voices()
+    for voice in voices:
+        if voice.id == name:
+            return voice
+    for voice in voices:
+        if voice.id.casefold() == name.casefold():
+            return voice
+    raise UnknownVoiceError(f"no voice named {name!r}; GET /v1/voices lists them")
+
+
+async def create_voice(request: Request, state: ServerState) -> dict[str, Any]:
+    fields, uploads = await read_fields(request, state.settings)
+    name = str(fields.get("name") or "").strip()
+    if not name:
+        raise InvalidRequestError("name is required: the name to save the voice under")
+    if not _NAME.match(name):
+        raise InvalidRequestError(
+            f"invalid voice name {name!r}: use 1-64 letters, digits, '_', '-', '.' or spaces"
+        )
+    try:
+        existing = find_voice(state.backend, name)
+    except UnknownVoiceError:
+        pass
+    else:
+        raise ConflictError(
+            f"a {existing.kind} voice named {existing.id!r} already exists: choose another "
+            "name (or DELETE /v1/voices/{name} first)"
+        )
+    upload = next((uploads[f] for f in _AUDIO_FIELDS if f in uploads), None)
+    encoded = next((fields[f] for f in _AUDIO_FIELDS if isinstance(fields.get(f), str)), None)
+    if upload is None and encoded is None:
+        raise InvalidRequestError("audio is required: upload the recording as the form file field 'audio'")
+    transcript = next((str(fields[f]).strip() for f in _TRANSCRIPT_FIELDS if fields.get(f)), None) or None
+    prompt = await read_prompt(state, upload, encoded, transcript, field_name="audio")
+    info = await state.engine.call(state.backend.add_voice, name, prompt)
+    return voice_out(info)
+
+
+async def delete_voice(name: str, state: ServerState) -> None:
+    voice = find_voice(state.backend, name)
+    if voice.kind != "saved":
+        raise ConflictError(f"{voice.id!r} is a built-in voice and cannot be deleted")
+    await state.engine.call(state.backend.delete_voice, voice.id)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=VoiceOut,
+    response_model_exclude_none=True,
+    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400] | {"description": "name taken"}},
+    summary="Save a voice: multipart 'audio' (file), 'name', optional 'transcript' (enables zero-shot quality)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["name", "audio"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "audio": {"type": "string", "format": "binary"},
+                            "transcript": {"type": "string", "description": "what the recording says"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def add_voice(request: Request, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    return await create_voice(request, state)
+
+
+@router.get("", response_model=VoiceListOut, response_model_exclude_none=True, summary="All voices")
+async def list_voices(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    return voice_list(state.backend)
+
+
+@router.get("/{name}", response_model=VoiceOut, response_model_exclude_none=True, responses=ERROR_RESPONSES)
+async def get_voice(name: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    return voice_out(find_voice(state.backend, name))
+
+
+@router.delete(
+    "/{name}", response_model=VoiceDeletedOut, responses=ERROR_RESPONSES, summary="Delete a saved voice"
+)
+async def remove_voice(name: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    await delete_voice(name, state)
+    return {"id": name, "object": "audio.voice.deleted", "deleted": True}

@@ -1,0 +1,132 @@
+"""Server settings: one pydantic-settings class that reads command-line flags and
+``COSYSERVE_*`` environment variables alike (a flag wins over the environment).
+
+The seed server's flag names are kept (``--model_dir``, ``--port``, ``--load_jit``,
+``--load_trt``, ``--fp16``, ``--trt_concurrent``); every flag is also accepted with dashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Browsers on the same machine may call the API by default; anything else must be listed.
+LOCALHOST_ORIGIN_REGEX = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="COSYSERVE_", extra="ignore", validate_default=True, protected_namespaces=()
+    )
+
+    # --- model and acceleration (read by cosyserve.engine.factory) ---
+    model_dir: str | None = Field(
+        None, description="CosyVoice model directory or hub id; unset = the embedded default voice"
+    )
+    load_jit: bool = Field(False, description="load the TorchScript (JIT) LLM/flow encoders")
+    load_trt: bool = Field(False, description="use a TensorRT engine for the flow decoder estimator")
+    fp16: bool = Field(False, description="half precision for the accelerated paths")
+    trt_concurrent: int = Field(1, ge=1, le=64, description="TensorRT execution contexts")
+    auto: bool = Field(True, description="pick the fastest working configuration for this machine")
+    force_config: str | None = Field(None, description="skip auto-configuration and use this plan")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    voices_dir: str | None = Field(None, description="where saved voices live (default: <model_dir>/voices)")
+    stream_first_hop: int | None = Field(
+        None, ge=1, description="speech tokens in a stream's first chunk (smaller: earlier first audio)"
+    )
+
+    # --- HTTP ---
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(9234, ge=0, le=65535, description="port to listen on")
+    api_key: SecretStr | None = Field(
+        None,
+        description="require 'Authorization: Bearer <key>' (prefer the env var COSYSERVE_API_KEY: flags show in ps)",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="extra allowed CORS origins, comma-separated ('*' = any); localhost is always allowed",
+    )
+
+    # --- limits and back-pressure ---
+    max_queue: int = Field(64, ge=0, description="requests that may wait for a busy slot before 429")
+    max_active: int = Field(8, ge=1, description="requests the engine steps concurrently")
+    max_text_chars: int = Field(5000, ge=1, le=50_000, description="longest accepted text")
+    max_upload_mb: float = Field(20.0, gt=0, description="largest accepted prompt upload (MiB)")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a request (queue + synthesis) running longer is cancelled"
+    )
+    shutdown_timeout_s: float = Field(
+        15.0, ge=0, description="on SIGTERM, in-flight requests get this long to finish"
+    )
+    health_cache_s: float = Field(10.0, ge=0, description="how long a /health result is reused")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("model_dir", "force_config", "api_key", "voices_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # `COSYSERVE_API_KEY=` (empty) must mean "no key", not "the empty key".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings without secrets, for /performance_info and logs."""
+        data = self.model_dump()
+        data["api_key"] = "set" if self.api_key else None
+        return data
+
+
+# Flags that the top-level `cosyserve` parser already owns.
+_SKIP_FLAGS = {"log_level"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting. Defaults are None so unset flags fall through to env/defaults."""
+    for name, field in Settings.model_fields.items():
+        if name in _SKIP_FLAGS:
+            continue
+        flags = [f"--{name}"]
+        if "_" in name:
+            flags.append(f"--{name.replace('_', '-')}")
+        help_text = field.description or ""
+        if field.annotation is bool:
+            default = field.default
+            parser.add_argument(
+                *flags,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default {'on' if default else 'off'})",
+            )
+        else:
+            default = field.default if field.default_factory is None else None
+            shown = f" (default {default})" if default not in (None, "") and name != "api_key" else ""
+            parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=help_text + shown)
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Settings from flags given on the command line, then environment, then defaults."""
+    given = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if name not in _SKIP_FLAGS and getattr(args, name, None) is not None
+    }
+    given.update(overrides)
+    return Settings(**given)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random-weight CosyVoice v1 model directory, generated once per test run.
+
+* `tiny_config_path`: `tests/data/tiny_cosyvoice.yaml` (official class paths, very small dims).
+* `tiny_model_dir`: session-scoped directory in the official format written by
+  `cosyserve make-model` from that yaml (llm.pt, flow.pt, hift.pt with weight_g/weight_v,
+  spk2info.pt with the seven SFT speakers, ONNX stand-ins). Treat it as read-only: tests that
+  change or damage files use `tiny_model_copy`.
+* `tiny_model_copy`: a fresh per-test copy of it (in tmp_path) that a test may modify.
+* `tiny_loaded_model`: session-scoped `LoadedModel` of `tiny_model_dir` (do not mutate it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_CONFIG = Path(__file__).parent / "data" / "tiny_cosyvoice.yaml"
+TINY_SEED = 1234
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path() -> Path:
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cosyserve.models.make_model import make_model
+
+    out = tmp_path_factory.mktemp("tiny_model") / "CosyVoice-tiny-SFT"
+    make_model(TINY_CONFIG, out, seed=TINY_SEED)
+    return out
+
+
+@pytest.fixture
+def tiny_model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / tiny_model_dir.name
+    shutil.copytree(tiny_model_dir, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded_model(tiny_model_dir: Path):  # -> LoadedModel (imported lazily: torch is slow to import)
+    from cosyserve.models.loader import load_model_directory
+
+    return load_model_directory(tiny_model_dir)
