@@ -14,12 +14,25 @@ VOCAB = 64  # speech tokens of the tiny model; EOS = 64
 
 def _tiny_config() -> LLMConfig:
     def enc(inp: int, layer: str, act: str, block: str) -> EncoderConfig:
-        return EncoderConfig(input_size=inp, output_size=32, attention_heads=2, linear_units=64, num_blocks=2,
-                             input_layer=layer, activation=act, block_type=block, causal=True)
+        return EncoderConfig(
+            input_size=inp,
+            output_size=32,
+            attention_heads=2,
+            linear_units=64,
+            num_blocks=2,
+            input_layer=layer,
+            activation=act,
+            block_type=block,
+            causal=True,
+        )
 
     return LLMConfig(
-        text_encoder_input_size=16, llm_input_size=24, llm_output_size=32, text_token_size=100,
-        speech_token_size=VOCAB, text_encoder=enc(16, "linear", "swish", "conformer"),
+        text_encoder_input_size=16,
+        llm_input_size=24,
+        llm_output_size=32,
+        text_token_size=100,
+        speech_token_size=VOCAB,
+        text_encoder=enc(16, "linear", "swish", "conformer"),
         llm=enc(24, "linear_legacy", "relu", "transformer"),
     )
 
@@ -44,7 +57,9 @@ EMB = torch.randn(1, 192, generator=torch.Generator().manual_seed(7))
 
 def test_same_seed_same_tokens(tiny_lm: TransformerLM) -> None:
     a = list(tiny_lm.generate(TEXT, embedding=EMB, generator=1234, num_tokens=40))
-    b = list(tiny_lm.generate(TEXT, embedding=EMB, generator=torch.Generator().manual_seed(1234), num_tokens=40))
+    b = list(
+        tiny_lm.generate(TEXT, embedding=EMB, generator=torch.Generator().manual_seed(1234), num_tokens=40)
+    )
     c = list(tiny_lm.generate(TEXT, embedding=EMB, generator=4321, num_tokens=40))
     assert a == b
     assert a != c

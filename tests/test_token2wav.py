@@ -34,8 +34,16 @@ class FakeFlow:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def inference(self, tokens, prompt_tokens=None, prompt_feat=None, embedding=None, flow_cache=None,
-                  noise=None, generator=None):
+    def inference(
+        self,
+        tokens,
+        prompt_tokens=None,
+        prompt_feat=None,
+        embedding=None,
+        flow_cache=None,
+        noise=None,
+        generator=None,
+    ):
         n = tokens.shape[1]
         self.calls.append(n)
         frames = token_frames(n, self.input_frame_rate)
@@ -65,15 +73,23 @@ def tokens(n: int) -> list[int]:
 
 
 def stream(hift: HiFTGenerator, n: int, seed: int = 0, **kwargs) -> list[np.ndarray]:
-    streamer = StreamingToken2Wav(FakeFlow(), hift, embedding=torch.zeros(1, 192), generator=gen(seed), **kwargs)
+    streamer = StreamingToken2Wav(
+        FakeFlow(), hift, embedding=torch.zeros(1, 192), generator=gen(seed), **kwargs
+    )
     chunks = streamer.push(tokens(n))
     chunks.append(streamer.finish())
     return [c for c in chunks if c.size]
 
 
 def nonstream(hift: HiFTGenerator, n: int, speed: float = 1.0) -> np.ndarray:
-    return token2wav(FakeFlow(), hift, torch.tensor([tokens(n)]), embedding=torch.zeros(1, 192),
-                     speed=speed, generator=gen())
+    return token2wav(
+        FakeFlow(),
+        hift,
+        torch.tensor([tokens(n)]),
+        embedding=torch.zeros(1, 192),
+        speed=speed,
+        generator=gen(),
+    )
 
 
 @pytest.mark.parametrize("n", [1, 30, 41, 120, 231])
@@ -122,10 +138,12 @@ def test_stream_chunk_schedule_default(hift: HiFTGenerator) -> None:
     assert flow.calls == [120, 120, 20]
 
 
-@pytest.mark.parametrize("first_hop", [15, 25, 50])
+@pytest.mark.parametrize("first_hop", [21, 25, 50])
 def test_smaller_first_hop(hift: HiFTGenerator, first_hop: int) -> None:
     flow = FakeFlow()
-    streamer = StreamingToken2Wav(flow, hift, embedding=torch.zeros(1, 192), generator=gen(), first_hop=first_hop)
+    streamer = StreamingToken2Wav(
+        flow, hift, embedding=torch.zeros(1, 192), generator=gen(), first_hop=first_hop
+    )
     assert streamer.push(tokens(first_hop + 19)) == []
     (first,) = streamer.push(tokens(1))
     assert len(first) == MEL_HOP * (token_frames(first_hop + 20) - MEL_OVERLAP) - 5120
@@ -136,8 +154,9 @@ def test_smaller_first_hop(hift: HiFTGenerator, first_hop: int) -> None:
 
 
 def test_first_hop_too_small_is_refused(hift: HiFTGenerator) -> None:
-    with pytest.raises(ValueError, match="first_hop"):
-        StreamingToken2Wav(FakeFlow(), hift, first_hop=5)
+    for first_hop in (5, 20):
+        with pytest.raises(ValueError, match="first_hop"):
+            StreamingToken2Wav(FakeFlow(), hift, first_hop=first_hop)
 
 
 def test_default_first_hop_is_the_default(hift: HiFTGenerator) -> None:
@@ -148,7 +167,9 @@ def test_default_first_hop_is_the_default(hift: HiFTGenerator) -> None:
 
 def test_token_by_token_equals_bulk(hift: HiFTGenerator) -> None:
     bulk = np.concatenate(stream(hift, 250, first_hop=30))
-    streamer = StreamingToken2Wav(FakeFlow(), hift, embedding=torch.zeros(1, 192), generator=gen(), first_hop=30)
+    streamer = StreamingToken2Wav(
+        FakeFlow(), hift, embedding=torch.zeros(1, 192), generator=gen(), first_hop=30
+    )
     chunks: list[np.ndarray] = []
     for tok in tokens(250):
         chunks += streamer.push([tok])
@@ -171,12 +192,14 @@ def test_stream_speed_one_has_no_resampler(hift: HiFTGenerator) -> None:
     assert streamer.resampler is None
 
 
-@pytest.mark.parametrize("speed", [0.5, 0.8, 1.25, 1.5, 2.0])
+@pytest.mark.parametrize("speed", [0.5, 0.8, 1.25, 1.5, 2.0, 3.7])
 def test_resampler_is_chunking_invariant_interpolation(speed: float) -> None:
     """Fed in arbitrary pieces, the resampler equals F.interpolate with scale 1/speed."""
     torch.manual_seed(1)
     mel = torch.randn(1, 80, 157)
-    ref = F.interpolate(mel.double(), scale_factor=1 / speed, mode="linear", recompute_scale_factor=False).float()
+    ref = F.interpolate(
+        mel.double(), scale_factor=1 / speed, mode="linear", recompute_scale_factor=False
+    ).float()
     for cuts in ([157], [1, 2, 3, 50, 101], [34, 34, 34, 55], [20] * 7 + [17]):
         rs = StreamingMelResampler(speed)
         outs, start = [], 0
@@ -208,8 +231,17 @@ def test_injected_hift_noise_is_used(hift: HiFTGenerator) -> None:
     noise = torch.zeros(1, 80, frames)
     phase = torch.zeros(1, 9, 1)
     sine_noise = torch.zeros(1, 9, frames * MEL_HOP)
-    run = [token2wav(FakeFlow(), hift, torch.tensor([tokens(40)]), flow_noise=noise,
-                     hift_noise=(phase, sine_noise), generator=gen(seed)) for seed in (1, 2)]
+    run = [
+        token2wav(
+            FakeFlow(),
+            hift,
+            torch.tensor([tokens(40)]),
+            flow_noise=noise,
+            hift_noise=(phase, sine_noise),
+            generator=gen(seed),
+        )
+        for seed in (1, 2)
+    ]
     assert np.array_equal(run[0], run[1])  # nothing drawn from the generators
 
 

@@ -1,13 +1,37 @@
 """Acceleration backends applied to a loaded CosyVoice backend according to an AccelPlan.
 
 Each step either succeeds and reports what it did, or raises with a clear reason so the launcher
-falls back to the next plan.
+falls back to the next plan. What each plan field does:
+
+* ``device="cpu"``: torch intra-op threads = physical cores, inter-op threads = 1.
+* ``onnx_cpu``: the flow estimator runs on ONNX Runtime (the model directory's
+  ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported once); the eager
+  estimator's weights are then released. The vocoder stays eager (see ``CPU_ORT_VOCODER``).
+* ``int8_llm``: dynamic int8 weights for the LLM's linear layers (CPU, opt-in).
+* ``jit``: the official TorchScript files when present and matching; on CUDA also the LLM decode
+  step as a CUDA graph and (without TensorRT) a torch.compile'd estimator.
+* ``trt``: a TensorRT engine for the estimator (built from the ONNX and cached per GPU/precision),
+  ``trt_concurrent`` execution contexts.
+* ``fp16``: the LLM and flow in half precision (done at load), guarded: every flow output is
+  checked (finite, not flat) and the flow alone goes back to FP32 the first time one is bad
+  (upstream issues #1113/#1114: NaN/silent v1 flow in FP16). :func:`guard_chunk` is the same
+  check on every audio chunk, for the backend to call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
 
 from cosyserve.errors import BackendUnavailableError
 
@@ -17,27 +41,264 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Measured on the 2-core VM with the full-size model (`cosyserve bench`): ONNX Runtime runs the
+# estimator ~2.7x and the HiFT conv stack ~2x cheaper in CPU time than eager torch, and degrades
+# far less when another process competes for the cores (no OpenMP barriers). Set
+# COSYSERVE_ORT_VOCODER=0 to keep the vocoder eager.
+CPU_ORT_VOCODER = os.environ.get("COSYSERVE_ORT_VOCODER", "1") != "0"
+
+
+# ------------------------------------------------------------------------------------ CPU
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            core = (topo / "core_id").read_text().strip()
+            package = (topo / "physical_package_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def configure_cpu_threads(threads: int | None = None) -> str:
+    """torch intra-op threads = physical cores (more only adds contention), inter-op = 1 (nothing
+    in the pipeline runs independent ops in parallel)."""
+    n = int(threads) if threads else physical_cores()
+    torch.set_num_threads(n)
+    # Only settable before the first inter-op work in the process.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    return f"cpu threads: {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
+
+
+# ------------------------------------------------------------------------------------ preflight
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
 
 def preflight(plan: AccelPlan) -> None:
     """Fail fast, before loading the model, when the plan cannot work on this machine."""
-    import torch
-
-    if plan.device == "cuda" and not torch.cuda.is_available():
+    if plan.device == "cuda" and not _cuda_available():
         raise BackendUnavailableError("CUDA is not available (CPU-only torch build or no GPU)")
+    if plan.fp16 and plan.device != "cuda":
+        raise BackendUnavailableError("fp16 needs a CUDA device (the CPU path runs FP32, or int8 with cpu_int8)")
     if plan.trt:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "TensorRT is not installed (pip install 'cosyserve[gpu]' on a CUDA machine)"
-            ) from exc
-    if plan.jit or plan.onnx_cpu or plan.int8_llm:
-        raise BackendUnavailableError(f"plan {plan.name}: acceleration not available in this build yet")
+        if plan.device != "cuda":
+            raise BackendUnavailableError("TensorRT needs a CUDA device")
+        from cosyserve.engine.acceleration.trt import require_tensorrt
+
+        require_tensorrt()
+    if plan.onnx_cpu:
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)")
+        if plan.device != "cpu":
+            raise BackendUnavailableError("the ONNX Runtime estimator path is the CPU path")
+    if plan.int8_llm:
+        if plan.device != "cpu":
+            raise BackendUnavailableError("int8 dynamic quantisation of the LLM runs on CPU only")
+        if not torch.backends.quantized.supported_engines or torch.backends.quantized.supported_engines == ["none"]:
+            raise BackendUnavailableError("this torch build has no quantized CPU engine (fbgemm/onednn/qnnpack)")
+
+
+# ------------------------------------------------------------------------------------ apply
+
+
+def _release_estimator_weights(flow: torch.nn.Module) -> None:
+    """Free the eager estimator's weights once a checked runner replaces it (~330 MB full size);
+    its structure stays (on the meta device), so calling it fails loudly instead of silently."""
+    estimator = flow.decoder.estimator
+    estimator.to(device="meta")
+    logger.info("eager estimator weights released (the accelerated runner serves the estimator)")
+
+
+def _release_hift_conv_weights(hift: torch.nn.Module) -> None:
+    """Free the HiFT conv stack's torch weights once ONNX Runtime runs it (f0 predictor and
+    source module stay: they still run in torch)."""
+    for name in ("conv_pre", "ups", "source_downs", "source_resblocks", "resblocks", "conv_post"):
+        module = getattr(hift, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.to(device="meta")
 
 
 def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
     """Apply the plan's accelerations to a loaded backend; returns what was applied."""
     applied: list[str] = []
+    model = backend.model
+    model_dir = model.files.root
+    flow = model.flow
+    if plan.device == "cpu":
+        applied.append(configure_cpu_threads(getattr(backend.options, "num_threads", None)))
     if plan.fp16:
-        applied.append("fp16")
+        applied.append("fp16 (llm, flow)")
+    if plan.jit:
+        from cosyserve.engine.acceleration import jit
+
+        applied += jit.load_torchscript_parts(model_dir, model.llm, flow, plan.fp16)
+        if plan.device == "cuda":
+            jit.install_graphed_decoder(model.llm)
+            applied.append("cuda-graph llm decode step")
+            if not plan.trt:
+                applied.append(jit.compile_estimator(flow))
+    if plan.trt:
+        applied.append(_install_trt(backend, plan))
+    if plan.onnx_cpu:
+        from cosyserve.engine.acceleration.onnx_export import install_ort_hift, load_or_export_estimator
+
+        threads = torch.get_num_threads()
+        runner, desc = load_or_export_estimator(model_dir, flow.decoder.estimator, threads)
+        flow.decoder.estimator_runner = runner
+        _release_estimator_weights(flow)
+        applied.append(desc)
+        if CPU_ORT_VOCODER:
+            _, desc = install_ort_hift(model_dir, model.hift, threads)
+            _release_hift_conv_weights(model.hift)
+            applied.append(desc)
+    if plan.int8_llm:
+        from cosyserve.engine.acceleration.quant import quantize_llm_int8
+
+        count = quantize_llm_int8(model.llm)
+        applied.append(f"int8 llm ({count} linear layers, dynamic)")
+    if plan.fp16:
+        guard = install_fp16_guard(backend)
+        applied.append("fp16 guard" if not guard.tripped else f"fp16 guard: {guard.reason}")
     return applied
+
+
+def _install_trt(backend: CosyVoiceBackend, plan: AccelPlan) -> str:
+    from cosyserve.engine.acceleration import trt
+    from cosyserve.engine.acceleration.onnx_export import (
+        ESTIMATOR_ONNX,
+        artifact_dir,
+        check_estimator,
+        export_estimator,
+        find_artifact,
+    )
+
+    model_dir = backend.model.files.root
+    estimator = backend.model.flow.decoder.estimator
+    onnx_path = find_artifact(model_dir, ESTIMATOR_ONNX)
+    if onnx_path is None:
+        onnx_path = export_estimator(estimator, artifact_dir(model_dir) / ESTIMATOR_ONNX)
+    runner, desc = trt.load_or_build(
+        onnx_path, artifact_dir(model_dir), fp16=plan.fp16, concurrent=plan.trt_concurrent
+    )
+    # FP16 engines are checked loosely here; the FP16 guard catches NaN/flat output at run time.
+    check_estimator(runner, estimator, runner.path.name, rtol=5e-2 if plan.fp16 else 1e-3)
+    backend.model.flow.decoder.estimator_runner = runner
+    return desc
+
+
+# ------------------------------------------------------------------------------------ FP16 guard
+
+
+def mel_problem(mel: Tensor, min_std: float = 1e-3) -> str | None:
+    """Why a flow output is unusable (None when fine): NaN/inf, or flat (a silent mel)."""
+    if mel.numel() == 0:
+        return None
+    if not bool(torch.isfinite(mel).all()):
+        return "NaN/inf in the flow output"
+    if float(mel.float().std()) < min_std:
+        return "flat flow output (silence)"
+    return None
+
+
+def audio_problem(audio: np.ndarray, min_rms: float = 1e-5, min_samples: int = 11025) -> str | None:
+    """Why an audio chunk is unusable: NaN/inf, or digital silence over half a second or more."""
+    if audio.size == 0:
+        return None
+    if not np.all(np.isfinite(audio)):
+        return "NaN/inf audio"
+    if audio.size >= min_samples and float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) < min_rms:
+        return "silent audio"
+    return None
+
+
+class FlowPrecisionGuard:
+    """Wraps the CFM's ``solve_euler``: each output is checked; the first bad one switches the flow
+    to FP32 for good (LLM unchanged) and that chunk is recomputed in FP32 from the same inputs."""
+
+    def __init__(self, backend: CosyVoiceBackend, fp32_runner: Callable[..., Tensor] | None = None):
+        self.backend = backend
+        self.flow = backend.model.flow
+        self.solve = self.flow.decoder.solve_euler  # the bound method, before we shadow it
+        self.fp32_runner = fp32_runner  # estimator runner for FP32 (None: the eager estimator)
+        self.tripped = False
+        self.reason = ""
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, z: Tensor, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int | None = None
+    ) -> Tensor:
+        out = self.solve(z, mu, mask, spks, cond, n_timesteps)
+        if self.tripped:
+            return out
+        problem = mel_problem(out)
+        if problem is None:
+            return out
+        self.trip(problem)
+        return self.solve(z.float(), mu.float(), mask.float(), spks.float(), cond.float(), n_timesteps)
+
+    def trip(self, reason: str) -> None:
+        with self._lock:
+            if self.tripped:
+                return
+            self.tripped = True
+            self.reason = f"flow switched to FP32 ({reason})"
+            logger.warning("FP16 guard: %s; the LLM stays in FP16", self.reason)
+            self.flow.float()
+            self.flow.decoder.estimator_runner = self.fp32_runner
+            self.backend.options.extra["fp16_guard"] = self.reason
+
+    @torch.inference_mode()
+    def probe(self, tokens: int = 60) -> str | None:
+        """Warm-up check: one short flow run on random tokens; trips the guard when it is bad."""
+        flow = self.flow
+        device = next(flow.parameters()).device
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, flow.cfg.vocab_size, (1, tokens), generator=gen).to(device)
+        speakers = getattr(self.backend, "speakers", None) or {}
+        embedding = next(iter(speakers.values())) if speakers else torch.randn(1, flow.cfg.spk_embed_dim, generator=gen)
+        flow.inference(ids, embedding=embedding.to(device), generator=gen)
+        return self.reason or None
+
+
+def install_fp16_guard(backend: CosyVoiceBackend, probe: bool = True) -> FlowPrecisionGuard:
+    """Install the FP16 guard on the backend's flow (idempotent) and, by default, probe once."""
+    decoder = backend.model.flow.decoder
+    existing = decoder.__dict__.get("solve_euler")
+    if isinstance(existing, FlowPrecisionGuard):
+        return existing
+    guard = FlowPrecisionGuard(backend)
+    decoder.__dict__["solve_euler"] = guard  # instance attribute shadows the method
+    backend.__dict__["fp16_guard"] = guard
+    if probe:
+        guard.probe()
+    return guard
+
+
+def guard_chunk(backend: Any, audio: np.ndarray) -> np.ndarray:
+    """Per-chunk hook for the backend: returns the chunk, made safe.
+
+    With an FP16 guard installed, a NaN/inf or digitally silent chunk switches the flow to FP32
+    for the following chunks and NaN/inf samples become 0. Without one (FP32 plans) this is a
+    no-op. Cost: one isfinite pass over the chunk.
+    """
+    guard: FlowPrecisionGuard | None = getattr(backend, "fp16_guard", None)
+    if guard is None:
+        return audio
+    problem = audio_problem(audio)
+    if problem is None:
+        return audio
+    guard.trip(problem)
+    return np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)

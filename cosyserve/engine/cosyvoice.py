@@ -1,30 +1,50 @@
 """The CosyVoice v1 backend: text → segments → speech tokens (LLM) → mel (flow) → waveform (HiFT).
 
 One :class:`CosyVoiceBackend` owns the loaded networks; each request becomes a
-:class:`~cosyserve.engine.types.GeneratorJob` whose every ``next()`` does one small unit of work
-(prompt encoding, one LLM decode step, one flow+vocoder chunk), so the engine loop can interleave
-requests and cancel between steps. Randomness comes from one per-request ``torch.Generator``.
+:class:`CosyVoiceTask`, an explicit state machine::
+
+    QUEUED ─► PROMPT ─► LLM ─► TOKEN2WAV ─► DONE        (CANCELLED from any state)
+               (zero-shot / cross-lingual only)
+
+* PROMPT: the prompt recording is encoded (speaker embedding, speech tokens, mel).
+* LLM: one segment at a time, the task holds a prefix to prefill, then takes one sampled token
+  per step (:meth:`CosyVoiceTask.accept`); due audio work is queued as it appears (a stream
+  chunk every hop, a whole segment at its end). The next segment starts as soon as the previous
+  one's tokens are done (its audio may still be pending).
+* TOKEN2WAV: every token is made; queued audio work remains.
+* DONE: the last chunk (``final=True``) is out.
+
+The task does no model call by itself: a :class:`~cosyserve.engine.batching.BatchRunner` steps
+it, batched with other tasks (the engine's ``BatchingPolicy``) or alone (iterating the task, as
+``Synthesizer.synthesize`` does, runs a private one-task runner: the same code path).
+
+Randomness: two per-request ``torch.Generator`` objects derived from the request's seed, one for
+token sampling and one for the flow/HiFT noise, so that how audio work is scheduled relative to
+token sampling (batching, priorities) never changes the result, and a seed gives the same
+speech tokens whether the request streams or not.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from cosyserve.engine.token2wav import StreamingToken2Wav, token2wav
+from cosyserve.engine.batching import AudioWork, BatchConfig, BatchRunner, ChunkedToken2Wav, WholeToken2Wav
+from cosyserve.engine.token2wav import TOKEN_HOP_LEN
 from cosyserve.engine.types import (
     MODES,
     AudioChunk,
     Backend,
-    GeneratorJob,
     PromptAudio,
     SynthesisInfo,
     SynthesisJob,
@@ -35,7 +55,7 @@ from cosyserve.errors import InvalidRequestError, UnknownVoiceError, Unsupported
 from cosyserve.frontend.prompt import PromptEncoder, PromptFeatures
 from cosyserve.frontend.text import TextFrontend
 from cosyserve.frontend.voices import VoiceStore
-from cosyserve.models.llm import make_generator
+from cosyserve.models.llm import TokenSampler, length_limits, make_generator
 from cosyserve.models.loader import LoadedModel, load_model_directory
 
 logger = logging.getLogger(__name__)
@@ -70,6 +90,8 @@ class CosyVoiceOptions:
     # Streaming: tokens in the first chunk's hop (None: the reference hop of 100 tokens).
     stream_first_hop: int | None = None
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+    # Force exactly N speech tokens per segment (EOS masked until N): benchmarks and tests.
+    num_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # accelerations applied, for describe()
 
 
@@ -165,10 +187,14 @@ class CosyVoiceBackend(Backend):
         available = ", ".join(v.id for v in self.voices())
         raise UnknownVoiceError(f"unknown voice {voice!r}; available voices: {available}")
 
-    def open(self, request: SynthesisRequest) -> SynthesisJob:
+    def open(self, request: SynthesisRequest, *, num_tokens: int | None = None) -> CosyVoiceTask:
+        """Validate ``request`` and return its task (cheap: the work happens in steps).
+
+        ``num_tokens`` forces exactly that many speech tokens per segment (default: the
+        backend's ``options.num_tokens``, normally None = the LLM decides).
+        """
         self.check_request(request)
-        info = SynthesisInfo()
-        return GeneratorJob(self._run(request, info), info)
+        return CosyVoiceTask(self, request, num_tokens=num_tokens)
 
     # -- the pipeline ----------------------------------------------------------------------------
 
@@ -211,94 +237,21 @@ class CosyVoiceBackend(Backend):
             return _ModelInputs(text_ids, None, embedding, self._tokens(instruct))
         return _ModelInputs(text_ids, embedding, embedding)
 
-    def _run(self, request: SynthesisRequest, info: SynthesisInfo) -> Iterator[AudioChunk | None]:
-        generator = make_generator(request.seed)
-        prompt = self._prompt_features(request, info)
-        if prompt is not None:
-            yield None
-        segments = self.text.iter_segments(
-            request.text,
-            max_text_length=request.max_text_length,
-            enable_smart_split=request.enable_smart_split,
-        )
-        index = -1
-        pending: AudioChunk | None = None  # held back one step so the last chunk can say final=True
-        for index, segment in enumerate(segments):
-            info.segments.append(segment)
-            inputs = self._segment_inputs(request, segment, prompt)
-            for audio in self._synthesize_segment(inputs, request, generator, info):
-                if audio is None:
-                    yield None
-                    continue
-                if pending is not None:
-                    yield pending
-                pending = AudioChunk(audio, self.sample_rate, segment=index)
-        if pending is None:
-            pending = AudioChunk(np.zeros(0, np.float32), self.sample_rate, segment=max(index, 0))
-        pending.final = True
-        with self._lock:
-            self.requests_served += 1
-        yield pending
-
-    def _synthesize_segment(
-        self,
-        inputs: _ModelInputs,
-        request: SynthesisRequest,
-        generator: torch.Generator,
-        info: SynthesisInfo,
-    ) -> Iterator[np.ndarray | None]:
-        """Yield float32 audio arrays for one segment, or None after each unit of work."""
+    def _sink(
+        self, inputs: _ModelInputs, request: SynthesisRequest, generator: torch.Generator
+    ) -> ChunkedToken2Wav | WholeToken2Wav:
+        """The token → wav half of one segment (streaming or whole)."""
         model = self.model
-        tokens_iter = model.llm.generate(
-            inputs.text_ids,
-            prompt_text_ids=inputs.prompt_text_ids,
-            prompt_speech_tokens=inputs.llm_prompt_tokens,
-            embedding=inputs.llm_embedding,
-            generator=generator,
-        )
-        flow_kwargs = dict(
-            prompt_tokens=inputs.flow_prompt_tokens,
-            prompt_feat=inputs.prompt_feat,
-            embedding=inputs.flow_embedding,
-            speed=request.speed,
-            generator=generator,
-        )
-        streamer = (
-            StreamingToken2Wav(model.flow, model.hift, first_hop=self.options.stream_first_hop, **flow_kwargs)
-            if request.stream
-            else None
-        )
-        tokens: list[int] = []
-        while True:
-            t0 = time.perf_counter()
-            token = next(tokens_iter, None)
-            info.add_stage("llm", time.perf_counter() - t0)
-            if token is None:
-                break
-            tokens.append(token)
-            info.speech_tokens += 1
-            if streamer is None:
-                yield None
-                continue
-            t0 = time.perf_counter()
-            ready = streamer.push([token])
-            if ready:
-                info.add_stage("token2wav", time.perf_counter() - t0)
-                yield from ready
-            else:
-                yield None
-        t0 = time.perf_counter()
-        if streamer is not None:
-            tail = streamer.finish()
-            info.add_stage("token2wav", time.perf_counter() - t0)
-            if len(tail):
-                yield tail
-            return
-        if not tokens:
-            return
-        speech = token2wav(model.flow, model.hift, torch.tensor([tokens], device=self.device), **flow_kwargs)
-        info.add_stage("token2wav", time.perf_counter() - t0)
-        yield speech
+        args = (model.flow, model.hift, inputs.flow_prompt_tokens, inputs.prompt_feat, inputs.flow_embedding)
+        if request.stream:
+            return ChunkedToken2Wav(
+                *args,
+                speed=request.speed,
+                generator=generator,
+                hop=TOKEN_HOP_LEN,
+                first_hop=self.options.stream_first_hop,
+            )
+        return WholeToken2Wav(*args, speed=request.speed, generator=generator)
 
     # -- operations ------------------------------------------------------------------------------
 
@@ -328,7 +281,230 @@ class CosyVoiceBackend(Backend):
     def warmup(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         voice = next(iter(self.speakers))
-        job = self.open(SynthesisRequest(text="Hello.", voice=voice, seed=0))
-        for _ in job:
+        for _ in self.open(SynthesisRequest(text="Hello.", voice=voice, seed=0)):
             pass
         return {"warmed": ["llm", "flow", "hift"], "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-request state machine
+# ------------------------------------------------------------------------------------------------
+
+
+class TaskPhase(str, enum.Enum):
+    QUEUED = "queued"  # opened; nothing computed yet
+    PROMPT = "prompt"  # encoding the prompt recording
+    LLM = "llm"  # generating a segment's speech tokens
+    TOKEN2WAV = "token2wav"  # every token made; audio work left
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # splitmix64 increment: decorrelates the derived seed
+
+
+def request_generators(
+    seed: int | None, audio_device: torch.device | str = "cpu"
+) -> tuple[torch.Generator, torch.Generator]:
+    """(token sampling, flow/HiFT noise) generators for a request; fresh entropy without a seed.
+
+    Sampling runs on the CPU; the noise generator lives on the flow's device (the flow draws its
+    noise there)."""
+    audio = torch.Generator(device=audio_device)
+    if seed is None:
+        audio.seed()
+        return make_generator(None), audio
+    audio.manual_seed((int(seed) * _SEED_MIX + 1) % (2**63))
+    return make_generator(int(seed)), audio
+
+
+class CosyVoiceTask(SynthesisJob):
+    """One CosyVoice request as a state machine (see the module docstring).
+
+    A :class:`~cosyserve.engine.batching.BatchRunner` calls :meth:`start`, :meth:`take_prefix`,
+    :meth:`accept` and :meth:`finish_work`; iterating the task (``next()``) drives it alone
+    through a private runner, one step per call, returning an audio chunk or None.
+    """
+
+    def __init__(self, backend: CosyVoiceBackend, request: SynthesisRequest, num_tokens: int | None = None):
+        self.backend = backend
+        self.request = request
+        self.info = SynthesisInfo()
+        self.phase = TaskPhase.QUEUED
+        self.num_tokens = backend.options.num_tokens if num_tokens is None else num_tokens
+        flow_device = next(backend.model.flow.parameters()).device
+        self.llm_generator, self.audio_generator = request_generators(request.seed, flow_device)
+        self.work: deque[AudioWork] = deque()  # audio calls waiting, in output order
+        self.last_token: int | None = None  # the decode step's input for this task's row
+        self.first_token_at: float | None = None
+        self._prompt: PromptFeatures | None = None
+        self._segments: Any = None  # iterator over the normalised segments
+        self._next_segment: str | None = None  # one segment of lookahead: is this one the last?
+        self._segment = -1
+        self._sampler: TokenSampler | None = None
+        self._prefix: Tensor | None = None  # set while the segment waits for its prefill
+        self._sink: ChunkedToken2Wav | WholeToken2Wav | None = None
+        self._tokens: list[int] = []  # the segment's tokens (non-streaming)
+        self.segment_tokens: list[list[int]] = []  # speech tokens made, per segment (tests, debugging)
+        self._solo: BatchRunner | None = None
+
+    # -- state seen by the runner ------------------------------------------------------------
+
+    @property
+    def needs_start(self) -> bool:
+        return self.phase is TaskPhase.QUEUED
+
+    @property
+    def wants_prefill(self) -> bool:
+        return self.phase is TaskPhase.LLM and self._prefix is not None
+
+    @property
+    def done(self) -> bool:
+        return self.phase is TaskPhase.DONE
+
+    @property
+    def has_audio(self) -> bool:
+        return self.info.first_chunk_seconds is not None
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """QUEUED → (PROMPT →) LLM: encode the prompt, split the text, open the first segment."""
+        backend, request = self.backend, self.request
+        if request.mode in ("zero_shot", "cross_lingual"):
+            self.phase = TaskPhase.PROMPT
+        self._prompt = backend._prompt_features(request, self.info)
+        self._segments = iter(
+            backend.text.iter_segments(
+                request.text,
+                max_text_length=request.max_text_length,
+                enable_smart_split=request.enable_smart_split,
+            )
+        )
+        self._next_segment = next(self._segments, None)
+        self._open_next_segment()
+
+    def _open_next_segment(self) -> None:
+        """Set up the next segment's LLM input, or move on to TOKEN2WAV / DONE at the end."""
+        backend, request = self.backend, self.request
+        llm = backend.model.llm
+        while self._next_segment is not None:
+            segment = self._next_segment
+            self._next_segment = next(self._segments, None)
+            self._segment += 1
+            self.info.segments.append(segment)
+            t0 = time.perf_counter()
+            inputs = backend._segment_inputs(request, segment, self._prompt)
+            lo, hi = length_limits(int(inputs.text_ids.numel()), llm.cfg)
+            if self.num_tokens is not None:
+                lo = hi = int(self.num_tokens)
+            self._sampler = TokenSampler(llm.eos_id, lo, hi, self.llm_generator, llm.cfg.sampling)
+            self._sink = backend._sink(inputs, request, self.audio_generator)
+            self._tokens = []
+            self.segment_tokens.append([])
+            if self._sampler.finished:  # nothing to generate: an empty segment
+                self._end_segment()
+                continue
+            with torch.inference_mode():
+                self._prefix = llm.build_prefix(
+                    inputs.text_ids, inputs.prompt_text_ids, inputs.llm_prompt_tokens, inputs.llm_embedding
+                )
+            self.info.add_stage("llm", time.perf_counter() - t0)
+            self.phase = TaskPhase.LLM
+            return
+        self._sampler = None
+        self.phase = TaskPhase.TOKEN2WAV if self.work else TaskPhase.DONE
+
+    def take_prefix(self) -> Tensor:
+        """The segment's LLM prefix `[1, L, D]`, handed over once to be prefilled."""
+        prefix, self._prefix = self._prefix, None
+        if prefix is None:
+            raise RuntimeError("this task has no prefix waiting for a prefill")
+        return prefix
+
+    def accept(self, logp: Tensor) -> bool:
+        """Sample from this request's log-probs row `[V]`; False when its segment's tokens are done
+        (the runner then frees its KV row)."""
+        assert self._sampler is not None and self._sink is not None  # noqa: S101 - runner invariant
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        token = self._sampler.choose(logp)
+        if token is None:  # EOS
+            self._end_segment()
+            self._open_next_segment()
+            return False
+        self.last_token = token
+        self.info.speech_tokens += 1
+        self.segment_tokens[-1].append(token)
+        if isinstance(self._sink, ChunkedToken2Wav):
+            chunk = self._sink.add(token)
+            if chunk is not None:
+                self._queue(chunk, finalize=False, last=False)
+        else:
+            self._tokens.append(token)
+        if self._sampler.finished:  # max_len reached
+            self._end_segment()
+            self._open_next_segment()
+            return False
+        return True
+
+    def _end_segment(self) -> None:
+        assert self._sink is not None  # noqa: S101
+        tokens = self._sink.remainder() if isinstance(self._sink, ChunkedToken2Wav) else self._tokens
+        self._queue(tokens, finalize=True, last=self._next_segment is None)
+        self._tokens = []
+
+    def _queue(self, tokens: list[int], *, finalize: bool, last: bool) -> None:
+        assert self._sink is not None  # noqa: S101
+        self.work.append(AudioWork(self._sink, list(tokens), finalize, last, max(self._segment, 0)))
+
+    def finish_work(self, work: AudioWork, audio: np.ndarray, seconds: float) -> AudioChunk | None:
+        """The runner finished ``work`` (the head of :attr:`work`): the chunk to hand out, if any."""
+        if not self.work or self.work[0] is not work:
+            raise RuntimeError("audio work must be finished in the order it was queued")
+        self.work.popleft()
+        self.info.add_stage("token2wav", seconds)
+        if work.last:
+            self.phase = TaskPhase.DONE
+            with self.backend._lock:
+                self.backend.requests_served += 1
+        if not audio.size and not work.last:
+            return None
+        chunk = AudioChunk(
+            np.asarray(audio, dtype=np.float32), self.backend.sample_rate, work.segment, work.last
+        )
+        self.info.record_chunk(chunk)
+        return chunk
+
+    # -- SynthesisJob: the batch-1 path --------------------------------------------------------
+
+    def __next__(self) -> AudioChunk | None:
+        if self.phase is TaskPhase.CANCELLED:
+            raise StopIteration
+        if self._solo is None:
+            self._solo = BatchRunner(self.backend, BatchConfig(max_batch=1, token_budget=0, flow_batch=1))
+            self._solo.add(self)
+        if not len(self._solo):
+            raise StopIteration
+        chunk: AudioChunk | None = None
+        for event in self._solo.step():
+            if event.error is not None:
+                self.phase = TaskPhase.CANCELLED
+                raise event.error
+            if event.chunk is not None:
+                chunk = event.chunk
+        if chunk is None:
+            if not len(self._solo):
+                raise StopIteration
+            self.info.processing_seconds = time.perf_counter() - self.info.started_at
+        return chunk
+
+    def cancel(self) -> None:
+        """Release everything; the task will not be stepped again."""
+        if self.phase is not TaskPhase.DONE:
+            self.phase = TaskPhase.CANCELLED
+        self._solo = None
+        self._prefix = None
+        self._sink = None
+        self._sampler = None
+        self.work.clear()

@@ -200,7 +200,7 @@ class StreamingMelResampler:
         out = x[..., idx0] * (1 - lam) + x[..., idx1] * lam
         self._n_out = stop
         # Drop input frames no later output needs.
-        keep_from = int(math.floor(self._src(stop))) - self._buf_start
+        keep_from = min(int(math.floor(self._src(stop))) - self._buf_start, self._buf.shape[-1])
         if keep_from > 0:
             self._buf = self._buf[..., keep_from:]
             self._buf_start += keep_from
@@ -327,8 +327,8 @@ class StreamingToken2Wav:
     default ``hop`` / no ``first_hop`` / ``speed=1`` the output equals upstream's streaming
     ``tts`` chunk for chunk.
 
-    ``first_hop``: tokens advanced by the first chunk (e.g. 25-50) for lower first-chunk
-    latency; later chunks use ``hop``. ``speed``: tempo change applied to the committed mel
+    ``first_hop``: tokens advanced by the first chunk (e.g. 25-50; more than ``overlap``) for
+    lower first-chunk latency; later chunks use ``hop``. ``speed``: tempo change applied to the committed mel
     stream (upstream refuses speed with streaming). ``flow_noises`` / ``hift_noises``: per-call
     noises to inject (tests); once used up, noise comes from ``generator``.
     """
@@ -362,9 +362,17 @@ class StreamingToken2Wav:
         self.hop = hop
         self.first_hop = first_hop or hop
         for name, h in (("hop", self.hop), ("first_hop", self.first_hop)):
-            # A non-final chunk must commit at least the HiFT mel cache (20 frames).
-            if h < 1 or token_frames(h + overlap, self.frame_rate) - self.mel_overlap_len < MEL_CACHE_LEN:
-                raise ValueError(f"{name}={h} tokens is too small for streaming (overlap {overlap})")
+            # hop > overlap: a chunk of more than 2 * overlap tokens is length-regulated as
+            # head / middle / tail, so its last `overlap` tokens map exactly onto the 34 mel
+            # frames the flow cache hands to the next chunk (and it commits >= 20 frames, the
+            # HiFT mel cache).
+            if (
+                h <= overlap
+                or token_frames(h + overlap, self.frame_rate) - self.mel_overlap_len < MEL_CACHE_LEN
+            ):
+                raise ValueError(
+                    f"{name}={h} tokens is too small for streaming: it must exceed the overlap ({overlap})"
+                )
         self.device = torch.device(device) if device is not None else _module_device(flow)
         self.speed = float(speed)
         self.resampler = StreamingMelResampler(self.speed) if self.speed != 1.0 else None

@@ -206,7 +206,9 @@ class ConditionalDecoder(nn.Module):
             )
 
         self.mid_blocks = nn.ModuleList(
-            nn.ModuleList([ResnetBlock1D(channels[-1], channels[-1], time_dim), _transformers(channels[-1], cfg)])
+            nn.ModuleList(
+                [ResnetBlock1D(channels[-1], channels[-1], time_dim), _transformers(channels[-1], cfg)]
+            )
             for _ in range(cfg.num_mid_blocks)
         )
 

@@ -111,10 +111,9 @@ class ConditionalCFM(nn.Module):
     (ONNX Runtime, TensorRT, a recorder in tests) to run it instead.
     """
 
-    def __init__(self, cfg: CFMConfig, estimator_cfg: EstimatorConfig, mel_channels: int = 80):
+    def __init__(self, cfg: CFMConfig, estimator_cfg: EstimatorConfig):
         super().__init__()
         self.cfg = cfg
-        self.mel_channels = mel_channels
         if cfg.t_scheduler != "cosine" or cfg.solver != "euler":
             raise ValueError(
                 f"only the cosine t-schedule with the Euler solver is supported, got "
@@ -136,7 +135,8 @@ class ConditionalCFM(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | None = None,
     ) -> Tensor:
-        """The initial ODE state: `noise` as given, else `randn(generator) * temperature`."""
+        """The initial ODE state: `noise` as given (already scaled; copied, never modified), else
+        `randn(generator) * temperature` (the generator must live on `device`)."""
         if noise is not None:
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
@@ -236,7 +236,7 @@ class MaskedDiffWithXvec(nn.Module):
         self.encoder = Encoder(cfg.encoder)
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.length_regulator = InterpolateRegulator(cfg.length_regulator)
-        self.decoder = ConditionalCFM(cfg.cfm, cfg.estimator, mel_channels=cfg.output_size)
+        self.decoder = ConditionalCFM(cfg.cfm, cfg.estimator)
 
     # -- per-request pieces -------------------------------------------------------------------
 
@@ -278,6 +278,8 @@ class MaskedDiffWithXvec(nn.Module):
         previous streaming chunk (or None); noise `[1, 80, P + T]` to inject, else drawn from
         `generator`.
         """
+        if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [1, N] with N > 0, got {tuple(tokens.shape)}")
         device = tokens.device
         if prompt_tokens is None:
             prompt_tokens = torch.zeros((1, 0), dtype=torch.long, device=device)

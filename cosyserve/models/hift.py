@@ -27,7 +27,7 @@ from cosyserve.models.config import F0PredictorConfig, HiFTConfig
 
 logger = logging.getLogger(__name__)
 
-_SNAKE_CHUNK_ELEMS = 128 * 1024
+_SNAKE_CHUNK_ELEMS = 256 * 1024  # 1 MiB of float32 per slice: two slices fit in L2
 _LEGACY_G, _LEGACY_V = ".weight_g", ".weight_v"
 _PARAM_G, _PARAM_V = ".parametrizations.weight.original0", ".parametrizations.weight.original1"
 
@@ -41,10 +41,20 @@ def _conv(conv: nn.Conv1d | nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor
     w = _fast_weight(conv)
     if isinstance(conv, nn.ConvTranspose1d):
         return F.conv_transpose2d(
-            x, w, conv.bias, stride=(1, conv.stride[0]), padding=(0, conv.padding[0]), dilation=(1, conv.dilation[0])
+            x,
+            w,
+            conv.bias,
+            stride=(1, conv.stride[0]),
+            padding=(0, conv.padding[0]),
+            dilation=(1, conv.dilation[0]),
         )
     return F.conv2d(
-        x, w, conv.bias, stride=(1, conv.stride[0]), padding=(0, conv.padding[0]), dilation=(1, conv.dilation[0])
+        x,
+        w,
+        conv.bias,
+        stride=(1, conv.stride[0]),
+        padding=(0, conv.padding[0]),
+        dilation=(1, conv.dilation[0]),
     )
 
 
@@ -88,10 +98,11 @@ class Snake(nn.Module):
         if torch.is_grad_enabled():
             return x + inv_alpha * torch.sin(x * alpha).pow(2)
         # Same float32 operations as above (x*a, sin, square, *inv, +x), done in place on
-        # time slices of about 512 KiB: the five passes then stay in cache instead of streaming
+        # time slices of about 1 MiB: the five passes then stay in cache instead of streaming
         # the vocoder's largest tensors through memory five times.
         out = torch.empty_like(x)
-        step = max(256, _SNAKE_CHUNK_ELEMS // x.shape[1])
+        # One slice on accelerators: there, every extra slice is another kernel launch.
+        step = max(256, _SNAKE_CHUNK_ELEMS // x.shape[1]) if x.device.type == "cpu" else x.shape[-1]
         for start in range(0, x.shape[-1], step):
             xs, t = x[..., start : start + step], out[..., start : start + step]
             torch.mul(xs, alpha, out=t)
@@ -118,8 +129,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for act1, conv1, act2, conv2 in zip(self.activations1, self.convs1, self.activations2, self.convs2):
-            xt = _conv(conv2, act2(_conv(conv1, act1(x))))
-            x = xt + x
+            x = _conv(conv2, act2(_conv(conv1, act1(x)))).add_(x)
         return x
 
 
@@ -130,7 +140,10 @@ class ConvRNNF0Predictor(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(5):
-            layers += [WNConv1d(cfg.in_channels if i == 0 else cfg.cond_channels, cfg.cond_channels, 3, padding=1), nn.ELU()]
+            layers += [
+                WNConv1d(cfg.in_channels if i == 0 else cfg.cond_channels, cfg.cond_channels, 3, padding=1),
+                nn.ELU(),
+            ]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cfg.cond_channels, cfg.num_class)
 
@@ -217,11 +230,12 @@ class HiFTGenerator(nn.Module):
         if generator is None:
             generator = torch.Generator()
             generator.seed()
-        device = self.stft_window.device
-        phase = torch.rand(1, self.n_harmonics, 1, generator=generator, device=device) * (2 * math.pi) - math.pi
+        # Drawn where the generator lives (a CPU generator may serve a GPU model), then moved.
+        gdev, device = generator.device, self.stft_window.device
+        phase = torch.rand(1, self.n_harmonics, 1, generator=generator, device=gdev) * (2 * math.pi) - math.pi
         phase[:, 0, :] = 0
-        noise = torch.randn(1, self.n_harmonics, num_samples, generator=generator, device=device)
-        return phase, noise
+        noise = torch.randn(1, self.n_harmonics, num_samples, generator=generator, device=gdev)
+        return phase.to(device), noise.to(device)
 
     def upsample_f0(self, f0: torch.Tensor) -> torch.Tensor:
         """Nearest-neighbour upsampling of ``[1, T]`` frame f0 to ``[1, 1, T * 256]`` samples."""
@@ -259,7 +273,9 @@ class HiFTGenerator(nn.Module):
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
         return torch.istft(spec, self.n_fft, self.hop, self.n_fft, window=self.stft_window)
 
-    def decode_conv_post(self, mel: torch.Tensor, source: torch.Tensor, fast: bool | None = None) -> torch.Tensor:
+    def decode_conv_post(
+        self, mel: torch.Tensor, source: torch.Tensor, fast: bool | None = None
+    ) -> torch.Tensor:
         """Everything up to conv_post: ``[1, n_fft + 2, L / hop + 1]`` (log-magnitude, phase).
 
         ``fast`` (default: ``self.fast``) runs the convolutions in the channels-last layout;
@@ -276,11 +292,11 @@ class HiFTGenerator(nn.Module):
             x = _conv(self.ups[i], x)
             if i == self.num_upsamples - 1:
                 x = torch.cat([x[..., 1:2], x], dim=-1)  # reflection pad of one sample on the left
-            x = x + self.source_resblocks[i](_conv(self.source_downs[i], s_stft))
+            x = self.source_resblocks[i](_conv(self.source_downs[i], s_stft)).add_(x)
             xs = self.resblocks[i * self.num_kernels](x)
             for j in range(1, self.num_kernels):
                 xs += self.resblocks[i * self.num_kernels + j](x)
-            x = xs / self.num_kernels
+            x = xs.div_(self.num_kernels)
         x = F.leaky_relu(x)  # default slope 0.01 here, as upstream
         x = _conv(self.conv_post, x)
         return x.squeeze(2) if fast else x

@@ -184,15 +184,21 @@ class TransformerLM(nn.Module):
         ids = _as_row(text_ids, weight.device)
         if prompt_text_ids is not None and prompt_text_ids.numel():
             ids = torch.cat([_as_row(prompt_text_ids, weight.device), ids], dim=1)
-        parts = [weight[SOS_ID].reshape(1, 1, -1), self.embed_speaker(embedding), self.encode_text(ids),
-                 weight[TASK_ID].reshape(1, 1, -1)]
+        parts = [
+            weight[SOS_ID].reshape(1, 1, -1),
+            self.embed_speaker(embedding),
+            self.encode_text(ids),
+            weight[TASK_ID].reshape(1, 1, -1),
+        ]
         if prompt_speech_tokens is not None and prompt_speech_tokens.numel():
             parts.append(self.speech_embedding(_as_row(prompt_speech_tokens, weight.device)))
         return torch.cat(parts, dim=1)
 
     # -- decoding (batchable) --------------------------------------------------------------------
 
-    def new_cache(self, batch: int = 1, capacity: int = 256, pad: Tensor | Sequence[int] | None = None) -> KVCache:
+    def new_cache(
+        self, batch: int = 1, capacity: int = 256, pad: Tensor | Sequence[int] | None = None
+    ) -> KVCache:
         return self.llm.new_cache(batch, capacity, pad=pad)
 
     def log_probs(self, hidden: Tensor) -> Tensor:

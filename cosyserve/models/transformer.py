@@ -43,9 +43,7 @@ def rel_position_table(r_hi: int, r_lo: int, d_model: int) -> Tensor:
     Row r is ``[sin(r w_0), cos(r w_0), sin(r w_1), ...]`` with ``w_i = exp(-2i ln(10000) / d)``,
     computed in the same float32 order as upstream's `EspnetRelPositionalEncoding`.
     """
-    div_term = torch.exp(
-        torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / d_model)
-    )
+    div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / d_model))
     position = torch.arange(r_hi, r_lo - 1, -1, dtype=torch.float32).unsqueeze(1)
     angles = position * div_term
     table = torch.empty(position.shape[0], d_model, dtype=torch.float32)
@@ -147,7 +145,9 @@ class KVCache:
         batch = sum(c.batch_size for c in caches)
         _, heads, _, head_dim = first.k[0].shape
         device, dtype = first.k[0].device, first.k[0].dtype
-        out = KVCache(first.num_layers, batch, heads, head_dim, length + extra_capacity, dtype=dtype, device=device)
+        out = KVCache(
+            first.num_layers, batch, heads, head_dim, length + extra_capacity, dtype=dtype, device=device
+        )
         pads = []
         row = 0
         for c in caches:
@@ -407,8 +407,14 @@ class Encoder(nn.Module):
         ref = self.after_norm.weight
         heads = self.cfg.attention_heads
         return KVCache(
-            len(self.encoders), batch, heads, self.cfg.output_size // heads, capacity,
-            dtype=dtype or ref.dtype, device=device or ref.device, pad=pad,
+            len(self.encoders),
+            batch,
+            heads,
+            self.cfg.output_size // heads,
+            capacity,
+            dtype=dtype or ref.dtype,
+            device=device or ref.device,
+            pad=pad,
         )
 
     def forward_chunk(self, xs: Tensor, cache: KVCache) -> Tensor:

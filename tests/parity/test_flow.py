@@ -58,13 +58,19 @@ def test_euler_loop_sft(parity_set: ParitySet) -> None:
 
     cfm.estimator_runner = recorder
     try:
-        mel = cfm.solve_euler(ps.t("flow_sft_noise"), ps.t("flow_sft_mu"), ps.t("flow_sft_mask"),
-                              ps.t("flow_sft_spks"), ps.t("flow_sft_cond"))
+        mel = cfm.solve_euler(
+            ps.t("flow_sft_noise"),
+            ps.t("flow_sft_mu"),
+            ps.t("flow_sft_mask"),
+            ps.t("flow_sft_spks"),
+            ps.t("flow_sft_cond"),
+        )
     finally:
         cfm.estimator_runner = None
     assert_close(ps, "flow_sft_est_t", torch.stack([s[0] for s in steps]), ps.t("flow_sft_est_t"), 0.0)
-    assert_close(ps, "flow_sft_est_dphi", torch.stack([s[1] for s in steps]), ps.t("flow_sft_est_dphi"),
-                 ATOL_ESTIMATOR)
+    assert_close(
+        ps, "flow_sft_est_dphi", torch.stack([s[1] for s in steps]), ps.t("flow_sft_est_dphi"), ATOL_ESTIMATOR
+    )
     assert_close(ps, "flow_sft_mel (from mu)", mel, ps.t("flow_sft_mel"), ATOL_MEL)
 
 
@@ -111,8 +117,9 @@ def test_speed_flow(parity_set: ParitySet) -> None:
     ps = parity_set
     if "speed_tokens" not in ps.arrays:
         pytest.skip("set has no speed_* arrays")
-    mel, _ = load_flow(ps).inference(ps.t("speed_tokens"), embedding=ps.t("spk_embedding"),
-                                     noise=ps.t("speed_flow_noise"))
+    mel, _ = load_flow(ps).inference(
+        ps.t("speed_tokens"), embedding=ps.t("spk_embedding"), noise=ps.t("speed_flow_noise")
+    )
     assert_close(ps, "speed_flow_mel", mel, ps.t("speed_flow_mel"), ATOL_MEL)
 
 
@@ -125,8 +132,12 @@ def test_stream_flow_chunks(parity_set: ParitySet) -> None:
     flow = load_flow(ps)
     for k in chunks:
         p = f"stream_c{k}_flow_"
-        mel, cache = flow.inference(ps.t(f"stream_c{k}_tokens"), embedding=ps.t("spk_embedding"),
-                                    flow_cache=ps.t(p + "cache_in"), noise=ps.t(p + "noise"))
+        mel, cache = flow.inference(
+            ps.t(f"stream_c{k}_tokens"),
+            embedding=ps.t("spk_embedding"),
+            flow_cache=ps.t(p + "cache_in"),
+            noise=ps.t(p + "noise"),
+        )
         assert_close(ps, p + "mel", mel, ps.t(p + "mel"), ATOL_MEL)
         assert_close(ps, p + "cache_out", cache, ps.t(p + "cache_out"), ATOL_FEATURE)
 

@@ -78,7 +78,9 @@ def test_fast_layout_matches_reference_path(parity_set: ParitySet) -> None:
 def test_end_to_end_from_mel(parity_set: ParitySet) -> None:
     ps = parity_set
     hift = load_set_hift(ps)
-    speech, source = hift.inference(ps.t("hift_mel"), phase=ps.t("hift_phase"), sine_noise=ps.t("hift_sine_noise"))
+    speech, source = hift.inference(
+        ps.t("hift_mel"), phase=ps.t("hift_phase"), sine_noise=ps.t("hift_sine_noise")
+    )
     assert_close(ps, "hift_source (end to end)", source, ps.t("hift_source"), ATOL_END_TO_END)
     assert_close(ps, "hift_speech (end to end)", speech, ps.t("hift_speech"), ATOL_END_TO_END)
 

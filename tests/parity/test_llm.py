@@ -29,20 +29,40 @@ def _case(ps: ParitySet, case: str) -> dict:
     """Inputs of one recorded case: sft, zs (zero-shot) or noemb (no speaker embedding)."""
     text = ps.t("llm_text_ids")
     if case == "sft":
-        return dict(prefix="llm_lm_input", logp="llm_logp", teacher=ps.t("llm_teacher_tokens"),
-                    kwargs=dict(text_ids=text, embedding=ps.t("spk_embedding")))
+        return dict(
+            prefix="llm_lm_input",
+            logp="llm_logp",
+            teacher=ps.t("llm_teacher_tokens"),
+            kwargs=dict(text_ids=text, embedding=ps.t("spk_embedding")),
+        )
     if case == "zs":
-        return dict(prefix="llm_zs_lm_input", logp="llm_zs_logp", teacher=ps.t("llm_zs_teacher_tokens"),
-                    kwargs=dict(text_ids=text, prompt_text_ids=ps.t("llm_zs_prompt_text_ids"),
-                                prompt_speech_tokens=ps.t("llm_zs_prompt_speech_tokens"),
-                                embedding=ps.t("llm_zs_embedding")))
+        return dict(
+            prefix="llm_zs_lm_input",
+            logp="llm_zs_logp",
+            teacher=ps.t("llm_zs_teacher_tokens"),
+            kwargs=dict(
+                text_ids=text,
+                prompt_text_ids=ps.t("llm_zs_prompt_text_ids"),
+                prompt_speech_tokens=ps.t("llm_zs_prompt_speech_tokens"),
+                embedding=ps.t("llm_zs_embedding"),
+            ),
+        )
     assert case == "noemb"
-    return dict(prefix="llm_noemb_lm_input", logp="llm_noemb_logp", teacher=ps.t("llm_noemb_teacher_tokens"),
-                kwargs=dict(text_ids=text, prompt_text_ids=ps.t("llm_zs_prompt_text_ids"),
-                            embedding=torch.zeros(0, ps.config.llm.spk_embed_dim)))
+    return dict(
+        prefix="llm_noemb_lm_input",
+        logp="llm_noemb_logp",
+        teacher=ps.t("llm_noemb_teacher_tokens"),
+        kwargs=dict(
+            text_ids=text,
+            prompt_text_ids=ps.t("llm_zs_prompt_text_ids"),
+            embedding=torch.zeros(0, ps.config.llm.spk_embed_dim),
+        ),
+    )
 
 
-def _incremental(lm: TransformerLM, prefix: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _incremental(
+    lm: TransformerLM, prefix: torch.Tensor, teacher: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced KV-cache decoding: (hidden `[N+1, d]`, log-probs `[N+1, V]`), one row per step."""
     cache = lm.new_cache(1, capacity=8)  # small on purpose: exercises cache growth
     hidden = [lm.prefill_hidden(prefix, cache)]
@@ -128,7 +148,9 @@ def test_ragged_batch_decode(parity_set: ParitySet, lm: TransformerLM, mode: str
     else:
         longest = max(p.shape[1] for p in prefixes)
         pad = [longest - p.shape[1] for p in prefixes]
-        batch = torch.cat([torch.nn.functional.pad(p, (0, 0, n, 0)) for p, n in zip(prefixes, pad, strict=True)])
+        batch = torch.cat(
+            [torch.nn.functional.pad(p, (0, 0, n, 0)) for p, n in zip(prefixes, pad, strict=True)]
+        )
         cache = lm.new_cache(len(prefixes), capacity=longest + 4, pad=pad)
         logp0 = lm.log_probs(lm.prefill_hidden(batch, cache))
     rows = [[r] for r in logp0]
@@ -143,7 +165,9 @@ def test_ragged_batch_decode(parity_set: ParitySet, lm: TransformerLM, mode: str
     # Dropping a finished row keeps the others exact.
     sub = cache.select([2, 0])
     out = lm.decode_step(torch.stack([cases[2]["teacher"][steps], cases[0]["teacher"][steps]]), sub)
-    expected = torch.stack([parity_set.t(cases[2]["logp"])[steps + 1], parity_set.t(cases[0]["logp"])[steps + 1]])
+    expected = torch.stack(
+        [parity_set.t(cases[2]["logp"])[steps + 1], parity_set.t(cases[0]["logp"])[steps + 1]]
+    )
     assert_close(parity_set, f"llm_logp after select (ragged batch, {mode})", out, expected, ATOL)
 
 
@@ -158,7 +182,13 @@ def test_flow_encoder_full_attention(parity_set: ParitySet) -> None:
     x = torch.nn.functional.embedding(tokens.clamp(min=0), state["input_embedding.weight"])
     out, valid = encoder(x, torch.tensor([x.shape[1]]))
     assert bool(valid.all())
-    assert_close(parity_set, "flow_sft_encoder_raw (transformer.Encoder)", out, parity_set.t("flow_sft_encoder_raw"), 1e-5)
+    assert_close(
+        parity_set,
+        "flow_sft_encoder_raw (transformer.Encoder)",
+        out,
+        parity_set.t("flow_sft_encoder_raw"),
+        1e-5,
+    )
     # Batch of two: the full sequence and a shorter one padded on the right.
     short = x.shape[1] * 2 // 3
     batch = torch.cat([x, torch.nn.functional.pad(x[:, :short], (0, 0, 0, x.shape[1] - short), value=3.0)])
@@ -177,7 +207,9 @@ def _naive_encoder(enc: Encoder, xs: torch.Tensor, valid: torch.Tensor) -> torch
     d = enc.cfg.output_size
     pos = torch.arange(total)
     rel = pos.unsqueeze(1) - pos.unsqueeze(0)  # i - j
-    table = torch.cat([rel_position_table(r, r, d) for r in range(total - 1, -total, -1)])  # r = T-1 .. -(T-1)
+    table = torch.cat(
+        [rel_position_table(r, r, d) for r in range(total - 1, -total, -1)]
+    )  # r = T-1 .. -(T-1)
     allowed = valid[:, None, None, :] & (rel >= 0 if enc.causal else torch.ones_like(rel, dtype=torch.bool))
     x = enc.embed(xs)
     for layer in enc.encoders:
@@ -200,9 +232,17 @@ def _naive_encoder(enc: Encoder, xs: torch.Tensor, valid: torch.Tensor) -> torch
 
 def _small_encoder(causal: bool, block: str) -> Encoder:
     torch.manual_seed(0)
-    cfg = EncoderConfig(input_size=12, output_size=16, attention_heads=2, linear_units=24, num_blocks=2,
-                        input_layer="linear_legacy" if block == "transformer" else "linear",
-                        activation="relu" if block == "transformer" else "swish", block_type=block, causal=causal)
+    cfg = EncoderConfig(
+        input_size=12,
+        output_size=16,
+        attention_heads=2,
+        linear_units=24,
+        num_blocks=2,
+        input_layer="linear_legacy" if block == "transformer" else "linear",
+        activation="relu" if block == "transformer" else "swish",
+        block_type=block,
+        causal=causal,
+    )
     return Encoder(cfg).eval()
 
 
@@ -217,6 +257,12 @@ def test_encoder_matches_naive_formula(causal: bool) -> None:
     ref = _naive_encoder(enc, xs, valid)
     err = (out - ref)[valid].abs().max().item()
     assert err < 1e-5, f"encoder vs naive formula: {err:.3g}"
+    # New weights must invalidate the cached linear_pos(table) projection.
+    torch.manual_seed(1)
+    enc.load_state_dict(type(enc)(enc.cfg).state_dict())
+    out, _ = enc(xs, lengths)
+    err = (out - _naive_encoder(enc, xs, valid))[valid].abs().max().item()
+    assert err < 1e-5, f"encoder vs naive formula after load_state_dict: {err:.3g}"
 
 
 @torch.inference_mode()

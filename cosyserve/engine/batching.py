@@ -1,0 +1,763 @@
+"""Continuous batching for CosyVoice: one engine step advances every active request together.
+
+The per-request state machine lives in :class:`cosyserve.engine.cosyvoice.CosyVoiceTask`
+(queued → prompt → llm → token2wav → done). This module drives many of them at once:
+
+* :class:`BatchRunner` owns one ragged :class:`~cosyserve.models.transformer.KVCache` with a row
+  per request that is generating speech tokens. Each step it runs **one** batched LLM decode step
+  for all rows, prefills the requests that join (left-padded, in one call) and stacks them in,
+  and drops the rows of requests that finished a segment or were cancelled. Sampling stays per
+  request (:class:`~cosyserve.models.llm.TokenSampler`, per-request generators).
+* Audio work (a streaming chunk, or a whole non-streaming segment) is queued per request and
+  picked by priority each step within a token budget: overdue work first (no starvation), then
+  streams' first chunks (time to first audio), other stream chunks, whole segments; oldest
+  request first within a class. The picked items run ``flow.prepare`` per request and **one**
+  Euler loop per group of equal frame count (``flow.decode`` on the group), then their
+  per-request mel cross-fade and HiFT. Only equal lengths share an estimator call: its GroupNorm
+  statistics would include padded frames, and each request's mel must equal its solo run.
+* :class:`BatchingPolicy` plugs the runner into the engine loop as a
+  :class:`~cosyserve.engine.scheduler.StepPolicy`; :func:`make_policy` picks it for CosyVoice
+  backends and keeps :class:`~cosyserve.engine.scheduler.RoundRobinPolicy` for the others.
+
+The library's batch-1 path (``Synthesizer.synthesize``) is the same runner with one task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cosyserve.engine.scheduler import RoundRobinPolicy, StepPolicy, StepResult
+from cosyserve.engine.token2wav import (
+    MEL_CACHE_LEN,
+    TOKEN_HOP_LEN,
+    TOKEN_OVERLAP_LEN,
+    StreamingMelResampler,
+    StreamingVocoder,
+    apply_speed,
+    fade_in_out,
+    speed_frames,
+    token_frames,
+)
+from cosyserve.engine.types import AudioChunk, Backend
+from cosyserve.models.flow import FlowInputs, MaskedDiffWithXvec
+from cosyserve.models.hift import HiFTGenerator
+from cosyserve.models.transformer import KVCache
+
+if TYPE_CHECKING:
+    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceTask
+    from cosyserve.engine.scheduler import EngineRequest
+
+logger = logging.getLogger(__name__)
+
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+def _to_numpy(speech: Tensor) -> np.ndarray:
+    return speech[0].detach().float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# token → wav, split around the flow's Euler loop so several requests can share it
+# --------------------------------------------------------------------------------------------
+
+
+class WholeToken2Wav:
+    """Non-streaming token → waveform for one segment, in two halves around ``flow.decode``.
+
+    ``prepare`` + ``decode([it])`` + ``complete`` is :func:`cosyserve.engine.token2wav.token2wav`
+    call for call (same random draws from ``generator``, in the same order).
+    """
+
+    streaming = False
+
+    def __init__(
+        self,
+        flow: MaskedDiffWithXvec,
+        hift: HiFTGenerator,
+        prompt_tokens: Tensor | None,
+        prompt_feat: Tensor | None,
+        embedding: Tensor,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
+        self.flow, self.hift = flow, hift
+        self.prompt_tokens, self.prompt_feat, self.embedding = prompt_tokens, prompt_feat, embedding
+        self.speed = float(speed)
+        self.generator = generator
+        self.device = next(flow.parameters()).device
+
+    @torch.inference_mode()
+    def prepare(self, tokens: Sequence[int]) -> FlowInputs:
+        token_tensor = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        return self.flow.prepare(
+            token_tensor, self.prompt_tokens, self.prompt_feat, self.embedding, generator=self.generator
+        )
+
+    @torch.inference_mode()
+    def complete(self, mel: Tensor, finalize: bool = True) -> np.ndarray:
+        if speed_frames(mel.shape[2], self.speed) == 0:
+            return _EMPTY  # too few frames to survive the speed change
+        speech, _ = self.hift.inference(apply_speed(mel, self.speed), generator=self.generator)
+        return _to_numpy(speech)
+
+
+class ChunkedToken2Wav:
+    """Streaming token → waveform for one segment, in two halves around ``flow.decode``.
+
+    Same chunking, caches and cross-fades as
+    :class:`cosyserve.engine.token2wav.StreamingToken2Wav` (chunks of ``hop + overlap`` tokens,
+    the first advancing by ``first_hop``; 34-frame flow cache and mel cross-fade; HiFT through
+    :class:`~cosyserve.engine.token2wav.StreamingVocoder`), and the same random draws in the same
+    order, but a due chunk is *returned* by :meth:`add` instead of computed at once, so the
+    runner can batch its Euler loop with other requests' chunks. Chunks must be completed in
+    the order they were returned.
+    """
+
+    streaming = True
+
+    def __init__(
+        self,
+        flow: MaskedDiffWithXvec,
+        hift: HiFTGenerator,
+        prompt_tokens: Tensor | None,
+        prompt_feat: Tensor | None,
+        embedding: Tensor,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+        hop: int = TOKEN_HOP_LEN,
+        first_hop: int | None = None,
+        overlap: int = TOKEN_OVERLAP_LEN,
+    ):
+        self.flow = flow
+        self.prompt_tokens, self.prompt_feat, self.embedding = prompt_tokens, prompt_feat, embedding
+        self.generator = generator
+        self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
+        self.overlap = overlap
+        self.mel_overlap_len = token_frames(overlap, self.frame_rate)
+        self.mel_window = np.hamming(2 * self.mel_overlap_len)
+        self.hop = hop
+        self.first_hop = first_hop or hop
+        for name, h in (("hop", self.hop), ("first_hop", self.first_hop)):
+            # The same limits as StreamingToken2Wav: more than the overlap, and at least the HiFT
+            # mel cache (20 frames) committed per chunk.
+            if (
+                h <= overlap
+                or token_frames(h + overlap, self.frame_rate) - self.mel_overlap_len < MEL_CACHE_LEN
+            ):
+                raise ValueError(
+                    f"{name}={h} tokens is too small for streaming: it must exceed the overlap ({overlap})"
+                )
+        self.device = next(flow.parameters()).device
+        self.speed = float(speed)
+        self.resampler = StreamingMelResampler(self.speed) if self.speed != 1.0 else None
+        self.vocoder = StreamingVocoder(hift, generator)
+        self._tokens: list[int] = []
+        self._next_hop = self.first_hop
+        self._flow_cache: Tensor | None = None
+        self._mel_overlap: Tensor | None = None
+
+    def add(self, token: int) -> list[int] | None:
+        """Buffer one token; returns the tokens of the chunk that became due, if any."""
+        self._tokens.append(int(token))
+        if len(self._tokens) < self._next_hop + self.overlap:
+            return None
+        chunk = self._tokens[: self._next_hop + self.overlap]
+        self._tokens = self._tokens[self._next_hop :]
+        self._next_hop = self.hop
+        return chunk
+
+    def remainder(self) -> list[int]:
+        """The tokens of the final chunk (those not yet committed); empties the buffer."""
+        tokens, self._tokens = self._tokens, []
+        return tokens
+
+    @torch.inference_mode()
+    def prepare(self, tokens: Sequence[int]) -> FlowInputs:
+        token_tensor = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        item = self.flow.prepare(
+            token_tensor,
+            self.prompt_tokens,
+            self.prompt_feat,
+            self.embedding,
+            flow_cache=self._flow_cache,
+            generator=self.generator,
+        )
+        self._flow_cache = item.cache
+        return item
+
+    @torch.inference_mode()
+    def complete(self, mel: Tensor, finalize: bool) -> np.ndarray:
+        if self._mel_overlap is not None:
+            mel = fade_in_out(mel, self._mel_overlap, self.mel_window)
+        if not finalize:
+            self._mel_overlap = mel[:, :, -self.mel_overlap_len :]
+            mel = mel[:, :, : -self.mel_overlap_len]
+        if self.resampler is not None:
+            mel = self.resampler.finish(mel) if finalize else self.resampler.push(mel)
+        step = self.vocoder.push(mel, finalize)
+        return _EMPTY if step is None else _to_numpy(step.out)
+
+
+AudioSink = WholeToken2Wav | ChunkedToken2Wav
+
+
+@dataclass(eq=False)
+class AudioWork:
+    """One flow + vocoder call a request waits for: a stream chunk or a whole segment."""
+
+    sink: AudioSink
+    tokens: list[int]
+    finalize: bool  # the segment's last call (the sink flushes everything)
+    last: bool  # the request's last audio
+    segment: int
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    prepared: FlowInputs | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.sink.streaming
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchConfig:
+    """Per-step limits. ``token_budget``: speech tokens of flow work per step (one item always
+    runs, however long); ``flow_batch``: most requests per estimator call (1 = no flow batching);
+    ``starvation_s``: audio work waiting longer than this jumps the priority classes."""
+
+    max_batch: int = 8
+    token_budget: int = 256
+    flow_batch: int = 8
+    starvation_s: float = 15.0
+    cache_headroom: int = 256  # KV slots reserved ahead when rows join (growth doubles after)
+
+    def __post_init__(self) -> None:
+        self.max_batch = max(1, int(self.max_batch))
+        self.token_budget = max(0, int(self.token_budget))
+        self.flow_batch = max(1, int(self.flow_batch))
+
+
+@dataclass
+class TaskEvent:
+    """What a step did for one task: a chunk (None: work without audio), the end, or an error."""
+
+    task: CosyVoiceTask
+    chunk: AudioChunk | None = None
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass
+class StepStats:
+    """One runner step, for metrics."""
+
+    llm_batch: int = 0  # requests that got a token this step (decode rows + prefilled joiners)
+    prefilled: int = 0  # requests that joined the decode batch
+    audio_items: int = 0  # flow/vocoder items run
+    flow_calls: int = 0  # Euler loops run (items / flow_calls = flow batch)
+    llm_seconds: float = 0.0
+    audio_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+class BatchRunner:
+    """Steps many :class:`~cosyserve.engine.cosyvoice.CosyVoiceTask` together (engine thread only)."""
+
+    def __init__(
+        self,
+        backend: CosyVoiceBackend,
+        config: BatchConfig | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
+    ):
+        self.backend = backend
+        self.config = config or BatchConfig()
+        self.on_step = on_step
+        self.llm = backend.model.llm
+        self.flow = backend.model.flow
+        self._tasks: list[CosyVoiceTask] = []  # admission order
+        self._rows: list[CosyVoiceTask] = []  # row i of the KV cache
+        self._cache: KVCache | None = None
+
+    # ---- membership ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def llm_rows(self) -> int:
+        return len(self._rows)
+
+    def add(self, task: CosyVoiceTask) -> None:
+        self._tasks.append(task)
+
+    def remove(self, task: CosyVoiceTask) -> None:
+        """Forget a task now (finished, cancelled, failed); its KV row is freed at once."""
+        if task in self._tasks:
+            self._tasks.remove(task)
+        if task in self._rows:
+            self._keep_rows([t for t in self._rows if t is not task])
+
+    def _keep_rows(self, keep: list[CosyVoiceTask]) -> None:
+        if len(keep) == len(self._rows):
+            return
+        if not keep or self._cache is None:
+            self._rows, self._cache = [], None
+            return
+        index = {id(t): i for i, t in enumerate(self._rows)}
+        self._cache = self._cache.select([index[id(t)] for t in keep])
+        self._rows = keep
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> Iterator[TaskEvent]:
+        """Advance every task by one unit; events are yielded as soon as they exist."""
+        started = time.perf_counter()
+        stats = StepStats()
+        for task in list(self._tasks):
+            if task.needs_start:
+                try:
+                    task.start()
+                except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                    yield self._fail(task, exc)
+                else:
+                    yield TaskEvent(task)
+        yield from self._llm_step(stats)
+        yield from self._audio_step(stats)
+        for task in list(self._tasks):
+            if task.done:
+                self._tasks.remove(task)
+                yield TaskEvent(task, done=True)
+        stats.seconds = time.perf_counter() - started
+        if self.on_step is not None:
+            try:
+                self.on_step(stats)
+            except Exception:  # noqa: BLE001 - metrics must not break synthesis
+                logger.warning("batching metrics hook failed", exc_info=True)
+
+    def _fail(self, task: CosyVoiceTask, exc: BaseException) -> TaskEvent:
+        self.remove(task)
+        return TaskEvent(task, error=exc)
+
+    # ---- LLM -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _llm_step(self, stats: StepStats) -> Iterator[TaskEvent]:
+        rows = list(self._rows)
+        room = self.config.max_batch - len(rows)
+        joiners = [t for t in self._tasks if t.wants_prefill and t not in rows][: max(room, 0)]
+        if not rows and not joiners:
+            return
+        t0 = time.perf_counter()
+        sampled: list[tuple[CosyVoiceTask, Tensor]] = []
+        if rows:
+            assert self._cache is not None  # noqa: S101 - runner invariant
+            try:
+                device = self.llm.speech_embedding.weight.device
+                last = torch.tensor([t.last_token for t in rows], dtype=torch.long, device=device)
+                logp = self.llm.decode_step(last, self._cache).float().cpu()
+            except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests, not the loop
+                logger.exception("batched LLM decode failed for %d requests", len(rows))
+                failed, rows = rows, []
+                self._rows, self._cache = [], None
+                for task in failed:
+                    yield self._fail(task, exc)
+            else:
+                sampled += [(t, logp[i]) for i, t in enumerate(rows)]
+        if joiners:
+            try:
+                logp_new, cache = self._prefill(joiners)
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("batched LLM prefill failed for %d requests", len(joiners))
+                for task in joiners:
+                    yield self._fail(task, exc)
+            else:
+                sampled += [(t, logp_new[i]) for i, t in enumerate(joiners)]
+                if self._cache is None:
+                    self._cache = cache
+                else:
+                    self._cache = KVCache.stack(
+                        [self._cache, cache], extra_capacity=self.config.cache_headroom
+                    )
+                self._rows = rows + joiners
+        llm_seconds = time.perf_counter() - t0
+        stats.llm_batch, stats.prefilled, stats.llm_seconds = len(sampled), len(joiners), llm_seconds
+
+        keep: list[CosyVoiceTask] = []
+        failed: list[TaskEvent] = []
+        for task, row in sampled:
+            task.info.add_stage("llm", llm_seconds)  # wall time this request waited for its token
+            try:
+                alive = task.accept(row)
+            except Exception as exc:  # noqa: BLE001
+                failed.append(TaskEvent(task, error=exc))
+                continue
+            if alive:
+                keep.append(task)
+        self._keep_rows(keep)
+        for event in failed:
+            yield self._fail(event.task, event.error)  # type: ignore[arg-type]
+        for task, _ in sampled:
+            if task in self._tasks:
+                yield TaskEvent(task)
+
+    def _prefill(self, tasks: list[CosyVoiceTask]) -> tuple[Tensor, KVCache]:
+        """Left-padded batched prefill of the joining tasks' prefixes → (log-probs, cache)."""
+        prefixes = [t.take_prefix() for t in tasks]
+        longest = max(p.shape[1] for p in prefixes)
+        pad = [longest - p.shape[1] for p in prefixes]
+        lm_input = torch.cat([F.pad(p, (0, 0, n, 0)) for p, n in zip(prefixes, pad)])
+        cache = self.llm.new_cache(len(tasks), longest + self.config.cache_headroom, pad=pad)
+        logp = self.llm.log_probs(self.llm.prefill_hidden(lm_input, cache)).float().cpu()
+        return logp, cache
+
+    # ---- audio ---------------------------------------------------------------------------
+
+    def _pick_audio(self) -> list[tuple[CosyVoiceTask, AudioWork]]:
+        now = time.perf_counter()
+        cfg = self.config
+        heads = [(t, t.work[0]) for t in self._tasks if t.work and not t.done]
+
+        def priority(entry: tuple[CosyVoiceTask, AudioWork]) -> tuple[int, int, float]:
+            task, work = entry
+            if now - work.enqueued_at > cfg.starvation_s:
+                return (0, 0, task.info.started_at)  # overdue: oldest request first, whatever kind
+            # A stream's first chunk is what its time to first audio waits for.
+            kind = (1 if task.has_audio else 0) if work.streaming else 2
+            return (1, kind, task.info.started_at)
+
+        heads.sort(key=priority)
+        picked: list[tuple[CosyVoiceTask, AudioWork]] = []
+        tokens = 0
+        for task, work in heads:
+            cost = max(1, len(work.tokens))
+            if picked and tokens + cost > cfg.token_budget:
+                break
+            picked.append((task, work))
+            tokens += cost
+        return picked
+
+    def _audio_step(self, stats: StepStats) -> Iterator[TaskEvent]:
+        picked = self._pick_audio()
+        if not picked:
+            return
+        t0 = time.perf_counter()
+        groups: dict[tuple[int, Any, Any], list[tuple[CosyVoiceTask, AudioWork]]] = {}
+        for task, work in picked:
+            t_prep = time.perf_counter()
+            try:
+                if work.tokens:
+                    work.prepared = work.sink.prepare(work.tokens)
+            except Exception as exc:  # noqa: BLE001
+                yield self._fail(task, exc)
+                continue
+            task.info.add_stage("token2wav", time.perf_counter() - t_prep)
+            if work.prepared is None:  # nothing to vocode (an empty segment)
+                yield from self._finish_work(task, work, None)
+                continue
+            item = work.prepared
+            key = (item.frames, item.mu.dtype, item.mu.device)
+            groups.setdefault(key, []).append((task, work))
+        for members in groups.values():
+            for start in range(0, len(members), self.config.flow_batch):
+                group = members[start : start + self.config.flow_batch]
+                yield from self._decode_group(group)
+                stats.flow_calls += 1
+        stats.audio_items = len(picked)
+        stats.audio_seconds = time.perf_counter() - t0
+
+    def _decode_group(self, group: list[tuple[CosyVoiceTask, AudioWork]]) -> Iterator[TaskEvent]:
+        t0 = time.perf_counter()
+        try:
+            mels = self.flow.decode([w.prepared for _, w in group])  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("batched flow decode failed for %d requests", len(group))
+            for task, _ in group:
+                yield self._fail(task, exc)
+            return
+        flow_seconds = time.perf_counter() - t0
+        for (task, work), mel in zip(group, mels):
+            task.info.add_stage("token2wav", flow_seconds)
+            yield from self._finish_work(task, work, mel)
+
+    def _finish_work(self, task: CosyVoiceTask, work: AudioWork, mel: Tensor | None) -> Iterator[TaskEvent]:
+        t0 = time.perf_counter()
+        try:
+            audio = _EMPTY if mel is None else work.sink.complete(mel, work.finalize)
+            chunk = task.finish_work(work, audio, time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001
+            yield self._fail(task, exc)
+            return
+        yield TaskEvent(task, chunk=chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine policy
+# --------------------------------------------------------------------------------------------
+
+
+class BatchingStats:
+    """Running counters of a :class:`BatchingPolicy` (read by /metrics and /performance_info)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.llm_steps = 0
+        self.llm_rows = 0  # sum of decode batch sizes
+        self.max_llm_batch = 0
+        self.prefilled = 0
+        self.audio_items = 0
+        self.flow_calls = 0
+        self.step_seconds = 0.0
+        self.llm_seconds = 0.0
+        self.audio_seconds = 0.0
+        self.last: StepStats | None = None
+        self.queue_wait_seconds = 0.0  # submit → engine admission, summed
+        self.admitted = 0
+        self.join_wait_seconds = 0.0  # engine admission → first LLM token, summed
+        self.joined = 0
+
+    def record(self, step: StepStats) -> None:
+        self.steps += 1
+        self.last = step
+        if step.llm_batch or step.prefilled:
+            self.llm_steps += 1
+        self.llm_rows += step.llm_batch
+        self.max_llm_batch = max(self.max_llm_batch, step.llm_batch)
+        self.prefilled += step.prefilled
+        self.audio_items += step.audio_items
+        self.flow_calls += step.flow_calls
+        self.step_seconds += step.seconds
+        self.llm_seconds += step.llm_seconds
+        self.audio_seconds += step.audio_seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "llm_steps": self.llm_steps,
+            "mean_llm_batch": round(self.llm_rows / self.llm_steps, 3) if self.llm_steps else 0.0,
+            "max_llm_batch": self.max_llm_batch,
+            "prefilled": self.prefilled,
+            "audio_items": self.audio_items,
+            "flow_calls": self.flow_calls,
+            "mean_flow_batch": round(self.audio_items / self.flow_calls, 3) if self.flow_calls else 0.0,
+            "step_seconds": round(self.step_seconds, 3),
+            "llm_seconds": round(self.llm_seconds, 3),
+            "audio_seconds": round(self.audio_seconds, 3),
+            "last_step_ms": round(1000 * self.last.seconds, 2) if self.last else None,
+            "mean_queue_wait_s": round(self.queue_wait_seconds / self.admitted, 4) if self.admitted else None,
+            "mean_join_wait_s": round(self.join_wait_seconds / self.joined, 4) if self.joined else None,
+        }
+
+
+class BatchingPolicy(StepPolicy):
+    """Steps every active CosyVoice request together through one :class:`BatchRunner`.
+
+    Hooks, called on the engine thread (see :func:`register_prometheus`): ``add_hook(f)`` gets
+    each step's :class:`StepStats`; ``add_wait_hook(f)`` gets ``("queue", s)`` when a request is
+    admitted (submit → admission) and ``("join", s)`` at its first token (admission → first token,
+    i.e. the wait for a prefill slot in the decode batch).
+    """
+
+    def __init__(
+        self,
+        backend: CosyVoiceBackend,
+        config: BatchConfig | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
+    ):
+        super().__init__(backend)
+        self.stats_ = BatchingStats()
+        self._hooks: list[Callable[[StepStats], None]] = [self.stats_.record]
+        if on_step is not None:
+            self._hooks.append(on_step)
+        self.runner = BatchRunner(backend, config, on_step=self._on_step)
+        self._items: dict[int, EngineRequest] = {}  # id(task) -> engine request
+        self._joined: set[int] = set()  # id(task) of requests whose first token was counted
+        self._wait_hooks: list[Callable[[str, float], None]] = []
+
+    @property
+    def config(self) -> BatchConfig:
+        return self.runner.config
+
+    def add_hook(self, hook: Callable[[StepStats], None]) -> None:
+        self._hooks.append(hook)
+
+    def add_wait_hook(self, hook: Callable[[str, float], None]) -> None:
+        self._wait_hooks.append(hook)
+
+    def _waited(self, kind: str, seconds: float) -> None:
+        if kind == "queue":
+            self.stats_.queue_wait_seconds += seconds
+            self.stats_.admitted += 1
+        else:
+            self.stats_.join_wait_seconds += seconds
+            self.stats_.joined += 1
+        for hook in self._wait_hooks:
+            try:
+                hook(kind, seconds)
+            except Exception:  # noqa: BLE001 - metrics must not break synthesis
+                logger.warning("batching wait hook failed", exc_info=True)
+
+    def _on_step(self, step: StepStats) -> None:
+        for hook in self._hooks:
+            hook(step)
+
+    def start(self, item: EngineRequest) -> None:
+        task = self.backend.open(item.request)  # type: ignore[attr-defined]
+        item.job = task
+        self._items[id(task)] = item
+        self.runner.add(task)
+        if item.queue_seconds is not None:
+            self._waited("queue", item.queue_seconds)
+
+    def step(self, active: Sequence[EngineRequest]) -> Iterator[StepResult]:
+        for event in self.runner.step():
+            item = self._items.get(id(event.task))
+            if item is None:
+                continue
+            if event.error is not None:
+                yield StepResult(item, error=event.error)
+            elif event.done:
+                yield StepResult(item, done=True)
+            else:
+                first_token = event.task.first_token_at
+                if first_token is not None and id(event.task) not in self._joined:
+                    self._joined.add(id(event.task))
+                    if item.started_at is not None:
+                        self._waited("join", first_token - item.started_at)
+                yield StepResult(item, chunk=event.chunk)
+
+    def stop(self, item: EngineRequest) -> None:
+        task = item.job
+        if task is None:
+            return
+        self._items.pop(id(task), None)
+        self._joined.discard(id(task))
+        self.runner.remove(task)  # type: ignore[arg-type]
+        task.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "max_batch": cfg.max_batch,
+            "token_budget": cfg.token_budget,
+            "flow_batch": cfg.flow_batch,
+            "llm_rows_now": self.runner.llm_rows,
+            **self.stats_.as_dict(),
+        }
+
+
+def is_batchable(backend: Backend) -> bool:
+    """CosyVoice backends can be batched; others (the embedded Piper voice) cannot."""
+    from cosyserve.engine.cosyvoice import CosyVoiceBackend
+
+    return isinstance(backend, CosyVoiceBackend)
+
+
+def config_from_settings(backend: Backend, settings: Any = None) -> BatchConfig:
+    """Limits from settings (``max_batch``, ``token_budget``, ``flow_batch``,
+    ``batch_starvation_s``); unset ones get device-aware defaults."""
+    max_active = int(getattr(settings, "max_active", 8) or 8)
+    cuda = getattr(getattr(backend, "device", None), "type", "cpu") == "cuda"
+
+    def setting(name: str, default: Any) -> Any:
+        value = getattr(settings, name, None)
+        return default if value is None else value
+
+    return BatchConfig(
+        max_batch=setting("max_batch", max_active),
+        # On a GPU a step can afford every due chunk in one estimator call; on a CPU the flow is
+        # compute-bound, so a small budget interleaves LLM steps with audio work instead.
+        token_budget=setting("token_budget", 4096 if cuda else 256),
+        flow_batch=setting("flow_batch", max_active),
+        starvation_s=float(setting("batch_starvation_s", 15.0)),
+    )
+
+
+def make_policy(backend: Backend, settings: Any = None) -> StepPolicy:
+    """The engine policy for ``backend``: batching for CosyVoice (unless ``settings.batching`` is
+    False), round-robin for everything else."""
+    if is_batchable(backend) and getattr(settings, "batching", True) is not False:
+        config = config_from_settings(backend, settings)
+        logger.info(
+            "continuous batching: max_batch %d, token budget %d, flow batch %d",
+            config.max_batch,
+            config.token_budget,
+            config.flow_batch,
+        )
+        return BatchingPolicy(backend, config)  # type: ignore[arg-type]
+    return RoundRobinPolicy(backend)
+
+
+def register_prometheus(policy: StepPolicy, registry: Any) -> None:
+    """Export a :class:`BatchingPolicy`'s per-step numbers into a prometheus ``registry``
+    (no-op for other policies)."""
+    if not isinstance(policy, BatchingPolicy):
+        return
+    from prometheus_client import Counter, Histogram
+
+    batch = Histogram(
+        "cosyserve_llm_batch_size",
+        "requests in each batched LLM decode step",
+        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+        registry=registry,
+    )
+    step_seconds = Histogram(
+        "cosyserve_engine_step_seconds",
+        "duration of one engine step (LLM decode + audio work)",
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        registry=registry,
+    )
+    flow_batch = Histogram(
+        "cosyserve_flow_batch_size",
+        "requests in each flow Euler loop",
+        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+        registry=registry,
+    )
+    prefilled = Counter("cosyserve_llm_prefills", "requests that joined the LLM batch", registry=registry)
+    waits = Histogram(
+        "cosyserve_engine_wait_seconds",
+        "queue: submit to engine admission; join: admission to the first speech token",
+        ["stage"],
+        buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+        registry=registry,
+    )
+
+    def observe(step: StepStats) -> None:
+        if step.llm_batch:
+            batch.observe(step.llm_batch)
+        if step.prefilled:
+            prefilled.inc(step.prefilled)
+        if step.flow_calls:
+            flow_batch.observe(step.audio_items / step.flow_calls)
+        step_seconds.observe(step.seconds)
+
+    policy.add_hook(observe)
+    policy.add_wait_hook(lambda stage, seconds: waits.labels(stage=stage).observe(seconds))
+
+
+__all__ = [
+    "AudioWork",
+    "BatchConfig",
+    "BatchRunner",
+    "BatchingPolicy",
+    "ChunkedToken2Wav",
+    "StepStats",
+    "TaskEvent",
+    "WholeToken2Wav",
+    "config_from_settings",
+    "is_batchable",
+    "make_policy",
+    "register_prometheus",
+]

@@ -1,0 +1,433 @@
+"""`cosyserve bench`: RTF, time to first chunk and per-stage times, per acceleration configuration.
+
+Each configuration runs in its own subprocess (so peak RSS figures do not mix and one plan's
+thread/allocator state cannot help or hurt the next), warms up, then times ``--runs`` syntheses of
+one segment with exactly ``--tokens`` speech tokens (EOS masked, generation capped). The eager
+configuration is always measured in the same invocation, so every figure also shows as a ratio.
+
+Per run: one non-streaming synthesis (LLM tokens/s, flow s, vocoder s, RTF) and, with
+``--stream``, one streaming synthesis (time to first chunk). Figures are medians over the runs.
+``--synthetic`` writes a full-size random-weight model directory (CosyVoice-300M-SFT architecture)
+into the cache once and benchmarks that.
+
+RTF bands (the seed's): < 0.3 very fast, 0.3-0.7 fast, 0.7-1.0 acceptable, > 1.0 slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BENCH_TEXT = "Hello, this is a benchmark of the CosyVoice inference server running on this machine."
+RESULT_PREFIX = "COSYSERVE_BENCH_RESULT "
+SYNTHETIC_NAME = "CosyVoice-300M-SFT-random-seed0"
+ASSET_YAML = Path(__file__).resolve().parent.parent / "assets" / "cosyvoice-300m-sft.yaml"
+SHARED_YAML = Path("shared/models/cosyvoice-300m-sft-arch/cosyvoice.yaml")  # beside the checkout
+
+
+def rtf_band(rtf: float | None) -> str:
+    if rtf is None:
+        return "-"
+    if rtf < 0.3:
+        return "very fast"
+    if rtf < 0.7:
+        return "fast"
+    if rtf <= 1.0:
+        return "acceptable"
+    return "slow"
+
+
+# ------------------------------------------------------------------------------------ model dir
+
+
+def full_size_yaml() -> Path:
+    repo = Path(__file__).resolve().parents[2]
+    for path in (ASSET_YAML, Path.cwd().parent / SHARED_YAML, repo.parent / SHARED_YAML):
+        if path.is_file():
+            return path
+    raise FileNotFoundError("the full-size cosyvoice.yaml is missing (expected cosyserve/assets/cosyvoice-300m-sft.yaml)")
+
+
+def synthetic_model_dir(cache: Path | None = None) -> Path:
+    """The full-size random-weight model directory, written on first use (about 1.7 GB)."""
+    from cosyserve.engine.acceleration.onnx_export import cache_root
+    from cosyserve.models.loader import REQUIRED_FILES
+    from cosyserve.models.make_model import make_model
+
+    out = (cache or cache_root() / "bench") / SYNTHETIC_NAME
+    if all((out / name).is_file() for name in REQUIRED_FILES):
+        return out
+    print(f"writing a full-size random-weight model to {out} (once; about 1.7 GB) ...", file=sys.stderr, flush=True)
+    make_model(full_size_yaml(), out, seed=0, overwrite=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ configurations
+
+
+def available_configs(test_all: bool, settings: Any = None) -> tuple[list[str], str]:
+    """Configurations to measure (eager first) and why."""
+    from cosyserve.engine.accel import preflight
+    from cosyserve.engine.factory import PLANS, detect_hardware, plan_chain
+
+    hw = detect_hardware()
+    if test_all:
+        names = []
+        for name, plan in PLANS.items():
+            try:
+                preflight(plan)
+                names.append(name)
+            except Exception as exc:  # noqa: BLE001 - any reason a plan cannot run here
+                logger.info("skipping %s: %s", name, exc)
+        why = "every configuration this machine supports"
+    else:
+        chain, why = plan_chain(hw, settings or SimpleNamespace(auto=True, force_config=None))
+        names = [chain[0].name]
+    ordered = ["eager"] + [n for n in names if n != "eager"]
+    return ordered, why
+
+
+# ------------------------------------------------------------------------------------ worker
+
+
+@dataclass
+class StageTimer:
+    """Times a backend's flow and vocoder calls inside a synthesis (wrapping their entry points;
+    nested calls of one stage, e.g. inference -> prepare, count once)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    _depth: dict[str, int] = field(default_factory=dict)
+
+    def wrap(self, owner: Any, attr: str, stage: str) -> None:
+        original = getattr(owner, attr)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            depth = self._depth.get(stage, 0)
+            self._depth[stage] = depth + 1
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth[stage] = depth
+                if depth == 0:
+                    self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+        object.__setattr__(owner, attr, timed)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _synthesize(
+    backend: Any, voice: str, stream: bool, seed: int, tokens: int | None
+) -> tuple[float, float, float | None, Any]:
+    """(audio seconds, wall seconds, first chunk seconds, info) of one synthesis."""
+    from cosyserve.engine.types import SynthesisRequest
+
+    request = SynthesisRequest(text=BENCH_TEXT, voice=voice, stream=stream, seed=seed, enable_smart_split=False)
+    t0 = time.perf_counter()
+    # num_tokens: exactly N tokens per segment (EOS masked, generation capped at N).
+    job = backend.open(request, num_tokens=tokens) if tokens else backend.open(request)
+    first = None
+    samples = 0
+    for chunk in job:
+        if chunk is not None and len(chunk.audio):
+            if first is None:
+                first = time.perf_counter() - t0
+            samples += len(chunk.audio)
+    wall = time.perf_counter() - t0
+    return samples / backend.sample_rate, wall, first, job.info
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure one configuration in this process; returns the result record."""
+    import torch
+
+    from cosyserve.engine.factory import PLANS, build_cosyvoice
+
+    name = args.config[-1] if isinstance(args.config, list) else args.config
+    plan = PLANS[name]
+    settings = SimpleNamespace(voices_dir=None, stream_first_hop=args.stream_first_hop)
+    t0 = time.perf_counter()
+    backend = build_cosyvoice(str(args.model_dir), plan, settings)
+    load_s = time.perf_counter() - t0
+    rss_loaded = _peak_rss_mb()
+    model = backend.model
+    tokens = int(args.tokens) if args.tokens else None
+    timer = StageTimer()
+    for attr in ("inference", "prepare", "decode"):
+        timer.wrap(model.flow, attr, "flow")
+    timer.wrap(model.hift, "inference", "vocoder")
+    voice = "英文女" if "英文女" in backend.speakers else next(iter(backend.speakers))
+
+    # Warm-up: the VM runs a fresh process several times slower for its first minute, and
+    # allocators/ORT arenas settle on the first calls: synthesise until warm_up_s has passed.
+    t_warm = time.perf_counter()
+    warm_runs = 0
+    while warm_runs < 1 or time.perf_counter() - t_warm < args.warmup_s:
+        _synthesize(backend, voice, bool(args.stream), warm_runs, tokens)
+        warm_runs += 1
+    warm_s = time.perf_counter() - t_warm
+
+    runs: list[dict[str, Any]] = []
+    for i in range(args.runs):
+        timer.reset()
+        audio_s, wall, _, info = _synthesize(backend, voice, False, 100 + i, tokens)
+        llm_s = info.stage_seconds.get("llm", 0.0)
+        run = {
+            "audio_s": audio_s,
+            "wall_s": wall,
+            "tokens": info.speech_tokens,
+            "llm_s": llm_s,
+            "llm_tokens_per_s": info.speech_tokens / llm_s if llm_s > 0 else None,
+            "flow_s": timer.seconds.get("flow", 0.0),
+            "vocoder_s": timer.seconds.get("vocoder", 0.0),
+            "rtf": wall / audio_s if audio_s > 0 else None,
+        }
+        if args.stream:
+            s_audio, s_wall, first, _ = _synthesize(backend, voice, True, 100 + i, tokens)
+            run.update(first_chunk_s=first, stream_rtf=s_wall / s_audio if s_audio > 0 else None)
+        runs.append(run)
+        logger.info("%s run %d: %s", name, i + 1, {k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()})
+
+    def med(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    result: dict[str, Any] = {
+        "config": name,
+        "audio_s": med("audio_s"),
+        "tokens": int(med("tokens") or 0),
+        "llm_tokens_per_s": med("llm_tokens_per_s"),
+        "llm_s": med("llm_s"),
+        "flow_s": med("flow_s"),
+        "vocoder_s": med("vocoder_s"),
+        "rtf": med("rtf"),
+        "rtf_band": rtf_band(med("rtf")),
+        "first_chunk_s": med("first_chunk_s"),
+        "stream_rtf": med("stream_rtf"),
+        "stream_first_hop": args.stream_first_hop,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "rss_after_load_mb": round(rss_loaded, 1),
+        "load_s": round(load_s, 2),
+        "warmup_s": round(warm_s, 1),
+        "runs": len(runs),
+        "device": str(backend.device),
+        "torch_threads": torch.get_num_threads(),
+        "accelerations": backend.options.extra.get("accelerations", []),
+        "per_run": runs,
+    }
+    if plan.int8_llm and args.int8_deviation:
+        # After the peak RSS was taken: this loads a second, FP32 copy of the LLM.
+        result["int8_deviation"] = int8_report(backend, str(args.model_dir), voice)
+    return result
+
+
+def int8_report(backend: Any, model_dir: str, voice: str, steps: int = 50) -> dict[str, Any]:
+    """Deviation of the int8 LLM from FP32: log-probs (teacher-forced) and the resulting mel."""
+    import torch
+
+    from cosyserve.engine.acceleration.quant import llm_deviation
+    from cosyserve.models.loader import build_network, check_state_dict, find_model_files, read_checkpoint
+
+    files = find_model_files(model_dir)
+    fp32 = build_network("llm", backend.config)
+    state = read_checkpoint(files.llm)
+    check_state_dict(fp32, state, files.llm)
+    fp32.load_state_dict(state)
+    del state
+    fp32.eval()
+    text_ids = torch.tensor([backend.text.tokenize(BENCH_TEXT)])
+    embedding = backend.speakers[voice]
+    int8 = backend.model.llm
+    dev = llm_deviation(fp32, int8, text_ids, embedding, steps=steps)
+    report = dev.as_dict()
+    # Mel: the flow (unchanged by int8) on each model's seeded tokens, same flow noise.
+    with torch.inference_mode():
+        tok_a = torch.tensor([list(fp32.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))])
+        tok_b = torch.tensor([list(int8.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))])
+        mel_a, _ = backend.model.flow.inference(tok_a, embedding=embedding, generator=torch.Generator().manual_seed(1))
+        mel_b, _ = backend.model.flow.inference(tok_b, embedding=embedding, generator=torch.Generator().manual_seed(1))
+    report["mel_rel_l2"] = round(float((mel_a - mel_b).norm() / mel_a.norm().clamp_min(1e-9)), 6)
+    report["mel_tokens_identical"] = bool(torch.equal(tok_a, tok_b))
+    return report
+
+
+# ------------------------------------------------------------------------------------ parent
+
+
+def _worker_command(args: argparse.Namespace, config: str) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "cosyserve.cli", "--log-level", args.worker_log_level, "bench", "--_worker",
+        "--model_dir", str(args.model_dir), "--config", config, "--runs", str(args.runs),
+        "--warmup_s", str(args.warmup_s),
+    ]
+    if args.tokens:
+        cmd += ["--tokens", str(args.tokens)]
+    if args.stream:
+        cmd.append("--stream")
+    if args.stream_first_hop:
+        cmd += ["--stream_first_hop", str(args.stream_first_hop)]
+    if not args.int8_deviation:
+        cmd.append("--no-int8_deviation")
+    return cmd
+
+
+def measure(args: argparse.Namespace, config: str) -> dict[str, Any]:
+    if args.in_process:
+        worker_args = argparse.Namespace(**{**vars(args), "config": config})
+        try:
+            return run_worker(worker_args)
+        except Exception as exc:  # noqa: BLE001 - report the configuration as failed
+            return {"config": config, "error": f"{type(exc).__name__}: {exc}"}
+    proc = subprocess.run(_worker_command(args, config), capture_output=True, text=True, check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"config": config, "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
+
+
+RATIO_KEYS = ("llm_tokens_per_s", "flow_s", "vocoder_s", "rtf", "first_chunk_s", "peak_rss_mb")
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """`vs_eager[key]`: speed-up over eager (>1 is better) for times and RSS, ratio for tokens/s."""
+    base = next((r for r in results if r.get("config") == "eager" and "error" not in r), None)
+    for r in results:
+        if base is None or "error" in r:
+            continue
+        ratios = {}
+        for key in RATIO_KEYS:
+            a, b = r.get(key), base.get(key)
+            if not a or not b:
+                continue
+            ratios[key] = round(a / b if key == "llm_tokens_per_s" else b / a, 3)
+        r["vs_eager"] = ratios
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    head = ["config", "audio s", "LLM tok/s", "flow s", "vocoder s", "RTF", "band", "first chunk s", "peak RSS MB"]
+    rows = [head]
+    for r in results:
+        if "error" in r:
+            rows.append([r["config"], "error: " + r["error"][:80]] + [""] * (len(head) - 2))
+            continue
+        ratio = r.get("vs_eager", {})
+
+        def cell(key: str, digits: int = 2, r: dict[str, Any] = r, ratio: dict[str, Any] = ratio) -> str:
+            text = _fmt(r.get(key), digits)
+            if key in ratio and r["config"] != "eager":
+                text += f" ({ratio[key]:.2f}x)"
+            return text
+
+        rows.append([
+            r["config"], _fmt(r.get("audio_s")), cell("llm_tokens_per_s", 1), cell("flow_s"), cell("vocoder_s"),
+            cell("rtf"), r.get("rtf_band", "-"), cell("first_chunk_s"), cell("peak_rss_mb", 0),
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    note = "(x) = speed-up over eager measured in this run (tokens/s: ratio; RSS: eager/config)"
+    return "\n".join(lines + ["", note])
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model_dir", "--model-dir", default=None, help="CosyVoice v1 model directory")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="benchmark a full-size random-weight model (written to the cache once)")
+    parser.add_argument("--test_all", "--test-all", action="store_true",
+                        help="every configuration this machine supports (default: the one --auto picks)")
+    parser.add_argument("--config", action="append", default=None, help="measure this plan (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per configuration")
+    parser.add_argument("--tokens", type=int, default=250, help="force exactly N speech tokens (default 250 = 5 s)")
+    parser.add_argument("--stream", action="store_true", help="also measure streaming (time to first chunk)")
+    parser.add_argument("--stream_first_hop", "--stream-first-hop", type=int, default=30,
+                        help="tokens in a stream's first hop (default 30; 100 = upstream)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (default 3)")
+    parser.add_argument("--warmup_s", "--warmup-s", type=float, default=30.0,
+                        help="minimum warm-up seconds per configuration before timing (default 30)")
+    parser.add_argument("--int8_deviation", "--int8-deviation", action=argparse.BooleanOptionalAction, default=True,
+                        help="for int8 configurations, measure the deviation from FP32 (default on)")
+    parser.add_argument("--in_process", "--in-process", action="store_true",
+                        help="measure in this process (faster; peak RSS then mixes across configurations)")
+    parser.add_argument("--worker_log_level", default="WARNING", help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> int:
+    from cosyserve.errors import CosyserveError
+
+    if args._worker:
+        result = run_worker(args)
+        print(RESULT_PREFIX + json.dumps(result, ensure_ascii=False), flush=True)
+        return 0
+    try:
+        if args.model_dir is None:
+            if not args.synthetic:
+                print("cosyserve bench: give --model_dir DIR, or --synthetic for a random-weight full-size model",
+                      file=sys.stderr)
+                return 2
+            args.model_dir = str(synthetic_model_dir())
+        from cosyserve.models.hub import resolve_model_dir
+
+        args.model_dir = str(resolve_model_dir(args.model_dir))
+        if args.config:
+            from cosyserve.engine.factory import PLANS
+
+            unknown = [c for c in args.config if c not in PLANS]
+            if unknown:
+                print(f"cosyserve bench: unknown --config {', '.join(unknown)}; choose from {', '.join(PLANS)}",
+                      file=sys.stderr)
+                return 2
+            configs = ["eager"] + [c for c in args.config if c != "eager"]
+            why = "chosen with --config"
+        else:
+            configs, why = available_configs(args.test_all)
+    except CosyserveError as exc:
+        print(f"cosyserve bench: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"benchmarking {args.model_dir}: {', '.join(configs)} ({why}); {args.tokens} tokens, "
+          f"{args.runs} runs, warm-up {args.warmup_s:.0f} s each", file=sys.stderr, flush=True)
+    results = []
+    for config in configs:
+        t0 = time.perf_counter()
+        print(f"  {config} ...", file=sys.stderr, flush=True)
+        result = measure(args, config)
+        status = result.get("error") or f"RTF {result.get('rtf')}"
+        print(f"  {config}: {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        results.append(result)
+    add_ratios(results)
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+    else:
+        print(format_table(results))
+        for r in results:
+            if "int8_deviation" in r:
+                print(f"\nint8 deviation from FP32 ({r['config']}): {json.dumps(r['int8_deviation'])}")
+    return 0 if all("error" not in r for r in results) else 1

@@ -1,0 +1,592 @@
+"""`cosyserve bench --concurrency N`: many requests at once, batched vs one at a time.
+
+Two phases per mode, in one process, on one loaded model (so the ratios compare like with like
+on a noisy machine):
+
+* **non-streaming** (throughput): ``N`` requests submitted together to an engine with the
+  batching policy, then the same ``N`` served one after another. Reported: aggregate audio
+  seconds per wall second for both and their ratio (``throughput_ratio``), per-request RTF.
+* **streaming** (time to first audio): ``N`` streams submitted together, then one stream alone.
+  Reported: each stream's time to first chunk (submit → first audio), percentiles and the worst
+  one over the single-stream time. Streams are cancelled once every one of them has its first
+  chunk (the rest of the audio does not change that number and would only cost time).
+
+Every request is forced to ``tokens`` speech tokens (EOS masked), so the work is the same
+whatever the weights (a synthetic ``make-model`` directory works). ``http=True`` runs the real
+FastAPI app under uvicorn on 127.0.0.1 (an ephemeral port, never another interface) and drives
+it with ``N`` client threads over loopback (``/inference_sft``, raw PCM streaming); otherwise
+the engine loop is driven in-process. Concurrency and time are bounded (``max_seconds`` per
+phase: what is still running then is cancelled and reported as failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import logging
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MAX_CONCURRENCY = 64
+DEFAULT_TEXT = "This is a benchmark sentence that the model reads aloud for the concurrency test."
+DEFAULT_VOICE = "英文女"
+
+
+@dataclass
+class RequestResult:
+    index: int
+    ok: bool = False
+    first_chunk_s: float | None = None  # submit → first audio (what a client waits)
+    total_s: float = 0.0
+    audio_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def rtf(self) -> float | None:
+        return self.total_s / self.audio_s if self.audio_s > 0 else None
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    concurrency: int
+    wall_s: float = 0.0
+    requests: list[RequestResult] = field(default_factory=list)
+    batching: dict[str, Any] | None = None
+
+    @property
+    def audio_s(self) -> float:
+        return sum(r.audio_s for r in self.requests)
+
+    @property
+    def throughput(self) -> float:
+        """Aggregate audio seconds per wall second."""
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        first = [r.first_chunk_s for r in self.requests if r.first_chunk_s is not None]
+        rtf = [r.rtf for r in self.requests if r.ok and r.rtf is not None]
+        out: dict[str, Any] = {
+            "concurrency": self.concurrency,
+            "requests": len(self.requests),
+            "ok": sum(r.ok for r in self.requests),
+            "failed": [r.error for r in self.requests if not r.ok and r.error],
+            "wall_s": round(self.wall_s, 3),
+            "audio_s": round(self.audio_s, 3),
+            "audio_s_per_wall_s": round(self.throughput, 4),
+            **_percentiles("first_chunk", first),
+            **_percentiles("rtf", rtf, digits=3),
+            "per_request": [
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(r).items()}
+                for r in self.requests
+            ],
+        }
+        if self.batching is not None:
+            out["batching"] = self.batching
+        return out
+
+
+def _percentiles(name: str, values: Sequence[float], digits: int = 4) -> dict[str, float | None]:
+    if not values:
+        return {f"{name}_p50_s": None, f"{name}_p95_s": None, f"{name}_max_s": None}
+    arr = np.asarray(values, dtype=np.float64)
+    suffix = "" if name == "rtf" else "_s"
+    return {
+        f"{name}_p50{suffix}": round(float(np.percentile(arr, 50)), digits),
+        f"{name}_p95{suffix}": round(float(np.percentile(arr, 95)), digits),
+        f"{name}_max{suffix}": round(float(arr.max()), digits),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# In-process: the engine loop directly
+# --------------------------------------------------------------------------------------------
+
+
+class _InProcessDriver:
+    """Runs phases against an :class:`~cosyserve.engine.scheduler.EngineLoop` in this process."""
+
+    def __init__(self, backend: Any, batch_settings: SimpleNamespace):
+        self.backend = backend
+        self.batch_settings = batch_settings
+
+    def run_phase(
+        self, name: str, requests: list[Any], concurrent: bool, first_chunk_only: bool, max_seconds: float
+    ) -> PhaseResult:
+        return asyncio.run(self._phase(name, requests, concurrent, first_chunk_only, max_seconds))
+
+    async def _phase(
+        self, name: str, requests: list[Any], concurrent: bool, first_chunk_only: bool, max_seconds: float
+    ) -> PhaseResult:
+        from cosyserve.engine.batching import BatchingPolicy, config_from_settings
+        from cosyserve.engine.scheduler import EngineLoop
+
+        n = len(requests)
+        policy = BatchingPolicy(self.backend, config_from_settings(self.backend, self.batch_settings))
+        engine = EngineLoop(
+            self.backend, max_active=max(n, 1), max_queue=n, request_timeout_s=None, policy=policy
+        )
+        results = [RequestResult(i) for i in range(n)]
+        all_first = asyncio.Event()
+        firsts = 0
+        handles: list[Any] = []
+
+        async def consume(i: int, request: Any) -> None:
+            nonlocal firsts
+            handle = engine.submit(request)
+            handles.append(handle)
+            result = results[i]
+            try:
+                async for chunk in handle:
+                    result.audio_s += chunk.duration_s
+                    if result.first_chunk_s is None:
+                        result.first_chunk_s = handle.first_chunk_seconds
+                        firsts += 1
+                        if firsts == n:
+                            all_first.set()
+                        if first_chunk_only:
+                            await all_first.wait()
+                            handle.cancel()
+                            break
+                result.ok = True
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                result.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                result.total_s = handle.total_seconds
+
+        started = time.perf_counter()
+        deadline = started + max_seconds
+        try:
+            if concurrent:
+                await asyncio.wait_for(
+                    asyncio.gather(*(consume(i, r) for i, r in enumerate(requests))), max_seconds
+                )
+            else:
+                for i, request in enumerate(requests):
+                    await asyncio.wait_for(consume(i, request), max(1.0, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            logger.warning("phase %s: over %.0f s; cancelling what is left", name, max_seconds)
+            for handle in handles:
+                handle.cancel()
+            for result in results:
+                if not result.ok and result.error is None:
+                    result.error = f"not finished within {max_seconds:g} s"
+        wall = time.perf_counter() - started
+        await engine.shutdown(5.0)
+        return PhaseResult(name, n if concurrent else 1, wall, results, policy.stats())
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP: the real app over loopback
+# --------------------------------------------------------------------------------------------
+
+
+class _HttpDriver:
+    """The real FastAPI app under uvicorn on 127.0.0.1, driven by client threads."""
+
+    def __init__(self, backend: Any, batch_settings: SimpleNamespace, concurrency: int, max_seconds: float):
+        import uvicorn
+
+        from cosyserve.engine.batching import BatchingPolicy, config_from_settings, register_prometheus
+        from cosyserve.server.app import create_app
+        from cosyserve.settings import Settings
+
+        settings = Settings(
+            model_dir=None,
+            api_key=None,
+            host="127.0.0.1",
+            max_active=max(concurrency, 1),
+            max_queue=max(concurrency, 1),
+            request_timeout_s=max_seconds + 60,
+            max_text_chars=5000,
+        )
+        self.app = create_app(settings, backend=backend, launch_report={"plan": "loadtest"})
+        engine = self.app.state.cosyserve.engine
+        # The bench's limits, whatever the app wired: the engine has not started yet.
+        self.policy = BatchingPolicy(backend, config_from_settings(backend, batch_settings))
+        engine.policy = self.policy
+        register_prometheus(self.policy, self.app.state.cosyserve.metrics.registry)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="loadtest-uvicorn", daemon=True)
+
+    def __enter__(self) -> _HttpDriver:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the loadtest server did not start")
+            time.sleep(0.02)
+        self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(5)
+
+    def run_phase(
+        self, name: str, requests: list[Any], concurrent: bool, first_chunk_only: bool, max_seconds: float
+    ) -> PhaseResult:
+        n = len(requests)
+        results = [RequestResult(i) for i in range(n)]
+        barrier = _FirstChunkBarrier(n if concurrent else 1)
+        deadline = time.perf_counter() + max_seconds
+        before = dict(self.policy.stats())
+        started = time.perf_counter()
+        if concurrent:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="loadtest-client") as pool:
+                futures = [
+                    pool.submit(self._one, r, results[i], barrier, first_chunk_only, deadline)
+                    for i, r in enumerate(requests)
+                ]
+                for future in futures:
+                    future.result()
+        else:
+            for i, r in enumerate(requests):
+                self._one(r, results[i], _FirstChunkBarrier(1), first_chunk_only, deadline)
+        wall = time.perf_counter() - started
+        stats = self.policy.stats()
+        stats["steps_in_phase"] = stats["steps"] - before.get("steps", 0)
+        return PhaseResult(name, n if concurrent else 1, wall, results, stats)
+
+    def _one(
+        self,
+        request: Any,
+        result: RequestResult,
+        barrier: _FirstChunkBarrier,
+        first_chunk_only: bool,
+        deadline: float,
+    ) -> None:
+        body = urllib.parse.urlencode(
+            {
+                "tts_text": request.text,
+                "spk_id": request.voice,
+                "format": "stream",
+                "stream": "true" if request.stream else "false",
+                "seed": str(request.seed),
+            }
+        )
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", self.port, timeout=max(1.0, deadline - time.perf_counter())
+        )
+        t0 = time.perf_counter()
+        try:
+            conn.request(
+                "POST", "/inference_sft", body, {"Content-Type": "application/x-www-form-urlencoded"}
+            )
+            response = conn.getresponse()
+            if response.status != 200:
+                result.error = f"HTTP {response.status}: {response.read(300)!r}"
+                return
+            rate = int(response.headers.get("X-Sample-Rate", "22050"))
+            received = 0
+            while True:
+                data = response.read1(65536)  # blocking; the socket timeout is the phase's limit
+                if not data:
+                    result.ok = True
+                    break
+                if received == 0:
+                    result.first_chunk_s = time.perf_counter() - t0
+                    barrier.arrive()
+                received += len(data)
+                if first_chunk_only:
+                    # Keep the stream open until every client has its first chunk; closing the
+                    # connection then cancels the request on the server.
+                    result.ok = barrier.wait(deadline - time.perf_counter())
+                    if not result.ok:
+                        result.error = "other streams' first chunks did not arrive in time"
+                    break
+            result.audio_s = received / 2 / rate
+        except Exception as exc:  # noqa: BLE001 - reported per request
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            result.total_s = time.perf_counter() - t0
+            conn.close()
+
+
+class _FirstChunkBarrier:
+    def __init__(self, n: int):
+        self.n = n
+        self.count = 0
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def arrive(self) -> None:
+        with self._lock:
+            self.count += 1
+            if self.count >= self.n:
+                self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(max(0.0, timeout))
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def _requests(n: int, stream: bool, text: str, voice: str, seed0: int) -> list[Any]:
+    from cosyserve.engine.types import SynthesisRequest
+
+    return [SynthesisRequest(text=text, voice=voice, stream=stream, seed=seed0 + i) for i in range(n)]
+
+
+def _warm_up(backend: Any, tokens: int, text: str, voice: str) -> float:
+    """Fill the position caches to their final size and run the whole pipeline once."""
+    import torch
+
+    from cosyserve.engine.batching import BatchConfig, BatchRunner
+    from cosyserve.engine.types import SynthesisRequest
+
+    t0 = time.perf_counter()
+    model = backend.model
+    with torch.inference_mode():
+        model.llm.llm.precompute_positions(len(backend.text.tokenize(text)) + tokens + 64)
+        model.flow.encoder.precompute_positions(tokens + 64)
+    # Two short requests through a runner: batched decode, a stream chunk, a whole segment.
+    runner = BatchRunner(backend, BatchConfig(token_budget=10_000))
+    for stream in (False, True):
+        request = SynthesisRequest(text=text, voice=voice, stream=stream, seed=0)
+        runner.add(backend.open(request, num_tokens=min(tokens, 130)))
+    while len(runner):
+        for event in runner.step():
+            if event.error is not None:
+                raise event.error
+    return time.perf_counter() - t0
+
+
+def run_concurrency_bench(
+    model_dir: str | Path | None,
+    concurrency: int = 8,
+    tokens: int = 250,
+    stream: bool | None = None,
+    json_out: str | Path | None = None,
+    http: bool = False,
+    *,
+    text: str = DEFAULT_TEXT,
+    voice: str = DEFAULT_VOICE,
+    max_seconds: float = 1800.0,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    stream_first_hop: int | None = None,
+    max_batch: int | None = None,
+    token_budget: int | None = None,
+    flow_batch: int | None = None,
+    warmup: bool = True,
+    backend: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the concurrency benchmark and return its report (also written to ``json_out``:
+    a path, or ``"-"`` for stdout).
+
+    ``stream``: None runs both modes; False only the non-streaming throughput phases; True only
+    the streaming first-chunk phases. ``backend``: an already loaded CosyVoice backend (tests);
+    otherwise ``model_dir`` is loaded on ``device``. The report's top level holds
+    ``throughput_ratio`` (batched ÷ one-at-a-time aggregate audio s per wall s),
+    ``first_chunk_p50_s`` / ``first_chunk_p95_s`` (concurrent streams) and
+    ``first_chunk_max_ratio`` (slowest concurrent first chunk ÷ the single-stream one).
+    """
+    import torch
+
+    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
+
+    if not 1 <= int(concurrency) <= MAX_CONCURRENCY:
+        raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency}")
+    concurrency, tokens = int(concurrency), int(tokens)
+    if tokens < 1:
+        raise ValueError(f"tokens must be at least 1, got {tokens}")
+    say = progress or (lambda message: logger.info("%s", message))
+    if backend is None:
+        if model_dir is None:
+            raise ValueError("give a model directory (or a loaded backend)")
+        options = CosyVoiceOptions(device=device, num_threads=num_threads, stream_first_hop=stream_first_hop)
+        backend = CosyVoiceBackend.from_dir(model_dir, options)
+    saved = (backend.options.num_tokens, backend.options.stream_first_hop)
+    backend.options.num_tokens = tokens
+    if stream_first_hop is not None:
+        backend.options.stream_first_hop = stream_first_hop
+    batch_settings = SimpleNamespace(
+        max_active=concurrency, max_batch=max_batch, token_budget=token_budget, flow_batch=flow_batch
+    )
+    report: dict[str, Any] = {
+        "mode": "http" if http else "in-process",
+        "concurrency": concurrency,
+        "tokens": tokens,
+        "device": str(backend.device),
+        "torch_threads": torch.get_num_threads(),
+        "stream_first_hop": backend.options.stream_first_hop,
+        "text": text,
+        "voice": voice,
+    }
+    try:
+        if warmup:
+            say("warming up")
+            report["warmup_s"] = round(_warm_up(backend, tokens, text, voice), 3)
+        if http:
+            with _HttpDriver(backend, batch_settings, concurrency, max_seconds) as driver:
+                report["url"] = f"http://127.0.0.1:{driver.port}"
+                _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say)
+        else:
+            driver = _InProcessDriver(backend, batch_settings)
+            _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say)
+    finally:
+        backend.options.num_tokens, backend.options.stream_first_hop = saved
+    if json_out is not None:
+        text_out = json.dumps(report, indent=2, ensure_ascii=False)
+        if str(json_out) == "-":
+            sys.stdout.write(text_out + "\n")
+        else:
+            Path(json_out).write_text(text_out + "\n", encoding="utf-8")
+    return report
+
+
+def _run_modes(
+    driver: _InProcessDriver | _HttpDriver,
+    report: dict[str, Any],
+    n: int,
+    stream: bool | None,
+    text: str,
+    voice: str,
+    max_seconds: float,
+    say: Callable[[str], None],
+) -> None:
+    if stream is not True:
+        say(f"non-streaming: {n} requests batched")
+        batched = driver.run_phase("batched", _requests(n, False, text, voice, 100), True, False, max_seconds)
+        say(f"non-streaming: batched {batched.throughput:.3f} audio s / wall s; now one at a time")
+        sequential = driver.run_phase(
+            "one_at_a_time", _requests(n, False, text, voice, 100), False, False, max_seconds
+        )
+        ratio = batched.throughput / sequential.throughput if sequential.throughput > 0 else None
+        report["non_stream"] = {
+            "batched": batched.summary(),
+            "one_at_a_time": sequential.summary(),
+            "throughput_ratio": None if ratio is None else round(ratio, 4),
+        }
+        report["throughput_ratio"] = report["non_stream"]["throughput_ratio"]
+        say(f"non-streaming: one at a time {sequential.throughput:.3f}; ratio {ratio}")
+    if stream is not False:
+        say(f"streaming: {n} streams at once (until every first chunk)")
+        batched = driver.run_phase("batched", _requests(n, True, text, voice, 200), True, True, max_seconds)
+        say("streaming: one stream alone")
+        single = driver.run_phase("single", _requests(1, True, text, voice, 200), True, True, max_seconds)
+        b, s = batched.summary(), single.summary()
+        single_first = s["first_chunk_p50_s"]
+        worst = b["first_chunk_max_s"]
+        ratio = worst / single_first if worst is not None and single_first else None
+        report["stream"] = {
+            "batched": b,
+            "single": s,
+            "single_first_chunk_s": single_first,
+            "first_chunk_max_ratio": None if ratio is None else round(ratio, 4),
+        }
+        report["first_chunk_p50_s"] = b["first_chunk_p50_s"]
+        report["first_chunk_p95_s"] = b["first_chunk_p95_s"]
+        report["first_chunk_max_s"] = worst
+        report["single_first_chunk_s"] = single_first
+        report["first_chunk_max_ratio"] = report["stream"]["first_chunk_max_ratio"]
+        say(
+            f"streaming: first chunk p50 {b['first_chunk_p50_s']} s, worst {worst} s, single {single_first} s"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the concurrency benchmark (``cosyserve bench`` adds them to its own:
+    the model, ``--tokens``, ``--stream`` and ``--json`` stay the bench's)."""
+    group = parser.add_argument_group("concurrency (continuous batching)")
+    group.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"run N requests at once, batched vs one at a time (1-{MAX_CONCURRENCY})",
+    )
+    group.add_argument(
+        "--http",
+        action="store_true",
+        help="with --concurrency: drive the real server over 127.0.0.1 instead of the engine in-process",
+    )
+    group.add_argument(
+        "--max-seconds",
+        type=float,
+        default=1800.0,
+        help="with --concurrency: time limit per phase; what still runs is cancelled (default 1800)",
+    )
+    group.add_argument("--max-batch", type=int, default=None, help="LLM rows per decode step (default N)")
+    group.add_argument(
+        "--token-budget", type=int, default=None, help="flow tokens per engine step (default: per device)"
+    )
+    group.add_argument(
+        "--flow-batch", type=int, default=None, help="requests per flow Euler loop (default N)"
+    )
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Standalone use (``python -m cosyserve.tools.loadtest``)."""
+    parser.add_argument("--model", required=True, help="CosyVoice model directory")
+    parser.add_argument("--tokens", type=int, default=250, help="speech tokens per request (default 250)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--stream", dest="stream", action="store_true", default=None, help="streaming phases only"
+    )
+    mode.add_argument("--no-stream", dest="stream", action="store_false", help="non-streaming phases only")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the report here ('-': stdout)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stream-first-hop", type=int, default=None)
+    add_concurrency_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run_concurrency_bench(
+        args.model,
+        concurrency=args.concurrency or 8,
+        tokens=args.tokens,
+        stream=args.stream,
+        json_out=args.json,
+        http=args.http,
+        max_seconds=args.max_seconds,
+        device=args.device,
+        stream_first_hop=args.stream_first_hop,
+        max_batch=args.max_batch,
+        token_budget=args.token_budget,
+        flow_batch=args.flow_batch,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    if args.json is None:
+        keys = ("throughput_ratio", "first_chunk_p50_s", "first_chunk_p95_s", "first_chunk_max_ratio")
+        print(json.dumps({k: report.get(k) for k in keys}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli = argparse.ArgumentParser(prog="cosyserve-loadtest", description=__doc__.splitlines()[0])
+    configure_parser(cli)
+    sys.exit(main(cli.parse_args()))
