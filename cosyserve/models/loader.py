@@ -21,7 +21,7 @@ import pickle
 import threading
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ from cosyserve.models.config import ModelConfig
 from cosyserve.models.yaml_config import load_model_config
 
 if TYPE_CHECKING:
-    import onnxruntime
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ __all__ = [
     "find_model_files",
     "load_model_directory",
     "load_networks",
-    "open_onnx_session",
     "read_checkpoint",
     "read_speakers",
 ]
@@ -369,28 +368,10 @@ def load_networks(
 # ------------------------------------------------------------------------------------ ONNX
 
 
-def open_onnx_session(
-    path: str | os.PathLike[str], providers: list[str] | None = None, threads: int = 0
-) -> onnxruntime.InferenceSession:
-    """An onnxruntime session for one of the front-end models, with one clear error if it is broken."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads > 0:
-        options.intra_op_num_threads = threads
-    try:
-        return onnxruntime.InferenceSession(
-            os.fspath(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelDirectoryError(f"{path}: not a loadable ONNX model: {first[:300]}") from exc
-
-
 @dataclass
 class LoadedModel:
-    """A model directory, loaded: config, networks (eval mode), speaker table; ONNX models lazily."""
+    """A model directory, loaded: config, networks (eval mode), speaker table. The zero-shot ONNX
+    models are opened on demand by :class:`cosyserve.frontend.prompt.PromptEncoder`."""
 
     files: ModelFiles
     config: ModelConfig
@@ -398,38 +379,15 @@ class LoadedModel:
     flow: nn.Module
     hift: nn.Module
     speakers: dict[str, torch.Tensor]
-    onnx_providers: list[str] | None = None
-    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def supports_zero_shot(self) -> bool:
         return self.files.supports_zero_shot
 
-    def _session(self, path: Path | None, name: str) -> onnxruntime.InferenceSession:
-        if path is None:
-            raise ModelDirectoryError(
-                f"{self.files.root}: no {name}: zero-shot / cross-lingual cloning needs "
-                f"{CAMPPLUS_FILE} and {SPEECH_TOKENIZER_FILE} in the model directory"
-            )
-        with self._lock:  # opened once, on first use (loading the tokenizer takes ~1 s and 0.5 GB)
-            if name not in self._sessions:
-                self._sessions[name] = open_onnx_session(path, self.onnx_providers)
-            return self._sessions[name]
-
-    def campplus_session(self) -> onnxruntime.InferenceSession:
-        """Speaker embedding: input fbank float [B, T, 80] -> [B, 192]."""
-        return self._session(self.files.campplus, CAMPPLUS_FILE)
-
-    def speech_tokenizer_session(self) -> onnxruntime.InferenceSession:
-        """Speech tokens: `feats` float [1, 128, T] whisper log-mel, `feats_length` int32 [1] -> `indices`."""
-        return self._session(self.files.speech_tokenizer, SPEECH_TOKENIZER_FILE)
-
 
 def load_model_directory(
     model_dir: str | os.PathLike[str],
     device: str | torch.device = "cpu",
-    onnx_providers: list[str] | None = None,
 ) -> LoadedModel:
     """Check, read and load a CosyVoice v1 model directory (see the module docstring).
 
@@ -452,5 +410,4 @@ def load_model_directory(
         flow=flow,
         hift=hift,
         speakers=speakers,
-        onnx_providers=onnx_providers,
     )

@@ -303,7 +303,8 @@ class GraphedDecoder:
                 self._step(g, cache)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads (ORT, a TensorRT stream) may use CUDA during the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             g.out = self._step(g, cache)
         g.graph = graph
         self.captures += 1

@@ -1,0 +1,438 @@
+"""Acceleration backends, each compared with the eager path on the tiny model.
+
+CPU: ONNX export + ONNX Runtime (estimator, HiFT conv stack), int8 LLM, the static-shape decode
+step behind the CUDA graphs, official TorchScript files, the FP16 guard, TensorRT's "not
+installed" path. CUDA (skipped without a GPU): the captured decode step, FP16 flow, torch.compile.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from cosyserve.engine import accel
+from cosyserve.engine.acceleration import jit, quant
+from cosyserve.engine.acceleration import onnx_export as ox
+from cosyserve.errors import BackendUnavailableError
+from cosyserve.models.config import EstimatorConfig
+from cosyserve.models.estimator import ConditionalDecoder
+from cosyserve.models.loader import load_model_directory
+
+logger = logging.getLogger(__name__)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TINY_ESTIMATOR = EstimatorConfig(channels=(32, 32), attention_head_dim=16, n_blocks=1, num_mid_blocks=2, num_heads=2)
+
+
+def _estimator(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ConditionalDecoder(TINY_ESTIMATOR).eval()
+
+
+# ------------------------------------------------------------------------------------ ONNX
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    est = _estimator()
+    path = ox.export_estimator(est, tmp_path_factory.mktemp("onnx") / ox.ESTIMATOR_ONNX)
+    return est, path
+
+
+@pytest.mark.parametrize("batch,frames", [(2, 4), (2, 5), (2, 37), (2, 101), (4, 37)])
+def test_onnx_estimator_matches_eager(exported: tuple[nn.Module, Path], batch: int, frames: int) -> None:
+    est, path = exported
+    runner = ox.OrtEstimator(path, threads=1)
+    assert runner.static_batch is None  # dynamic batch: 2 = one CFG pair, 2B = B requests
+    args = ox.estimator_example(batch, frames, seed=frames)
+    with torch.inference_mode():
+        ref = est(*args)
+    got = runner(*args)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+    # Masked frames come out exactly zero, as in eager.
+    masked = args[1][1, 0] == 0
+    assert torch.count_nonzero(got[1][:, masked]) == 0
+
+
+def test_static_batch_onnx_runs_cfg_pairs(tmp_path: Path) -> None:
+    """Upstream's file has a static batch of 2: a batch of 2B runs as B pairs (rows i, B + i)."""
+    est = _estimator()
+    path = ox.export_estimator(est, tmp_path / "static.onnx", dynamic_batch=False)
+    runner = ox.OrtEstimator(path, threads=1)
+    assert runner.static_batch == 2
+    args = ox.estimator_example(6, 19)
+    with torch.inference_mode():
+        ref = est(*args)
+    assert torch.allclose(runner(*args), ref, atol=1e-4)
+
+
+def test_existing_onnx_is_checked_and_refused_when_stale(tmp_path: Path) -> None:
+    est = _estimator(0)
+    runner, desc = ox.load_or_export_estimator(tmp_path, est, threads=1)
+    assert "exported" in desc and (tmp_path / ox.ESTIMATOR_ONNX).is_file()
+    runner, desc = ox.load_or_export_estimator(tmp_path, est, threads=1)
+    assert "found" in desc
+    # Other weights: the found file no longer matches, so it is not used; a fresh export is.
+    other = _estimator(1)
+    runner, desc = ox.load_or_export_estimator(tmp_path, other, threads=1)
+    assert "exported" in desc
+    assert ox.compare_estimators(runner, other) < 1e-5
+    with pytest.raises(ox.AccelerationMismatchError, match="does not match"):
+        ox.check_estimator(ox.OrtEstimator(tmp_path / ox.ESTIMATOR_ONNX, 1), other, "stale file")
+
+
+def test_ort_hift_matches_eager(tiny_model_copy: Path) -> None:
+    model = load_model_directory(tiny_model_copy)
+    hift = model.hift
+    mel = torch.randn(1, 80, 41, generator=torch.Generator().manual_seed(3))
+    ref, _ = hift.inference(mel, generator=torch.Generator().manual_seed(0))
+    patch, desc = ox.install_ort_hift(tiny_model_copy, hift, threads=1)
+    assert "exported" in desc
+    got, _ = hift.inference(mel, generator=torch.Generator().manual_seed(0))
+    patch.remove()
+    assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+
+
+# ------------------------------------------------------------------------------------ plans
+
+
+def _build(model_dir: Path, plan_name: str):
+    from cosyserve.engine.factory import PLANS, build_cosyvoice
+
+    return build_cosyvoice(str(model_dir), PLANS[plan_name], SimpleNamespace(voices_dir=None, stream_first_hop=None))
+
+
+def test_cpu_fast_plan_matches_eager(tiny_model_copy: Path) -> None:
+    eager = _build(tiny_model_copy, "eager")
+    fast = _build(tiny_model_copy, "cpu_fast")
+    with torch.inference_mode():
+        _compare_flow_and_vocoder(eager, fast)
+
+
+def _compare_flow_and_vocoder(eager, fast) -> None:  # noqa: ANN001
+    applied = fast.options.extra["accelerations"]
+    assert any(a.startswith("cpu threads") for a in applied)
+    assert any("onnxruntime estimator" in a for a in applied)
+    assert fast.model.flow.decoder.estimator_runner is not None
+    tokens = torch.randint(0, 4096, (1, 57), generator=torch.Generator().manual_seed(0))
+    emb = eager.speakers["英文女"]
+    mel_e, _ = eager.model.flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
+    mel_f, _ = fast.model.flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(mel_f, mel_e, atol=1e-4), float((mel_f - mel_e).abs().max())
+    wav_e, _ = eager.model.hift.inference(mel_e, generator=torch.Generator().manual_seed(2))
+    wav_f, _ = fast.model.hift.inference(mel_e, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(wav_f, wav_e, atol=1e-4)
+
+
+def test_int8_llm_deviation_is_small(tiny_loaded_model) -> None:
+    llm = tiny_loaded_model.llm
+    q = quant.quantized_copy(llm)
+    assert type(q.llm.encoders[0].self_attn.linear_pos) is nn.Linear  # position projection stays float
+    assert "quantized.dynamic" in type(q.llm.encoders[0].self_attn.linear_q).__module__
+    assert "quantized.dynamic" in type(q.llm_decoder).__module__
+    text = torch.randint(0, 5000, (1, 9), generator=torch.Generator().manual_seed(0))
+    emb = tiny_loaded_model.speakers["英文女"]
+    dev = quant.llm_deviation(llm, q, text, emb, steps=40)
+    logger.info("int8 deviation on the tiny model: %s", dev.as_dict())
+    assert dev.steps == 40
+    assert dev.kl_mean < 1e-2
+    assert dev.logp_mean_abs < 0.05
+    assert dev.top1_agreement >= 0.9
+
+
+def test_int8_refuses_cuda_llm() -> None:
+    class Fake(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1, device="meta"))
+
+    with pytest.raises(BackendUnavailableError, match="CPU only"):
+        quant.quantize_llm_int8(Fake())
+
+
+# ------------------------------------------------------------------------------------ decode step
+
+
+def test_static_decode_step_matches_eager(tiny_model_dir: Path) -> None:
+    """The CUDA-graph decode step (run uncaptured here) = the eager step: batch 1 with cache
+    growth, and a ragged left-padded batch."""
+    model = load_model_directory(tiny_model_dir)
+    with torch.inference_mode():
+        _compare_decode(model)
+
+
+def _compare_decode(model) -> None:  # noqa: ANN001
+    llm = model.llm
+    text = torch.randint(0, 5000, (1, 7), generator=torch.Generator().manual_seed(0))
+    emb = model.speakers["英文女"]
+    ref = list(llm.generate(text, embedding=emb, generator=3, num_tokens=300))
+    decoder = jit.install_graphed_decoder(llm, use_graphs=False)
+    assert list(llm.generate(text, embedding=emb, generator=3, num_tokens=300)) == ref
+
+    p1 = llm.build_prefix(text, embedding=emb)
+    p2 = llm.build_prefix(text[:, :3], embedding=emb)
+    pad = [0, p1.shape[1] - p2.shape[1]]
+    x = torch.cat([p1, torch.cat([torch.zeros(1, pad[1], p1.shape[2]), p2], dim=1)])
+    outs = []
+    for step in (decoder.eager_decode_step, llm.decode_step):
+        cache = llm.new_cache(2, p1.shape[1] + 4, pad=pad)
+        llm.prefill_hidden(x, cache)
+        outs.append(torch.stack([step(torch.tensor([t, t + 7]), cache) for t in range(40)]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ TorchScript
+
+
+class _UpstreamStyleEncoder(nn.Module):
+    """A scripted module with upstream's encoder signature (tracing our encoder inside)."""
+
+    def __init__(self, traced: torch.jit.ScriptModule):
+        super().__init__()
+        self.enc = traced
+
+    def forward(
+        self, xs: Tensor, xs_lens: Tensor, decoding_chunk_size: int = 0, num_decoding_left_chunks: int = -1
+    ) -> tuple[Tensor, Tensor]:
+        return self.enc(xs, xs_lens)
+
+
+class _Positional(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, xs: Tensor, xs_lens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder(xs, xs_lens)
+
+
+def _write_flow_encoder_zip(encoder: nn.Module, path: Path) -> None:
+    """A stand-in for an official file: traced at the check length (enough for these tests)."""
+    xs = torch.randn(1, jit.VERIFY_FRAMES, encoder.cfg.input_size)
+    lens = torch.tensor([jit.VERIFY_FRAMES], dtype=torch.int32)
+    with torch.no_grad(), pytest.warns(Warning):
+        traced = torch.jit.trace(_Positional(encoder), (xs, lens), check_trace=False)
+    torch.jit.script(_UpstreamStyleEncoder(traced)).save(str(path))
+
+
+def test_official_torchscript_file_used_when_it_matches(tiny_model_copy: Path) -> None:
+    model = load_model_directory(tiny_model_copy)
+    _write_flow_encoder_zip(model.flow.encoder, tiny_model_copy / "flow.encoder.fp32.zip")
+    fresh = load_model_directory(tiny_model_copy)
+    notes = jit.load_torchscript_parts(tiny_model_copy, fresh.llm, fresh.flow, fp16=False)
+    assert notes == ["torchscript flow.encoder.fp32.zip"]
+    assert isinstance(fresh.flow.encoder, jit.ScriptedEncoder)
+    xs = torch.randn(1, jit.VERIFY_FRAMES, fresh.flow.cfg.input_size)
+    with torch.inference_mode():
+        assert torch.allclose(fresh.flow.encoder(xs)[0], model.flow.encoder(xs)[0], atol=1e-5)
+
+
+def test_official_torchscript_file_refused_when_it_differs(tiny_model_copy: Path) -> None:
+    model = load_model_directory(tiny_model_copy)
+    with torch.no_grad():
+        for p in model.flow.encoder.parameters():
+            p.add_(0.5)  # "other weights"
+    _write_flow_encoder_zip(model.flow.encoder, tiny_model_copy / "flow.encoder.fp32.zip")
+    fresh = load_model_directory(tiny_model_copy)
+    notes = jit.load_torchscript_parts(tiny_model_copy, fresh.llm, fresh.flow, fp16=False)
+    assert len(notes) == 1 and notes[0].startswith("refused flow.encoder.fp32.zip")
+    assert not isinstance(fresh.flow.encoder, jit.ScriptedEncoder)
+
+
+class _UpstreamStyleLLM(nn.Module):
+    """Upstream's llm.llm.forward_chunk contract (att_cache [layers, heads, T, 2 d_k]) on our Encoder."""
+
+    def __init__(self, enc: nn.Module):
+        super().__init__()
+        self.enc = enc
+
+    def forward_chunk(self, xs, offset, required_cache_size, att_cache, cnn_cache, att_mask):  # noqa: ANN001
+        n = xs.shape[1]
+        cache = self.enc.new_cache(1, offset + n)
+        if att_cache.numel():
+            for layer in range(len(cache.k)):
+                k, v = att_cache[layer].chunk(2, dim=-1)
+                cache.k[layer][0, :, :offset] = k
+                cache.v[layer][0, :, :offset] = v
+        cache.length = offset
+        out = self.enc.forward_chunk(xs, cache)
+        new = torch.stack([torch.cat([k[0, :, : offset + n], v[0, :, : offset + n]], -1) for k, v in zip(cache.k, cache.v)])
+        return out, new, cnn_cache
+
+
+@torch.inference_mode()
+def test_scripted_llm_adapter_decodes_like_eager(tiny_loaded_model) -> None:
+    llm = tiny_loaded_model.llm
+    adapter = jit.ScriptedLLM(_UpstreamStyleLLM(llm.llm), llm.llm)
+    assert jit._check_llm(adapter, llm.llm, 1e-3) < 1e-5
+
+
+# ------------------------------------------------------------------------------------ FP16 guard
+
+
+def _nan_runner(x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor) -> Tensor:
+    return torch.full_like(x, float("nan"))  # what an overflowing FP16 estimator gives
+
+
+def _flat_runner(x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor) -> Tensor:
+    # Euler then lands exactly on 0 at t = 1: a flat (silent) mel.
+    return -x / (1 - t).view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("runner,reason", [(_nan_runner, "NaN"), (_flat_runner, "flat")])
+def test_fp16_guard_recomputes_in_fp32(tiny_model_copy: Path, runner, reason: str) -> None:
+    from cosyserve.engine.factory import warm_up
+
+    backend = _build(tiny_model_copy, "eager")
+    flow = backend.model.flow
+    tokens = torch.randint(0, 4096, (1, 50), generator=torch.Generator().manual_seed(0))
+    emb = backend.speakers["英文女"]
+    ref, _ = flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
+    guard = accel.install_fp16_guard(backend, probe=False)
+    flow.decoder.estimator_runner = runner  # the "FP16" estimator misbehaves
+    got, _ = flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
+    assert guard.tripped and reason in guard.reason
+    assert flow.decoder.estimator_runner is None  # the flow alone went back to (eager) FP32
+    assert torch.allclose(got, ref, atol=1e-5)  # the bad chunk was recomputed, not lost
+    assert "fp16_guard" in backend.options.extra
+    assert warm_up(backend) > 0
+
+
+def test_fp16_guard_probe_trips_at_warm_up(tiny_model_copy: Path) -> None:
+    backend = _build(tiny_model_copy, "eager")
+    backend.model.flow.decoder.estimator_runner = _nan_runner
+    guard = accel.install_fp16_guard(backend, probe=True)
+    assert guard.tripped and "NaN" in guard.reason
+
+
+def test_guard_chunk_hook() -> None:
+    audio = np.array([0.1, float("nan"), 0.2], np.float32)
+    assert accel.guard_chunk(SimpleNamespace(), audio) is audio  # no guard installed: a no-op
+    tripped = []
+    fake = SimpleNamespace(fp16_guard=SimpleNamespace(trip=tripped.append))
+    out = accel.guard_chunk(fake, audio)
+    assert np.all(np.isfinite(out)) and out[1] == 0 and tripped == ["NaN/inf audio"]
+    silent = np.zeros(22050, np.float32)
+    accel.guard_chunk(fake, silent)
+    assert tripped[-1] == "silent audio"
+    short_pause = np.zeros(1000, np.float32)  # a short silent chunk is legitimate
+    accel.guard_chunk(fake, short_pause)
+    assert len(tripped) == 2
+
+
+# ------------------------------------------------------------------------------------ TensorRT
+
+
+def test_tensorrt_missing_is_reported_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cosyserve.engine.acceleration import trt
+    from cosyserve.engine.factory import PLANS
+
+    if trt.tensorrt_version() is not None:
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT is not installed.*cosyserve\[gpu\]"):
+        trt.require_tensorrt()
+    monkeypatch.setattr(accel, "_cuda_available", lambda: True)
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
+        accel.preflight(PLANS["trt_jit_fp16"])
+    accel.preflight(PLANS["jit_fp16"])  # the next plan in the chain passes its preflight
+
+
+def test_tensorrt_names_and_profile() -> None:
+    from cosyserve.engine.acceleration import trt
+
+    assert trt.engine_name(True, "NVIDIA H100 80GB HBM3") == "flow.decoder.estimator.fp16.nvidia-h100-80gb-hbm3.plan"
+    assert trt.engine_name(False, "Tesla T4") == "flow.decoder.estimator.fp32.tesla-t4.plan"
+    assert trt.profile_shapes("x", (-1, 80, -1)) == ((2, 80, 4), (2, 80, 500), (2, 80, 3000))
+    assert trt.profile_shapes("mask", (2, 1, -1)) == ((2, 1, 4), (2, 1, 500), (2, 1, 3000))
+    assert trt.profile_shapes("t", (-1,), max_batch=8) == ((2,), (2,), (8,))
+    assert trt.profile_shapes("spks", (2, 80)) == ((2, 80), (2, 80), (2, 80))
+
+
+def test_preflight_is_cheap_and_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cosyserve.engine.factory import PLANS, AccelPlan
+
+    monkeypatch.setattr(accel, "_cuda_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="CUDA is not available"):
+        accel.preflight(PLANS["jit"])
+    with pytest.raises(BackendUnavailableError, match="fp16 needs a CUDA device"):
+        accel.preflight(AccelPlan("x", "cpu", fp16=True))
+    with pytest.raises(BackendUnavailableError, match="CPU only"):
+        monkeypatch.setattr(accel, "_cuda_available", lambda: True)
+        accel.preflight(AccelPlan("x", "cuda", int8_llm=True))
+    accel.preflight(PLANS["cpu_fast"])
+    accel.preflight(PLANS["cpu_int8"])
+
+
+def test_cpu_threads() -> None:
+    assert accel.physical_cores() >= 1
+    text = accel.configure_cpu_threads()
+    assert "intra-op" in text and torch.get_num_threads() == accel.physical_cores()
+
+
+# ------------------------------------------------------------------------------------ CUDA
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_decode_matches_eager(tiny_model_dir: Path, dtype: torch.dtype) -> None:
+    model = load_model_directory(tiny_model_dir, device="cuda")
+    llm = model.llm.to(dtype)
+    with torch.inference_mode():
+        _compare_cuda_decode(model, llm, dtype)
+
+
+def _compare_cuda_decode(model, llm, dtype) -> None:  # noqa: ANN001
+    text = torch.randint(0, 5000, (1, 7), generator=torch.Generator().manual_seed(0)).cuda()
+    emb = model.speakers["英文女"].cuda()
+    prefix = llm.build_prefix(text, embedding=emb)
+    decoder = jit.install_graphed_decoder(llm)
+    tokens = torch.randint(0, 4096, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = []
+    for step in (decoder.eager_decode_step, llm.decode_step):
+        _, cache = llm.prefill(prefix, capacity=prefix.shape[1] + 64)  # grows twice on the way
+        rows.append(torch.stack([step(torch.tensor([t], device="cuda"), cache).float() for t in tokens]))
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(rows[0], rows[1], atol=tol), float((rows[0] - rows[1]).abs().max())
+    assert 1 <= decoder.captures <= 3  # one capture per cache identity, not per step
+
+
+@needs_cuda
+def test_cuda_fp16_flow_with_guard(tiny_model_copy: Path) -> None:
+    from cosyserve.engine.factory import AccelPlan
+
+    backend = _build(tiny_model_copy, "eager")  # CPU backend object, moved to CUDA FP16 below
+    backend.model.flow.to("cuda").half()
+    guard = accel.install_fp16_guard(backend, probe=True)
+    logger.info("fp16 guard on CUDA: tripped=%s %s", guard.tripped, guard.reason)
+    tokens = torch.randint(0, 4096, (1, 50), generator=torch.Generator().manual_seed(0)).cuda()
+    emb = backend.speakers["英文女"].cuda()
+    with torch.inference_mode():
+        mel, _ = backend.model.flow.inference(tokens, embedding=emb, generator=torch.Generator(device="cuda"))
+    assert accel.mel_problem(mel) is None
+    assert AccelPlan("x", "cuda", fp16=True).fp16
+
+
+@needs_cuda
+def test_cuda_compiled_estimator_matches_eager(tiny_loaded_model) -> None:
+    import copy
+
+    flow = copy.deepcopy(tiny_loaded_model.flow).cuda()
+    est = flow.decoder.estimator
+    jit.compile_estimator(flow)
+    with torch.inference_mode():
+        _compare_compiled(flow, est)
+
+
+def _compare_compiled(flow, est) -> None:  # noqa: ANN001
+    for frames in (37, 53):
+        args = tuple(a.cuda() for a in ox.estimator_example(2, frames))
+        ref = est(*args)
+        got = flow.decoder.estimator_runner(*args)
+        assert torch.allclose(got, ref, atol=1e-3), float((got - ref).abs().max())

@@ -1,0 +1,168 @@
+"""The operator's tools on the tiny generated model: diagnose, precompile, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cosyserve.cli import main as cli
+from cosyserve.tools import bench, diagnose
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli(["--log-level", "WARNING", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _trt_installed() -> bool:
+    from cosyserve.engine.acceleration.trt import tensorrt_version
+
+    return tensorrt_version() is not None
+
+
+# ------------------------------------------------------------------------------------ diagnose
+
+
+def test_diagnose_healthy_model(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "diagnose", "--json", "--model_dir", str(tiny_model_dir))
+    report = json.loads(out)
+    assert code == 0 and report["ok"] is True
+    names = {c["name"]: c for c in report["checks"]}
+    for name in ("python", "torch", "onnxruntime", "processor", "llm.pt", "flow.pt", "hift.pt", "spk2info.pt"):
+        assert name in names, name
+    assert names["flow.pt"]["status"] == "ok" and "shapes match" in names["flow.pt"]["detail"]
+    assert report["plan"]["picks"] in ("cpu_fast", "trt_jit_fp16", "jit_fp16", "jit", "cuda_eager")
+
+
+def test_diagnose_reports_missing_tensorrt(capsys: pytest.CaptureFixture[str]) -> None:
+    if _trt_installed():
+        pytest.skip("TensorRT is installed here")
+    code, out, _ = _run(capsys, "diagnose", "--json")
+    trt = next(c for c in json.loads(out)["checks"] if c["name"] == "tensorrt")
+    assert trt["status"] in ("info", "warn") and trt["detail"] == "not installed"
+    assert trt["advice"]  # says what to do (or that only a CUDA machine needs it)
+    assert code == 0  # TensorRT is optional: its absence is not "broken"
+
+
+def test_diagnose_missing_file(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tiny_model_copy / "hift.pt").unlink()
+    code, out, _ = _run(capsys, "diagnose", "--model_dir", str(tiny_model_copy))
+    assert code == 1
+    assert "FAIL" in out and "missing hift.pt" in out and "->" in out  # the problem and advice
+    assert "PROBLEMS FOUND" in out
+
+
+def test_diagnose_truncated_checkpoint(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tiny_model_copy / "flow.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, out, _ = _run(capsys, "diagnose", "--json", "--model_dir", str(tiny_model_copy))
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False
+    flow = next(c for c in report["checks"] if c["name"] == "flow.pt")
+    assert flow["status"] == "error" and "truncated or corrupt" in flow["detail"]
+    assert "download it again" in flow["advice"]
+    llm = next(c for c in report["checks"] if c["name"] == "llm.pt")
+    assert llm["status"] == "ok"  # the other files are still checked
+
+
+def test_diagnose_wrong_shapes(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    state = torch.load(tiny_model_copy / "llm.pt", weights_only=True)
+    state["llm_decoder.weight"] = torch.zeros(3, 3)
+    torch.save(state, tiny_model_copy / "llm.pt")
+    code, out, _ = _run(capsys, "diagnose", "--json", "--model_dir", str(tiny_model_copy))
+    llm = next(c for c in json.loads(out)["checks"] if c["name"] == "llm.pt")
+    assert code == 1 and "llm_decoder.weight" in llm["detail"] and "wrong shape" in llm["detail"]
+
+
+def test_diagnose_format_has_advice() -> None:
+    report = diagnose.Report()
+    report.add("x", "thing", diagnose.ERROR, "broken", "fix it like so")
+    text = diagnose.format_report(report)
+    assert "FAIL  thing: broken" in text and "-> fix it like so" in text and not report.ok
+
+
+# ------------------------------------------------------------------------------------ precompile
+
+
+def test_precompile_exports_onnx_and_explains_tensorrt(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if _trt_installed():
+        pytest.skip("TensorRT is installed here")
+    code, _, err = _run(capsys, "precompile", "--model_dir", str(tiny_model_copy), "--fp16", "--trt_concurrent", "2")
+    assert code == 0, err
+    assert (tiny_model_copy / "flow.decoder.estimator.fp32.onnx").is_file()
+    assert (tiny_model_copy / "hift.decoder.fp32.onnx").is_file()
+    assert "exporting the flow estimator" in err
+    assert "needs TensorRT on a CUDA machine" in err
+    # A second run reuses the checked file.
+    code, _, err = _run(capsys, "precompile", "--model_dir", str(tiny_model_copy))
+    assert code == 0 and "present and matching" in err
+
+
+def test_precompile_broken_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "precompile", "--model_dir", str(tmp_path / "nothing"))
+    assert code == 1 and "not found" in err
+
+
+# ------------------------------------------------------------------------------------ bench
+
+
+def test_bench_in_process_json(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(
+        capsys, "bench", "--model_dir", str(tiny_model_copy), "--config", "cpu_fast", "--tokens", "45",
+        "--runs", "1", "--warmup_s", "0", "--stream", "--stream_first_hop", "25", "--json", "--in_process",
+    )
+    assert code == 0, err
+    results = json.loads(out)
+    assert [r["config"] for r in results] == ["eager", "cpu_fast"]
+    for r in results:
+        for key in ("config", "audio_s", "llm_tokens_per_s", "flow_s", "vocoder_s", "rtf", "first_chunk_s",
+                    "peak_rss_mb"):
+            assert r[key] is not None, (r["config"], key)
+        assert r["tokens"] == 45
+        assert r["flow_s"] > 0 and r["vocoder_s"] > 0 and r["rtf_band"] in ("very fast", "fast", "acceptable", "slow")
+    assert set(results[1]["vs_eager"]) >= {"rtf", "flow_s", "vocoder_s", "llm_tokens_per_s"}
+    assert any("onnxruntime" in a for a in results[1]["accelerations"])
+
+
+def test_bench_subprocess_table(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(
+        capsys, "bench", "--model_dir", str(tiny_model_copy), "--config", "eager", "--tokens", "30",
+        "--runs", "1", "--warmup_s", "0",
+    )
+    assert code == 0, err
+    assert "LLM tok/s" in out and "eager" in out and "peak RSS MB" in out
+
+
+def test_bench_needs_a_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "bench")
+    assert code == 2 and "--synthetic" in err
+    code, _, err = _run(capsys, "bench", "--model_dir", ".", "--config", "nope")
+    assert code in (1, 2)
+
+
+def test_bench_helpers() -> None:
+    assert [bench.rtf_band(x) for x in (0.1, 0.5, 0.9, 3.0, None)] == ["very fast", "fast", "acceptable", "slow", "-"]
+    results = [
+        {"config": "eager", "rtf": 4.0, "flow_s": 8.0, "vocoder_s": 2.0, "llm_tokens_per_s": 20.0,
+         "first_chunk_s": 10.0, "peak_rss_mb": 2000.0, "audio_s": 5.0, "rtf_band": "slow"},
+        {"config": "cpu_fast", "rtf": 2.0, "flow_s": 4.0, "vocoder_s": 1.0, "llm_tokens_per_s": 30.0,
+         "first_chunk_s": 2.5, "peak_rss_mb": 1600.0, "audio_s": 5.0, "rtf_band": "slow"},
+        {"config": "cpu_int8", "error": "worker exited 1: boom"},
+    ]
+    bench.add_ratios(results)
+    assert results[1]["vs_eager"] == {"llm_tokens_per_s": 1.5, "flow_s": 2.0, "vocoder_s": 2.0, "rtf": 2.0,
+                                      "first_chunk_s": 4.0, "peak_rss_mb": 1.25}
+    table = bench.format_table(results)
+    assert "2.00 (2.00x)" in table and "error: worker exited 1" in table
+
+
+def test_full_size_yaml_ships_with_the_package() -> None:
+    from cosyserve.models.yaml_config import load_model_config
+
+    config = load_model_config(bench.full_size_yaml())
+    assert config.llm.llm.num_blocks == 14 and config.flow.estimator.num_mid_blocks == 12
