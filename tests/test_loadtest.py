@@ -84,3 +84,23 @@ def test_arguments() -> None:
     configure_parser(standalone)
     args = standalone.parse_args(["--model", "m", "--no-stream", "--json", "-"])
     assert args.stream is False and args.json == "-" and args.tokens == 250
+
+
+def test_bench_main_with_the_bench_flags(tiny_model_dir, capsys) -> None:
+    """What `cosyserve bench --concurrency N` calls, with the bench's own flags beside ours."""
+    from cosyserve.tools.loadtest import bench_main
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_dir")
+    parser.add_argument("--tokens", type=int, default=250)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--stream_first_hop", type=int, default=30)
+    add_concurrency_arguments(parser)
+    args = parser.parse_args(
+        ["--model_dir", str(tiny_model_dir), "--tokens", "60", "--json", "--concurrency", "2"]
+        + ["--concurrency-plan", "none"]
+    )
+    assert bench_main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["concurrency"] == 2 and report["stream_first_hop"] == 30
+    assert report["throughput_ratio"] > 0 and report["first_chunk_max_ratio"] > 0

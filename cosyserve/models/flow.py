@@ -136,13 +136,15 @@ class ConditionalCFM(nn.Module):
         device: torch.device | None = None,
     ) -> Tensor:
         """The initial ODE state: `noise` as given (already scaled; copied, never modified), else
-        `randn(generator) * temperature` (the generator must live on `device`)."""
+        `randn(generator) * temperature`, drawn on the generator's device and moved to `device`
+        (a request's CPU generator then gives the same noise on CPU and GPU)."""
         if noise is not None:
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
             return noise.to(device=device, dtype=torch.float32).clone()
-        z = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-        return z * self.cfg.temperature
+        draw_on = generator.device if generator is not None else device
+        z = torch.randn(tuple(shape), generator=generator, device=draw_on, dtype=torch.float32)
+        return z.to(device) * self.cfg.temperature
 
     @staticmethod
     def apply_cache(
@@ -281,18 +283,21 @@ class MaskedDiffWithXvec(nn.Module):
         if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be [1, N] with N > 0, got {tuple(tokens.shape)}")
         device = tokens.device
+        dtype = self.spk_embed_affine_layer.weight.dtype  # float32, or float16 when halved
         if prompt_tokens is None:
             prompt_tokens = torch.zeros((1, 0), dtype=torch.long, device=device)
         if prompt_feat is None:
-            prompt_feat = torch.zeros((1, 0, self.output_size), device=device)
+            prompt_feat = torch.zeros((1, 0, self.output_size), device=device, dtype=dtype)
         prompt_frames = prompt_feat.shape[1]
 
-        spks = self.speaker_projection(embedding.to(device=device, dtype=torch.float32))
+        spks = self.speaker_projection(embedding.to(device=device, dtype=dtype))
         mu = self.compute_mu(tokens, prompt_tokens, prompt_frames)
         cond = torch.zeros_like(mu)
         cond[:, :, :prompt_frames] = prompt_feat.transpose(1, 2)
-        # Noise is drawn before the cache overwrites its head (the recorded contract).
-        z = self.decoder.draw_noise(mu.shape, noise, generator, device)
+        # Noise is drawn (in float32) before the cache overwrites its head (the recorded contract).
+        z = self.decoder.draw_noise(mu.shape, noise, generator, device).to(dtype)
+        if flow_cache is not None:
+            flow_cache = flow_cache.to(dtype)
         cache = self.decoder.apply_cache(z, mu, flow_cache, prompt_frames)
         return FlowInputs(mu=mu, spks=spks, cond=cond, z=z, prompt_frames=prompt_frames, cache=cache)
 

@@ -377,6 +377,32 @@ def _warm_up(backend: Any, tokens: int, text: str, voice: str) -> float:
     return time.perf_counter() - t0
 
 
+def _load_backend(
+    model_dir: str | Path,
+    plan: str | None,
+    device: str,
+    num_threads: int | None,
+    stream_first_hop: int | None,
+) -> tuple[Any, str | None]:
+    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
+
+    if plan is None:
+        options = CosyVoiceOptions(device=device, num_threads=num_threads, stream_first_hop=stream_first_hop)
+        return CosyVoiceBackend.from_dir(model_dir, options), None
+    from cosyserve.engine.factory import create_backend
+
+    settings = SimpleNamespace(
+        model_dir=str(model_dir),
+        force_config=None if plan == "auto" else plan,
+        auto=True,
+        device=device,
+        voices_dir=None,
+        stream_first_hop=stream_first_hop,
+    )
+    backend, launch = create_backend(settings)
+    return backend, launch.get("plan")
+
+
 def run_concurrency_bench(
     model_dir: str | Path | None,
     concurrency: int = 8,
@@ -389,6 +415,7 @@ def run_concurrency_bench(
     voice: str = DEFAULT_VOICE,
     max_seconds: float = 1800.0,
     device: str = "cpu",
+    plan: str | None = "auto",
     num_threads: int | None = None,
     stream_first_hop: int | None = None,
     max_batch: int | None = None,
@@ -403,14 +430,14 @@ def run_concurrency_bench(
 
     ``stream``: None runs both modes; False only the non-streaming throughput phases; True only
     the streaming first-chunk phases. ``backend``: an already loaded CosyVoice backend (tests);
-    otherwise ``model_dir`` is loaded on ``device``. The report's top level holds
+    otherwise ``model_dir`` is loaded with acceleration ``plan``: ``"auto"`` (what the server
+    would pick on this machine), a plan name (``cpu_fast``, ``eager``, ...) or None (plain eager
+    on ``device``). The report's top level holds
     ``throughput_ratio`` (batched ÷ one-at-a-time aggregate audio s per wall s),
     ``first_chunk_p50_s`` / ``first_chunk_p95_s`` (concurrent streams) and
     ``first_chunk_max_ratio`` (slowest concurrent first chunk ÷ the single-stream one).
     """
     import torch
-
-    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
 
     if not 1 <= int(concurrency) <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency}")
@@ -421,8 +448,9 @@ def run_concurrency_bench(
     if backend is None:
         if model_dir is None:
             raise ValueError("give a model directory (or a loaded backend)")
-        options = CosyVoiceOptions(device=device, num_threads=num_threads, stream_first_hop=stream_first_hop)
-        backend = CosyVoiceBackend.from_dir(model_dir, options)
+        backend, plan = _load_backend(model_dir, plan, device, num_threads, stream_first_hop)
+    else:
+        plan = backend.options.extra.get("plan")
     saved = (backend.options.num_tokens, backend.options.stream_first_hop)
     backend.options.num_tokens = tokens
     if stream_first_hop is not None:
@@ -435,6 +463,7 @@ def run_concurrency_bench(
         "concurrency": concurrency,
         "tokens": tokens,
         "device": str(backend.device),
+        "plan": plan,
         "torch_threads": torch.get_num_threads(),
         "stream_first_hop": backend.options.stream_first_hop,
         "text": text,
@@ -539,6 +568,12 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
         default=1800.0,
         help="with --concurrency: time limit per phase; what still runs is cancelled (default 1800)",
     )
+    group.add_argument(
+        "--concurrency-plan",
+        default="auto",
+        metavar="PLAN",
+        help="with --concurrency: acceleration plan (default auto: what the server picks; 'none': plain eager)",
+    )
     group.add_argument("--max-batch", type=int, default=None, help="LLM rows per decode step (default N)")
     group.add_argument(
         "--token-budget", type=int, default=None, help="flow tokens per engine step (default: per device)"
@@ -546,6 +581,63 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--flow-batch", type=int, default=None, help="requests per flow Euler loop (default N)"
     )
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """``cosyserve bench --concurrency N``: the bench's own flags (``--model_dir`` already
+    resolved, ``--tokens``, ``--json``, ``--stream_first_hop``) plus
+    :func:`add_concurrency_arguments`'. Both modes always run: the streaming first-chunk
+    phases are half of what this benchmark is for."""
+    report = run_concurrency_bench(
+        args.model_dir,
+        concurrency=args.concurrency,
+        tokens=getattr(args, "tokens", 250),
+        stream=None,
+        json_out="-" if getattr(args, "json", False) else None,
+        http=args.http,
+        max_seconds=args.max_seconds,
+        plan=None if args.concurrency_plan == "none" else args.concurrency_plan,
+        stream_first_hop=getattr(args, "stream_first_hop", None),
+        max_batch=args.max_batch,
+        token_budget=args.token_budget,
+        flow_batch=args.flow_batch,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    if not getattr(args, "json", False):
+        print(format_summary(report))
+    return 0 if _all_ok(report) else 1
+
+
+def _all_ok(report: dict[str, Any]) -> bool:
+    phases = [
+        p
+        for section in ("non_stream", "stream")
+        for p in report.get(section, {}).values()
+        if isinstance(p, dict)
+    ]
+    return all(p["ok"] == p["requests"] for p in phases)
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A few lines for people (the JSON has everything)."""
+    lines = [
+        f"concurrency {report['concurrency']}, {report['tokens']} tokens, {report['mode']}, plan {report.get('plan')}"
+    ]
+    ns = report.get("non_stream")
+    if ns:
+        lines.append(
+            f"non-streaming: batched {ns['batched']['audio_s_per_wall_s']:.3f} vs one at a time "
+            f"{ns['one_at_a_time']['audio_s_per_wall_s']:.3f} audio s / wall s: x{ns['throughput_ratio']}"
+        )
+    st = report.get("stream")
+    if st:
+        b = st["batched"]
+        lines.append(
+            f"streaming: first chunk p50 {b['first_chunk_p50_s']} s, p95 {b['first_chunk_p95_s']} s, "
+            f"worst {b['first_chunk_max_s']} s; alone {st['single_first_chunk_s']} s "
+            f"(worst / alone x{st['first_chunk_max_ratio']})"
+        )
+    return "\n".join(lines)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -573,6 +665,7 @@ def main(args: argparse.Namespace) -> int:
         http=args.http,
         max_seconds=args.max_seconds,
         device=args.device,
+        plan=None if args.concurrency_plan == "none" else args.concurrency_plan,
         stream_first_hop=args.stream_first_hop,
         max_batch=args.max_batch,
         token_budget=args.token_budget,
@@ -580,9 +673,8 @@ def main(args: argparse.Namespace) -> int:
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     if args.json is None:
-        keys = ("throughput_ratio", "first_chunk_p50_s", "first_chunk_p95_s", "first_chunk_max_ratio")
-        print(json.dumps({k: report.get(k) for k in keys}, indent=2))
-    return 0
+        print(format_summary(report))
+    return 0 if _all_ok(report) else 1
 
 
 if __name__ == "__main__":
