@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     # --- limits and back-pressure ---
     max_queue: int = Field(64, ge=0, description="requests that may wait for a busy slot before 429")
     max_active: int = Field(8, ge=1, description="requests the engine steps concurrently")
+    batching: bool = Field(True, description="continuous batching across concurrent CosyVoice requests")
+    max_batch: int | None = Field(
+        None, ge=1, description="rows in one batched LLM decode step (default max_active)"
+    )
+    token_budget: int | None = Field(None, ge=1, description="speech tokens of flow work per engine step")
+    flow_batch: int | None = Field(
+        None, ge=1, description="requests sharing one flow call (default: 1 on CPU)"
+    )
     max_text_chars: int = Field(5000, ge=1, le=50_000, description="longest accepted text")
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted prompt upload (MiB)")
     request_timeout_s: float = Field(

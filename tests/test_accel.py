@@ -27,7 +27,9 @@ from cosyserve.models.loader import load_model_directory
 logger = logging.getLogger(__name__)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-TINY_ESTIMATOR = EstimatorConfig(channels=(32, 32), attention_head_dim=16, n_blocks=1, num_mid_blocks=2, num_heads=2)
+TINY_ESTIMATOR = EstimatorConfig(
+    channels=(32, 32), attention_head_dim=16, n_blocks=1, num_mid_blocks=2, num_heads=2
+)
 
 
 def _estimator(seed: int = 0) -> nn.Module:
@@ -106,7 +108,9 @@ def test_ort_hift_matches_eager(tiny_model_copy: Path) -> None:
 def _build(model_dir: Path, plan_name: str):
     from cosyserve.engine.factory import PLANS, build_cosyvoice
 
-    return build_cosyvoice(str(model_dir), PLANS[plan_name], SimpleNamespace(voices_dir=None, stream_first_hop=None))
+    return build_cosyvoice(
+        str(model_dir), PLANS[plan_name], SimpleNamespace(voices_dir=None, stream_first_hop=None)
+    )
 
 
 def test_cpu_fast_plan_matches_eager(tiny_model_copy: Path) -> None:
@@ -145,6 +149,18 @@ def test_int8_llm_deviation_is_small(tiny_loaded_model) -> None:
     assert dev.kl_mean < 1e-2
     assert dev.logp_mean_abs < 0.05
     assert dev.top1_agreement >= 0.9
+
+
+def test_int8_estimator_deviation_is_bounded(exported: tuple[nn.Module, Path], tmp_path: Path) -> None:
+    est, path = exported
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    runner, desc, err = ox.load_or_quantize_int8(model_dir, est, 1, path)
+    assert "quantised" in desc and (model_dir / ox.ESTIMATOR_INT8_ONNX).is_file()
+    logger.info("int8 estimator relative error on the tiny model: %.2e", err)
+    assert 0 < err < ox.INT8_RTOL  # int8 changes the output, within the accepted bound
+    _, desc, _ = ox.load_or_quantize_int8(model_dir, est, 1, path)
+    assert "found" in desc
 
 
 def test_int8_refuses_cuda_llm() -> None:
@@ -263,7 +279,9 @@ class _UpstreamStyleLLM(nn.Module):
                 cache.v[layer][0, :, :offset] = v
         cache.length = offset
         out = self.enc.forward_chunk(xs, cache)
-        new = torch.stack([torch.cat([k[0, :, : offset + n], v[0, :, : offset + n]], -1) for k, v in zip(cache.k, cache.v)])
+        new = torch.stack(
+            [torch.cat([k[0, :, : offset + n], v[0, :, : offset + n]], -1) for k, v in zip(cache.k, cache.v)]
+        )
         return out, new, cnn_cache
 
 
@@ -347,7 +365,10 @@ def test_tensorrt_missing_is_reported_with_advice(monkeypatch: pytest.MonkeyPatc
 def test_tensorrt_names_and_profile() -> None:
     from cosyserve.engine.acceleration import trt
 
-    assert trt.engine_name(True, "NVIDIA H100 80GB HBM3") == "flow.decoder.estimator.fp16.nvidia-h100-80gb-hbm3.plan"
+    assert (
+        trt.engine_name(True, "NVIDIA H100 80GB HBM3")
+        == "flow.decoder.estimator.fp16.nvidia-h100-80gb-hbm3.plan"
+    )
     assert trt.engine_name(False, "Tesla T4") == "flow.decoder.estimator.fp32.tesla-t4.plan"
     assert trt.profile_shapes("x", (-1, 80, -1)) == ((2, 80, 4), (2, 80, 500), (2, 80, 3000))
     assert trt.profile_shapes("mask", (2, 1, -1)) == ((2, 1, 4), (2, 1, 500), (2, 1, 3000))

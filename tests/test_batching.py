@@ -24,7 +24,7 @@ from cosyserve.engine.batching import (
 from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions, CosyVoiceTask
 from cosyserve.engine.scheduler import EngineLoop, RequestState, RoundRobinPolicy
 from cosyserve.engine.token2wav import StreamingToken2Wav, token2wav
-from cosyserve.engine.types import SynthesisRequest
+from cosyserve.engine.types import PromptAudio, SynthesisRequest
 
 AUDIO_ATOL = 2e-4
 
@@ -153,8 +153,17 @@ def test_solo_task_matches_generate_and_token2wav(backend) -> None:
 # Batched == unbatched
 # ----------------------------------------------------------------------------------------------
 
+
+def _prompt() -> PromptAudio:
+    sr = 16000
+    t = np.arange(int(2.5 * sr)) / sr
+    wav = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return PromptAudio(wav.astype(np.float32), sr, "A prompt transcript.")
+
+
 MIXED = [
     (sft("Hello there.", seed=1), 60),
+    (SynthesisRequest(text="你好，世界。", mode="zero_shot", prompt=_prompt(), seed=6, stream=True), 140),
     (
         sft(
             "A much longer sentence, with more words in it for a longer prefix.",
@@ -181,7 +190,7 @@ def test_batched_equals_unbatched_with_joins_and_leaves(backend) -> None:
     )
     # Join at different steps (different prefix lengths and ages in one KV cache); leave at
     # different steps (different token counts, segment ends); more tasks than max_batch.
-    out = drive(runner, {0: tasks[:2], 9: [tasks[2]], 23: tasks[3:]})
+    out = drive(runner, {0: tasks[:2], 9: [tasks[2]], 23: tasks[3:5], 30: tasks[5:]})
     assert max(batch_sizes) == 3  # the batch really was shared, and capped
     for task, (ref_task, ref_chunks) in zip(tasks, refs):
         assert_same(task, out[id(task)], ref_task, ref_chunks)
@@ -281,6 +290,7 @@ def test_make_policy_picks_batching_for_cosyvoice_only(backend) -> None:
     policy = make_policy(backend, SimpleNamespace(max_active=4, max_batch=None, token_budget=128))
     assert isinstance(policy, BatchingPolicy)
     assert policy.config.max_batch == 4 and policy.config.token_budget == 128
+    assert policy.config.flow_batch == 1  # CPU: no flow batching by default (measured: no gain)
     assert isinstance(make_policy(backend, SimpleNamespace(batching=False)), RoundRobinPolicy)
     assert isinstance(make_policy(FakeBackend(), None), RoundRobinPolicy)
 

@@ -26,8 +26,13 @@ NO_AUTO_FLAGS = dict(auto=False, force_config=None, fp16=True, load_jit=True, lo
 
 
 def settings(model_dir: Path | str | None = None, **kw: Any) -> SimpleNamespace:
-    base = dict(model_dir=str(model_dir) if model_dir else None, auto=True, force_config=None, voices_dir=None,
-                stream_first_hop=None)
+    base = dict(
+        model_dir=str(model_dir) if model_dir else None,
+        auto=True,
+        force_config=None,
+        voices_dir=None,
+        stream_first_hop=None,
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -102,7 +107,9 @@ def simulate_gpu(monkeypatch: pytest.MonkeyPatch, behaviours: dict[str, Behaviou
     from cosyserve.engine.cosyvoice import CosyVoiceBackend
 
     built: list[str] = []
-    monkeypatch.setattr(factory, "detect_hardware", lambda: Hardware(cuda=True, gpu_name="Sim GPU", vram_gb=16))
+    monkeypatch.setattr(
+        factory, "detect_hardware", lambda: Hardware(cuda=True, gpu_name="Sim GPU", vram_gb=16)
+    )
     monkeypatch.setattr(accel, "_cuda_available", lambda: True)
     real_from_dir = CosyVoiceBackend.from_dir.__func__
 
@@ -136,7 +143,9 @@ def test_fallback_chain_takes_each_step(tiny_model_copy: Path, monkeypatch: pyte
     steps = [(f["plan"], f["reason"]) for f in report["fallbacks"]]
     assert [p for p, _ in steps] == ["trt_jit_fp16", "jit_fp16", "jit", "cuda_eager"]
     reasons = dict(steps)
-    assert "TensorRT is not installed" in reasons["trt_jit_fp16"] and "cosyserve[gpu]" in reasons["trt_jit_fp16"]
+    assert (
+        "TensorRT is not installed" in reasons["trt_jit_fp16"] and "cosyserve[gpu]" in reasons["trt_jit_fp16"]
+    )
     assert "OutOfMemoryError" in reasons["jit_fp16"]
     assert "NaN" in reasons["jit"]
     assert "silence" in reasons["cuda_eager"]
@@ -168,7 +177,9 @@ def test_fp16_guard_keeps_the_plan(tiny_model_copy: Path, monkeypatch: pytest.Mo
     assert backend.fp16_guard.tripped
 
 
-def test_broken_model_dir_fails_every_plan_at_once(tiny_model_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broken_model_dir_fails_every_plan_at_once(
+    tiny_model_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     built = simulate_gpu(monkeypatch, {})
     (tiny_model_copy / "flow.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ModelDirectoryError, match="flow.pt"):
@@ -176,7 +187,9 @@ def test_broken_model_dir_fails_every_plan_at_once(tiny_model_copy: Path, monkey
     assert built == []  # no plan got as far as its accelerations
 
 
-def test_every_plan_failing_is_one_clear_error(tiny_model_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_plan_failing_is_one_clear_error(
+    tiny_model_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(factory, "detect_hardware", lambda: Hardware(cpu_count=2))
 
     def broken(backend: Any, plan: AccelPlan) -> list[str]:
@@ -189,8 +202,11 @@ def test_every_plan_failing_is_one_clear_error(tiny_model_copy: Path, monkeypatc
 
 def test_check_audio() -> None:
     factory.check_audio(np.full(1000, 0.1, np.float32))
-    for bad, why in ((np.zeros(0, np.float32), "no audio"), (np.zeros(100, np.float32), "silence"),
-                     (np.array([0.1, np.nan], np.float32), "NaN")):
+    for bad, why in (
+        (np.zeros(0, np.float32), "no audio"),
+        (np.zeros(100, np.float32), "silence"),
+        (np.array([0.1, np.nan], np.float32), "NaN"),
+    ):
         with pytest.raises(CosyserveError, match=why):
             factory.check_audio(bad)
 

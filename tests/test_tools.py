@@ -31,7 +31,16 @@ def test_diagnose_healthy_model(tiny_model_dir: Path, capsys: pytest.CaptureFixt
     report = json.loads(out)
     assert code == 0 and report["ok"] is True
     names = {c["name"]: c for c in report["checks"]}
-    for name in ("python", "torch", "onnxruntime", "processor", "llm.pt", "flow.pt", "hift.pt", "spk2info.pt"):
+    for name in (
+        "python",
+        "torch",
+        "onnxruntime",
+        "processor",
+        "llm.pt",
+        "flow.pt",
+        "hift.pt",
+        "spk2info.pt",
+    ):
         assert name in names, name
     assert names["flow.pt"]["status"] == "ok" and "shapes match" in names["flow.pt"]["detail"]
     assert report["plan"]["picks"] in ("cpu_fast", "trt_jit_fp16", "jit_fp16", "jit", "cuda_eager")
@@ -89,10 +98,21 @@ def test_diagnose_format_has_advice() -> None:
 # ------------------------------------------------------------------------------------ precompile
 
 
-def test_precompile_exports_onnx_and_explains_tensorrt(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_precompile_exports_onnx_and_explains_tensorrt(
+    tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if _trt_installed():
         pytest.skip("TensorRT is installed here")
-    code, _, err = _run(capsys, "precompile", "--model_dir", str(tiny_model_copy), "--fp16", "--trt_concurrent", "2")
+    code, _, err = _run(
+        capsys,
+        "precompile",
+        "--model_dir",
+        str(tiny_model_copy),
+        "--fp16",
+        "--trt_concurrent",
+        "2",
+        "--vocoder",
+    )
     assert code == 0, err
     assert (tiny_model_copy / "flow.decoder.estimator.fp32.onnx").is_file()
     assert (tiny_model_copy / "hift.decoder.fp32.onnx").is_file()
@@ -113,26 +133,63 @@ def test_precompile_broken_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_bench_in_process_json(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(
-        capsys, "bench", "--model_dir", str(tiny_model_copy), "--config", "cpu_fast", "--tokens", "45",
-        "--runs", "1", "--warmup_s", "0", "--stream", "--stream_first_hop", "25", "--json", "--in_process",
+        capsys,
+        "bench",
+        "--model_dir",
+        str(tiny_model_copy),
+        "--config",
+        "cpu_fast",
+        "--tokens",
+        "45",
+        "--runs",
+        "1",
+        "--warmup_s",
+        "0",
+        "--stream",
+        "--stream_first_hop",
+        "25",
+        "--json",
+        "--in_process",
     )
     assert code == 0, err
     results = json.loads(out)
     assert [r["config"] for r in results] == ["eager", "cpu_fast"]
     for r in results:
-        for key in ("config", "audio_s", "llm_tokens_per_s", "flow_s", "vocoder_s", "rtf", "first_chunk_s",
-                    "peak_rss_mb"):
+        for key in (
+            "config",
+            "audio_s",
+            "llm_tokens_per_s",
+            "flow_s",
+            "vocoder_s",
+            "rtf",
+            "first_chunk_s",
+            "peak_rss_mb",
+        ):
             assert r[key] is not None, (r["config"], key)
         assert r["tokens"] == 45
-        assert r["flow_s"] > 0 and r["vocoder_s"] > 0 and r["rtf_band"] in ("very fast", "fast", "acceptable", "slow")
+        assert (
+            r["flow_s"] > 0
+            and r["vocoder_s"] > 0
+            and r["rtf_band"] in ("very fast", "fast", "acceptable", "slow")
+        )
     assert set(results[1]["vs_eager"]) >= {"rtf", "flow_s", "vocoder_s", "llm_tokens_per_s"}
     assert any("onnxruntime" in a for a in results[1]["accelerations"])
 
 
 def test_bench_subprocess_table(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(
-        capsys, "bench", "--model_dir", str(tiny_model_copy), "--config", "eager", "--tokens", "30",
-        "--runs", "1", "--warmup_s", "0",
+        capsys,
+        "bench",
+        "--model_dir",
+        str(tiny_model_copy),
+        "--config",
+        "eager",
+        "--tokens",
+        "30",
+        "--runs",
+        "1",
+        "--warmup_s",
+        "0",
     )
     assert code == 0, err
     assert "LLM tok/s" in out and "eager" in out and "peak RSS MB" in out
@@ -146,17 +203,47 @@ def test_bench_needs_a_model(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_helpers() -> None:
-    assert [bench.rtf_band(x) for x in (0.1, 0.5, 0.9, 3.0, None)] == ["very fast", "fast", "acceptable", "slow", "-"]
+    assert [bench.rtf_band(x) for x in (0.1, 0.5, 0.9, 3.0, None)] == [
+        "very fast",
+        "fast",
+        "acceptable",
+        "slow",
+        "-",
+    ]
     results = [
-        {"config": "eager", "rtf": 4.0, "flow_s": 8.0, "vocoder_s": 2.0, "llm_tokens_per_s": 20.0,
-         "first_chunk_s": 10.0, "peak_rss_mb": 2000.0, "audio_s": 5.0, "rtf_band": "slow"},
-        {"config": "cpu_fast", "rtf": 2.0, "flow_s": 4.0, "vocoder_s": 1.0, "llm_tokens_per_s": 30.0,
-         "first_chunk_s": 2.5, "peak_rss_mb": 1600.0, "audio_s": 5.0, "rtf_band": "slow"},
+        {
+            "config": "eager",
+            "rtf": 4.0,
+            "flow_s": 8.0,
+            "vocoder_s": 2.0,
+            "llm_tokens_per_s": 20.0,
+            "first_chunk_s": 10.0,
+            "peak_rss_mb": 2000.0,
+            "audio_s": 5.0,
+            "rtf_band": "slow",
+        },
+        {
+            "config": "cpu_fast",
+            "rtf": 2.0,
+            "flow_s": 4.0,
+            "vocoder_s": 1.0,
+            "llm_tokens_per_s": 30.0,
+            "first_chunk_s": 2.5,
+            "peak_rss_mb": 1600.0,
+            "audio_s": 5.0,
+            "rtf_band": "slow",
+        },
         {"config": "cpu_int8", "error": "worker exited 1: boom"},
     ]
     bench.add_ratios(results)
-    assert results[1]["vs_eager"] == {"llm_tokens_per_s": 1.5, "flow_s": 2.0, "vocoder_s": 2.0, "rtf": 2.0,
-                                      "first_chunk_s": 4.0, "peak_rss_mb": 1.25}
+    assert results[1]["vs_eager"] == {
+        "llm_tokens_per_s": 1.5,
+        "flow_s": 2.0,
+        "vocoder_s": 2.0,
+        "rtf": 2.0,
+        "first_chunk_s": 4.0,
+        "peak_rss_mb": 1.25,
+    }
     table = bench.format_table(results)
     assert "2.00 (2.00x)" in table and "error: worker exited 1" in table
 

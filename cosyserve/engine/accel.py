@@ -7,7 +7,9 @@ falls back to the next plan. What each plan field does:
 * ``onnx_cpu``: the flow estimator runs on ONNX Runtime (the model directory's
   ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported once); the eager
   estimator's weights are then released. The vocoder stays eager (see ``CPU_ORT_VOCODER``).
-* ``int8_llm``: dynamic int8 weights for the LLM's linear layers (CPU, opt-in).
+* ``int8_llm`` (the opt-in ``cpu_int8`` plan): dynamic int8 weights for the LLM's linear layers
+  (torch) and, with ``onnx_cpu``, for the estimator's MatMul/Gemm (ONNX Runtime); both are
+  checked against FP32 at load (see ``cosyserve bench`` for the measured deviation).
 * ``jit``: the official TorchScript files when present and matching; on CUDA also the LLM decode
   step as a CUDA graph and (without TensorRT) a torch.compile'd estimator.
 * ``trt``: a TensorRT engine for the estimator (built from the ONNX and cached per GPU/precision),
@@ -41,11 +43,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Measured on the 2-core VM with the full-size model (`cosyserve bench`): ONNX Runtime runs the
-# estimator ~2.7x and the HiFT conv stack ~2x cheaper in CPU time than eager torch, and degrades
-# far less when another process competes for the cores (no OpenMP barriers). Set
-# COSYSERVE_ORT_VOCODER=0 to keep the vocoder eager.
-CPU_ORT_VOCODER = os.environ.get("COSYSERVE_ORT_VOCODER", "1") != "0"
+# Measured on the 2-core VM with the full-size model (`cosyserve bench`, warm processes): ONNX
+# Runtime runs the estimator ~1.3-2x faster than eager torch, but the HiFT conv stack slower than
+# the eager channels-last (oneDNN) path (best of 8: 2.2 s vs 1.2 s for 5 s of audio), so the
+# vocoder stays eager unless COSYSERVE_ORT_VOCODER=1.
+CPU_ORT_VOCODER = os.environ.get("COSYSERVE_ORT_VOCODER", "0") == "1"
 
 
 # ------------------------------------------------------------------------------------ CPU
@@ -92,7 +94,9 @@ def preflight(plan: AccelPlan) -> None:
     if plan.device == "cuda" and not _cuda_available():
         raise BackendUnavailableError("CUDA is not available (CPU-only torch build or no GPU)")
     if plan.fp16 and plan.device != "cuda":
-        raise BackendUnavailableError("fp16 needs a CUDA device (the CPU path runs FP32, or int8 with cpu_int8)")
+        raise BackendUnavailableError(
+            "fp16 needs a CUDA device (the CPU path runs FP32, or int8 with cpu_int8)"
+        )
     if plan.trt:
         if plan.device != "cuda":
             raise BackendUnavailableError("TensorRT needs a CUDA device")
@@ -107,8 +111,12 @@ def preflight(plan: AccelPlan) -> None:
     if plan.int8_llm:
         if plan.device != "cpu":
             raise BackendUnavailableError("int8 dynamic quantisation of the LLM runs on CPU only")
-        if not torch.backends.quantized.supported_engines or torch.backends.quantized.supported_engines == ["none"]:
-            raise BackendUnavailableError("this torch build has no quantized CPU engine (fbgemm/onednn/qnnpack)")
+        if not torch.backends.quantized.supported_engines or torch.backends.quantized.supported_engines == [
+            "none"
+        ]:
+            raise BackendUnavailableError(
+                "this torch build has no quantized CPU engine (fbgemm/onednn/qnnpack)"
+            )
 
 
 # ------------------------------------------------------------------------------------ apply
@@ -153,10 +161,17 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
     if plan.trt:
         applied.append(_install_trt(backend, plan))
     if plan.onnx_cpu:
-        from cosyserve.engine.acceleration.onnx_export import install_ort_hift, load_or_export_estimator
+        from cosyserve.engine.acceleration.onnx_export import (
+            install_ort_hift,
+            load_or_export_estimator,
+            load_or_quantize_int8,
+        )
 
         threads = torch.get_num_threads()
         runner, desc = load_or_export_estimator(model_dir, flow.decoder.estimator, threads)
+        if plan.int8_llm:
+            # cpu_int8 is the opt-in reduced-precision plan: int8 estimator projections too.
+            runner, desc, _ = load_or_quantize_int8(model_dir, flow.decoder.estimator, threads, runner.path)
         flow.decoder.estimator_runner = runner
         _release_estimator_weights(flow)
         applied.append(desc)
@@ -268,7 +283,11 @@ class FlowPrecisionGuard:
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, flow.cfg.vocab_size, (1, tokens), generator=gen).to(device)
         speakers = getattr(self.backend, "speakers", None) or {}
-        embedding = next(iter(speakers.values())) if speakers else torch.randn(1, flow.cfg.spk_embed_dim, generator=gen)
+        embedding = (
+            next(iter(speakers.values()))
+            if speakers
+            else torch.randn(1, flow.cfg.spk_embed_dim, generator=gen)
+        )
         flow.inference(ids, embedding=embedding.to(device), generator=gen)
         return self.reason or None
 

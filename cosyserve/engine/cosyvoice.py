@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cosyserve.engine.accel import guard_chunk
 from cosyserve.engine.batching import AudioWork, BatchConfig, BatchRunner, ChunkedToken2Wav, WholeToken2Wav
 from cosyserve.engine.token2wav import TOKEN_HOP_LEN
 from cosyserve.engine.types import (
@@ -321,7 +322,7 @@ def request_generators(
 class CosyVoiceTask(SynthesisJob):
     """One CosyVoice request as a state machine (see the module docstring).
 
-    A :class:`~cosyserve.engine.batching.BatchRunner` calls :meth:`start`, :meth:`take_prefix`,
+    A :class:`~cosyserve.engine.batching.BatchRunner` calls :meth:`setup`, :meth:`take_prefix`,
     :meth:`accept` and :meth:`finish_work`; iterating the task (``next()``) drives it alone
     through a private runner, one step per call, returning an audio chunk or None.
     """
@@ -351,8 +352,8 @@ class CosyVoiceTask(SynthesisJob):
     # -- state seen by the runner ------------------------------------------------------------
 
     @property
-    def needs_start(self) -> bool:
-        return self.phase is TaskPhase.QUEUED
+    def needs_setup(self) -> bool:
+        return self.phase in (TaskPhase.QUEUED, TaskPhase.PROMPT)
 
     @property
     def wants_prefill(self) -> bool:
@@ -368,11 +369,13 @@ class CosyVoiceTask(SynthesisJob):
 
     # -- transitions ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """QUEUED → (PROMPT →) LLM: encode the prompt, split the text, open the first segment."""
+    def setup(self) -> None:
+        """One setup transition per call: QUEUED → PROMPT (zero-shot / cross-lingual) or LLM;
+        PROMPT → LLM (the prompt recording is encoded: its own step, it is not cheap)."""
         backend, request = self.backend, self.request
-        if request.mode in ("zero_shot", "cross_lingual"):
+        if self.phase is TaskPhase.QUEUED and request.mode in ("zero_shot", "cross_lingual"):
             self.phase = TaskPhase.PROMPT
+            return
         self._prompt = backend._prompt_features(request, self.info)
         self._segments = iter(
             backend.text.iter_segments(
@@ -470,6 +473,7 @@ class CosyVoiceTask(SynthesisJob):
                 self.backend.requests_served += 1
         if not audio.size and not work.last:
             return None
+        audio = guard_chunk(self.backend, audio)  # FP16 plans: NaN/silence switches the flow to FP32
         chunk = AudioChunk(
             np.asarray(audio, dtype=np.float32), self.backend.sample_rate, work.segment, work.last
         )

@@ -275,6 +275,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 # --------------------------------------------------------------------------------------------
 
 
+def _engine_policy(backend: Backend, settings: Settings, metrics: ServerMetrics) -> Any:
+    """Continuous batching for CosyVoice backends, round-robin (None) for the others; the
+    batching module (and torch) is imported only when it is used."""
+    if backend.name != "cosyvoice" or not settings.batching:
+        return None
+    from cosyserve.engine.batching import make_policy, register_prometheus
+
+    policy = make_policy(backend, settings)
+    register_prometheus(policy, metrics.registry)
+    return policy
+
+
 def create_app(
     settings: Settings | None = None,
     backend: Backend | None = None,
@@ -285,7 +297,8 @@ def create_app(
         backend, built_report = build_backend(settings)
         launch_report = launch_report if launch_report is not None else built_report
     metrics = ServerMetrics()
-    engine = EngineLoop.from_settings(backend, settings, observer=metrics)
+    policy = _engine_policy(backend, settings, metrics)
+    engine = EngineLoop.from_settings(backend, settings, observer=metrics, policy=policy)
     metrics.bind_engine(engine)
     state = ServerState(
         settings=settings,

@@ -58,7 +58,9 @@ def full_size_yaml() -> Path:
     for path in (ASSET_YAML, Path.cwd().parent / SHARED_YAML, repo.parent / SHARED_YAML):
         if path.is_file():
             return path
-    raise FileNotFoundError("the full-size cosyvoice.yaml is missing (expected cosyserve/assets/cosyvoice-300m-sft.yaml)")
+    raise FileNotFoundError(
+        "the full-size cosyvoice.yaml is missing (expected cosyserve/assets/cosyvoice-300m-sft.yaml)"
+    )
 
 
 def synthetic_model_dir(cache: Path | None = None) -> Path:
@@ -70,7 +72,11 @@ def synthetic_model_dir(cache: Path | None = None) -> Path:
     out = (cache or cache_root() / "bench") / SYNTHETIC_NAME
     if all((out / name).is_file() for name in REQUIRED_FILES):
         return out
-    print(f"writing a full-size random-weight model to {out} (once; about 1.7 GB) ...", file=sys.stderr, flush=True)
+    print(
+        f"writing a full-size random-weight model to {out} (once; about 1.7 GB) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     make_model(full_size_yaml(), out, seed=0, overwrite=True)
     return out
 
@@ -136,13 +142,25 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _current_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _synthesize(
     backend: Any, voice: str, stream: bool, seed: int, tokens: int | None
 ) -> tuple[float, float, float | None, Any]:
     """(audio seconds, wall seconds, first chunk seconds, info) of one synthesis."""
     from cosyserve.engine.types import SynthesisRequest
 
-    request = SynthesisRequest(text=BENCH_TEXT, voice=voice, stream=stream, seed=seed, enable_smart_split=False)
+    request = SynthesisRequest(
+        text=BENCH_TEXT, voice=voice, stream=stream, seed=seed, enable_smart_split=False
+    )
     t0 = time.perf_counter()
     # num_tokens: exactly N tokens per segment (EOS masked, generation capped at N).
     job = backend.open(request, num_tokens=tokens) if tokens else backend.open(request)
@@ -206,7 +224,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             s_audio, s_wall, first, _ = _synthesize(backend, voice, True, 100 + i, tokens)
             run.update(first_chunk_s=first, stream_rtf=s_wall / s_audio if s_audio > 0 else None)
         runs.append(run)
-        logger.info("%s run %d: %s", name, i + 1, {k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()})
+        logger.info(
+            "%s run %d: %s",
+            name,
+            i + 1,
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()},
+        )
 
     def med(key: str) -> float | None:
         values = [r[key] for r in runs if r.get(key) is not None]
@@ -226,6 +249,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "stream_rtf": med("stream_rtf"),
         "stream_first_hop": args.stream_first_hop,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "rss_mb": round(_current_rss_mb() or 0.0, 1),  # steady state, after the timed runs
         "rss_after_load_mb": round(rss_loaded, 1),
         "load_s": round(load_s, 2),
         "warmup_s": round(warm_s, 1),
@@ -242,33 +266,65 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def int8_report(backend: Any, model_dir: str, voice: str, steps: int = 50) -> dict[str, Any]:
-    """Deviation of the int8 LLM from FP32: log-probs (teacher-forced) and the resulting mel."""
+    """Deviation of the int8 configuration from FP32.
+
+    * LLM: log-probs of the int8 LLM vs a fresh FP32 copy, teacher-forced on the FP32 tokens, and
+      how often seeded sampling picks the same token;
+    * flow: mel from the int8 estimator vs the FP32 eager flow, same tokens and same noise;
+    * pipeline: mel from each model's own seeded tokens (differs wherever the tokens differ).
+    """
     import torch
 
     from cosyserve.engine.acceleration.quant import llm_deviation
-    from cosyserve.models.loader import build_network, check_state_dict, find_model_files, read_checkpoint
 
-    files = find_model_files(model_dir)
-    fp32 = build_network("llm", backend.config)
-    state = read_checkpoint(files.llm)
-    check_state_dict(fp32, state, files.llm)
-    fp32.load_state_dict(state)
-    del state
-    fp32.eval()
     text_ids = torch.tensor([backend.text.tokenize(BENCH_TEXT)])
     embedding = backend.speakers[voice]
-    int8 = backend.model.llm
-    dev = llm_deviation(fp32, int8, text_ids, embedding, steps=steps)
-    report = dev.as_dict()
-    # Mel: the flow (unchanged by int8) on each model's seeded tokens, same flow noise.
+    fp32_llm = _load_fp32(model_dir, backend.config, "llm")
+    int8_llm = backend.model.llm
+    report: dict[str, Any] = {
+        "llm": llm_deviation(fp32_llm, int8_llm, text_ids, embedding, steps=steps).as_dict()
+    }
     with torch.inference_mode():
-        tok_a = torch.tensor([list(fp32.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))])
-        tok_b = torch.tensor([list(int8.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))])
-        mel_a, _ = backend.model.flow.inference(tok_a, embedding=embedding, generator=torch.Generator().manual_seed(1))
-        mel_b, _ = backend.model.flow.inference(tok_b, embedding=embedding, generator=torch.Generator().manual_seed(1))
-    report["mel_rel_l2"] = round(float((mel_a - mel_b).norm() / mel_a.norm().clamp_min(1e-9)), 6)
-    report["mel_tokens_identical"] = bool(torch.equal(tok_a, tok_b))
+        tok_a = torch.tensor(
+            [list(fp32_llm.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))]
+        )
+        tok_b = torch.tensor(
+            [list(int8_llm.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))]
+        )
+        del fp32_llm
+        fp32_flow = _load_fp32(model_dir, backend.config, "flow")
+        flow = backend.model.flow
+
+        def mel(f: Any, tokens: Any) -> Any:
+            return f.inference(tokens, embedding=embedding, generator=torch.Generator().manual_seed(1))[0]
+
+        ref = mel(fp32_flow, tok_a)
+        same_tokens = mel(flow, tok_a)
+        own_tokens = mel(flow, tok_b)
+
+    def rel(a: Any, b: Any) -> float:
+        return round(float((a - b).norm() / b.norm().clamp_min(1e-9)), 6)
+
+    report["flow"] = {
+        "mel_rel_l2": rel(same_tokens, ref),
+        "mel_max_abs": round(float((same_tokens - ref).abs().max()), 6),
+    }
+    report["pipeline"] = {
+        "mel_rel_l2": rel(own_tokens, ref),
+        "tokens_identical": bool(torch.equal(tok_a, tok_b)),
+    }
     return report
+
+
+def _load_fp32(model_dir: str, config: Any, name: str) -> Any:
+    from cosyserve.models.loader import build_network, check_state_dict, find_model_files, read_checkpoint
+
+    path = getattr(find_model_files(model_dir), name)
+    module = build_network(name, config)
+    state = read_checkpoint(path)
+    check_state_dict(module, state, path)
+    module.load_state_dict(state)
+    return module.eval()
 
 
 # ------------------------------------------------------------------------------------ parent
@@ -276,9 +332,21 @@ def int8_report(backend: Any, model_dir: str, voice: str, steps: int = 50) -> di
 
 def _worker_command(args: argparse.Namespace, config: str) -> list[str]:
     cmd = [
-        sys.executable, "-m", "cosyserve.cli", "--log-level", args.worker_log_level, "bench", "--_worker",
-        "--model_dir", str(args.model_dir), "--config", config, "--runs", str(args.runs),
-        "--warmup_s", str(args.warmup_s),
+        sys.executable,
+        "-m",
+        "cosyserve.cli",
+        "--log-level",
+        args.worker_log_level,
+        "bench",
+        "--_worker",
+        "--model_dir",
+        str(args.model_dir),
+        "--config",
+        config,
+        "--runs",
+        str(args.runs),
+        "--warmup_s",
+        str(args.warmup_s),
     ]
     if args.tokens:
         cmd += ["--tokens", str(args.tokens)]
@@ -329,7 +397,17 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    head = ["config", "audio s", "LLM tok/s", "flow s", "vocoder s", "RTF", "band", "first chunk s", "peak RSS MB"]
+    head = [
+        "config",
+        "audio s",
+        "LLM tok/s",
+        "flow s",
+        "vocoder s",
+        "RTF",
+        "band",
+        "first chunk s",
+        "peak RSS MB",
+    ]
     rows = [head]
     for r in results:
         if "error" in r:
@@ -343,10 +421,19 @@ def format_table(results: list[dict[str, Any]]) -> str:
                 text += f" ({ratio[key]:.2f}x)"
             return text
 
-        rows.append([
-            r["config"], _fmt(r.get("audio_s")), cell("llm_tokens_per_s", 1), cell("flow_s"), cell("vocoder_s"),
-            cell("rtf"), r.get("rtf_band", "-"), cell("first_chunk_s"), cell("peak_rss_mb", 0),
-        ])
+        rows.append(
+            [
+                r["config"],
+                _fmt(r.get("audio_s")),
+                cell("llm_tokens_per_s", 1),
+                cell("flow_s"),
+                cell("vocoder_s"),
+                cell("rtf"),
+                r.get("rtf_band", "-"),
+                cell("first_chunk_s"),
+                cell("peak_rss_mb", 0),
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -359,23 +446,51 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_dir", "--model-dir", default=None, help="CosyVoice v1 model directory")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="benchmark a full-size random-weight model (written to the cache once)")
-    parser.add_argument("--test_all", "--test-all", action="store_true",
-                        help="every configuration this machine supports (default: the one --auto picks)")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="benchmark a full-size random-weight model (written to the cache once)",
+    )
+    parser.add_argument(
+        "--test_all",
+        "--test-all",
+        action="store_true",
+        help="every configuration this machine supports (default: the one --auto picks)",
+    )
     parser.add_argument("--config", action="append", default=None, help="measure this plan (repeatable)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per configuration")
-    parser.add_argument("--tokens", type=int, default=250, help="force exactly N speech tokens (default 250 = 5 s)")
+    parser.add_argument(
+        "--tokens", type=int, default=250, help="force exactly N speech tokens (default 250 = 5 s)"
+    )
     parser.add_argument("--stream", action="store_true", help="also measure streaming (time to first chunk)")
-    parser.add_argument("--stream_first_hop", "--stream-first-hop", type=int, default=30,
-                        help="tokens in a stream's first hop (default 30; 100 = upstream)")
+    parser.add_argument(
+        "--stream_first_hop",
+        "--stream-first-hop",
+        type=int,
+        default=30,
+        help="tokens in a stream's first hop (default 30; 100 = upstream)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (default 3)")
-    parser.add_argument("--warmup_s", "--warmup-s", type=float, default=30.0,
-                        help="minimum warm-up seconds per configuration before timing (default 30)")
-    parser.add_argument("--int8_deviation", "--int8-deviation", action=argparse.BooleanOptionalAction, default=True,
-                        help="for int8 configurations, measure the deviation from FP32 (default on)")
-    parser.add_argument("--in_process", "--in-process", action="store_true",
-                        help="measure in this process (faster; peak RSS then mixes across configurations)")
+    parser.add_argument(
+        "--warmup_s",
+        "--warmup-s",
+        type=float,
+        default=30.0,
+        help="minimum warm-up seconds per configuration before timing (default 30)",
+    )
+    parser.add_argument(
+        "--int8_deviation",
+        "--int8-deviation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="for int8 configurations, measure the deviation from FP32 (default on)",
+    )
+    parser.add_argument(
+        "--in_process",
+        "--in-process",
+        action="store_true",
+        help="measure in this process (faster; peak RSS then mixes across configurations)",
+    )
     parser.add_argument("--worker_log_level", default="WARNING", help=argparse.SUPPRESS)
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
 
@@ -390,8 +505,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.model_dir is None:
             if not args.synthetic:
-                print("cosyserve bench: give --model_dir DIR, or --synthetic for a random-weight full-size model",
-                      file=sys.stderr)
+                print(
+                    "cosyserve bench: give --model_dir DIR, or --synthetic for a random-weight full-size model",
+                    file=sys.stderr,
+                )
                 return 2
             args.model_dir = str(synthetic_model_dir())
         from cosyserve.models.hub import resolve_model_dir
@@ -402,8 +519,10 @@ def main(args: argparse.Namespace) -> int:
 
             unknown = [c for c in args.config if c not in PLANS]
             if unknown:
-                print(f"cosyserve bench: unknown --config {', '.join(unknown)}; choose from {', '.join(PLANS)}",
-                      file=sys.stderr)
+                print(
+                    f"cosyserve bench: unknown --config {', '.join(unknown)}; choose from {', '.join(PLANS)}",
+                    file=sys.stderr,
+                )
                 return 2
             configs = ["eager"] + [c for c in args.config if c != "eager"]
             why = "chosen with --config"
@@ -412,8 +531,12 @@ def main(args: argparse.Namespace) -> int:
     except CosyserveError as exc:
         print(f"cosyserve bench: {exc.message}", file=sys.stderr)
         return 1
-    print(f"benchmarking {args.model_dir}: {', '.join(configs)} ({why}); {args.tokens} tokens, "
-          f"{args.runs} runs, warm-up {args.warmup_s:.0f} s each", file=sys.stderr, flush=True)
+    print(
+        f"benchmarking {args.model_dir}: {', '.join(configs)} ({why}); {args.tokens} tokens, "
+        f"{args.runs} runs, warm-up {args.warmup_s:.0f} s each",
+        file=sys.stderr,
+        flush=True,
+    )
     results = []
     for config in configs:
         t0 = time.perf_counter()

@@ -66,8 +66,13 @@ def _version(dist: str) -> str | None:
 def check_python(report: Report) -> None:
     v = sys.version_info
     status = OK if v >= (3, 10) else ERROR
-    report.add("system", "python", status, f"{platform.python_version()} ({sys.executable})",
-               "" if status == OK else "cosyserve needs Python 3.10 or newer")
+    report.add(
+        "system",
+        "python",
+        status,
+        f"{platform.python_version()} ({sys.executable})",
+        "" if status == OK else "cosyserve needs Python 3.10 or newer",
+    )
 
 
 def check_torch(report: Report) -> Any:
@@ -78,8 +83,13 @@ def check_torch(report: Report) -> Any:
         return None
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     engines = ",".join(e for e in torch.backends.quantized.supported_engines if e != "none") or "none"
-    report.add("system", "torch", OK, f"{torch.__version__} ({build}; oneDNN {torch.backends.mkldnn.is_available()}; "
-               f"quantized engines {engines})")
+    report.add(
+        "system",
+        "torch",
+        OK,
+        f"{torch.__version__} ({build}; oneDNN {torch.backends.mkldnn.is_available()}; "
+        f"quantized engines {engines})",
+    )
     return torch
 
 
@@ -87,21 +97,37 @@ def check_cuda(report: Report, torch: Any) -> None:
     if torch is None:
         return
     if not torch.version.cuda:
-        report.add("gpu", "cuda", INFO, "CPU-only torch build: GPU plans are skipped",
-                   "on a CUDA machine install a CUDA build of torch to use the GPU plans")
+        report.add(
+            "gpu",
+            "cuda",
+            INFO,
+            "CPU-only torch build: GPU plans are skipped",
+            "on a CUDA machine install a CUDA build of torch to use the GPU plans",
+        )
         return
     if not torch.cuda.is_available():
-        report.add("gpu", "cuda", WARN, f"torch built for CUDA {torch.version.cuda} but no usable GPU/driver",
-                   "check `nvidia-smi`; the driver must support this CUDA version")
+        report.add(
+            "gpu",
+            "cuda",
+            WARN,
+            f"torch built for CUDA {torch.version.cuda} but no usable GPU/driver",
+            "check `nvidia-smi`; the driver must support this CUDA version",
+        )
         return
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         free, total = torch.cuda.mem_get_info(i)
-        report.add("gpu", f"cuda:{i}", OK,
-                   f"{props.name}, compute {props.major}.{props.minor}, {total / 1024**3:.1f} GiB "
-                   f"({free / 1024**3:.1f} GiB free)")
+        report.add(
+            "gpu",
+            f"cuda:{i}",
+            OK,
+            f"{props.name}, compute {props.major}.{props.minor}, {total / 1024**3:.1f} GiB "
+            f"({free / 1024**3:.1f} GiB free)",
+        )
     driver = _nvidia_driver()
-    report.add("gpu", "driver", OK if driver else INFO, driver or "nvidia-smi not found (driver version unknown)")
+    report.add(
+        "gpu", "driver", OK if driver else INFO, driver or "nvidia-smi not found (driver version unknown)"
+    )
 
 
 def _nvidia_driver() -> str | None:
@@ -111,11 +137,18 @@ def _nvidia_driver() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
-    return f"driver {out.stdout.strip().splitlines()[0]}" if out.returncode == 0 and out.stdout.strip() else None
+    return (
+        f"driver {out.stdout.strip().splitlines()[0]}" if out.returncode == 0 and out.stdout.strip() else None
+    )
 
 
 def check_tensorrt(report: Report, torch: Any) -> None:
@@ -131,22 +164,36 @@ def check_tensorrt(report: Report, torch: Any) -> None:
         advice = INSTALL_ADVICE if has_cuda else "only needed on a CUDA machine (the TensorRT estimator plan)"
         report.add("accel", "tensorrt", status, detail, advice)
         return
-    report.add("accel", "tensorrt", OK if has_cuda else INFO,
-               f"{trt.__version__}" + ("" if has_cuda else " (installed, but no CUDA GPU to run it)"))
+    report.add(
+        "accel",
+        "tensorrt",
+        OK if has_cuda else INFO,
+        f"{trt.__version__}" + ("" if has_cuda else " (installed, but no CUDA GPU to run it)"),
+    )
 
 
 def check_onnxruntime(report: Report) -> None:
     try:
         import onnxruntime
     except ImportError:
-        report.add("accel", "onnxruntime", ERROR, "not installed",
-                   "pip install onnxruntime (zero-shot front-end models and the fast CPU estimator need it)")
+        report.add(
+            "accel",
+            "onnxruntime",
+            ERROR,
+            "not installed",
+            "pip install onnxruntime (zero-shot front-end models and the fast CPU estimator need it)",
+        )
         return
     providers = onnxruntime.get_available_providers()
     report.add("accel", "onnxruntime", OK, f"{onnxruntime.__version__}; providers: {', '.join(providers)}")
     onnx_version = _version("onnx")
-    report.add("accel", "onnx", OK if onnx_version else WARN, onnx_version or "not installed",
-               "" if onnx_version else "pip install onnx (needed to export the estimator ONNX)")
+    report.add(
+        "accel",
+        "onnx",
+        OK if onnx_version else WARN,
+        onnx_version or "not installed",
+        "" if onnx_version else "pip install onnx (needed to export the estimator ONNX)",
+    )
 
 
 def check_cpu(report: Report, torch: Any) -> None:
@@ -171,26 +218,43 @@ def check_cpu(report: Report, torch: Any) -> None:
     if flags:
         have = [f for f in CPU_FEATURES if f in flags]
         status = OK if "avx2" in flags else WARN
-        report.add("cpu", "features", status, ", ".join(have) or "no AVX2",
-                   "" if status == OK else "without AVX2 the CPU path is several times slower")
+        report.add(
+            "cpu",
+            "features",
+            status,
+            ", ".join(have) or "no AVX2",
+            "" if status == OK else "without AVX2 the CPU path is several times slower",
+        )
     if torch is not None:
         threads = torch.get_num_threads()
         status = OK if threads <= usable else WARN
-        report.add("cpu", "threads", status,
-                   f"torch {threads} intra-op / {torch.get_num_interop_threads()} inter-op "
-                   f"(the CPU plans use {cores} intra-op, 1 inter-op)",
-                   "" if status == OK else "OMP_NUM_THREADS exceeds the usable CPUs: unset it")
+        report.add(
+            "cpu",
+            "threads",
+            status,
+            f"torch {threads} intra-op / {torch.get_num_interop_threads()} inter-op "
+            f"(the CPU plans use {cores} intra-op, 1 inter-op)",
+            "" if status == OK else "OMP_NUM_THREADS exceeds the usable CPUs: unset it",
+        )
     mem = _meminfo()
     if mem:
         total, avail = mem
         status = OK if avail >= 3.0 else WARN
-        report.add("cpu", "memory", status, f"{total:.1f} GiB total, {avail:.1f} GiB available",
-                   "" if status == OK else "the full-size model needs about 2.5 GiB of free memory")
+        report.add(
+            "cpu",
+            "memory",
+            status,
+            f"{total:.1f} GiB total, {avail:.1f} GiB available",
+            "" if status == OK else "the full-size model needs about 2.5 GiB of free memory",
+        )
 
 
 def _meminfo() -> tuple[float, float] | None:
     try:
-        info = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+        info = {
+            line.split(":")[0]: int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+        }
     except (OSError, ValueError, IndexError):
         return None
     return info.get("MemTotal", 0) / 1024**2, info.get("MemAvailable", 0) / 1024**2
@@ -222,7 +286,9 @@ def check_model_dir(report: Report, model_dir: str) -> None:
     except CosyserveError as exc:
         report.add(area, "files", ERROR, exc.message, "download the model again, or point --model_dir at it")
         return
-    report.add(area, "files", OK, f"{files.root}: cosyvoice.yaml, llm.pt, flow.pt, hift.pt, spk2info.pt present")
+    report.add(
+        area, "files", OK, f"{files.root}: cosyvoice.yaml, llm.pt, flow.pt, hift.pt, spk2info.pt present"
+    )
     try:
         config = load_model_config(files.config)
     except CosyserveError as exc:
@@ -240,26 +306,48 @@ def check_model_dir(report: Report, model_dir: str) -> None:
                 module = build_network(name, config)
             check_state_dict(module, state, path)
             count = sum(v.numel() for v in state.values())
-            report.add(area, path.name, OK, f"{len(state)} tensors, {count:,} values, shapes match the config")
+            report.add(
+                area, path.name, OK, f"{len(state)} tensors, {count:,} values, shapes match the config"
+            )
         except (CosyserveError, KeyError, RuntimeError) as exc:
             message = getattr(exc, "message", str(exc))
-            report.add(area, path.name, ERROR, message,
-                       f"{path.name} is damaged or from another model: download it again")
+            report.add(
+                area,
+                path.name,
+                ERROR,
+                message,
+                f"{path.name} is damaged or from another model: download it again",
+            )
     try:
         speakers = read_speakers(files.spk2info, config.llm.spk_embed_dim)
-        report.add(area, "spk2info.pt", OK if speakers else WARN, f"{len(speakers)} speakers: {', '.join(speakers)}",
-                   "" if speakers else "no built-in voices: only zero-shot / saved voices will work")
+        report.add(
+            area,
+            "spk2info.pt",
+            OK if speakers else WARN,
+            f"{len(speakers)} speakers: {', '.join(speakers)}",
+            "" if speakers else "no built-in voices: only zero-shot / saved voices will work",
+        )
     except CosyserveError as exc:
         report.add(area, "spk2info.pt", ERROR, exc.message, "download spk2info.pt again")
     for name in ZERO_SHOT_FILES:
         path = files.root / name
         if not path.is_file():
-            report.add(area, name, WARN, "absent: zero-shot / cross-lingual cloning unavailable",
-                       f"add {name} from the official model to enable voice cloning")
+            report.add(
+                area,
+                name,
+                WARN,
+                "absent: zero-shot / cross-lingual cloning unavailable",
+                f"add {name} from the official model to enable voice cloning",
+            )
             continue
         problem = _onnx_problem(path)
-        report.add(area, name, ERROR if problem else OK, problem or f"{path.stat().st_size:,} bytes, loadable",
-                   f"{name} is damaged: download it again" if problem else "")
+        report.add(
+            area,
+            name,
+            ERROR if problem else OK,
+            problem or f"{path.stat().st_size:,} bytes, loadable",
+            f"{name} is damaged: download it again" if problem else "",
+        )
     check_artifacts(report, files.root)
 
 
@@ -282,15 +370,24 @@ def check_artifacts(report: Report, root: Path) -> None:
     found = []
     folders = {root, artifact_dir(root)}
     for folder in folders:
-        for path in [*folder.glob("flow.decoder.estimator.*"), *folder.glob("hift.decoder.*"), *folder.glob("*.zip")]:
+        for path in [
+            *folder.glob("flow.decoder.estimator.*"),
+            *folder.glob("hift.decoder.*"),
+            *folder.glob("*.zip"),
+        ]:
             found.append(path.name)
     if any(name == ESTIMATOR_ONNX for name in found):
         detail = ", ".join(sorted(set(found)))
         report.add("model", "accel files", OK, detail)
     else:
-        report.add("model", "accel files", INFO, ", ".join(sorted(set(found))) or "none yet",
-                   "`cosyserve precompile --model_dir DIR` exports the estimator ONNX (and TensorRT engines on a GPU) "
-                   "ahead of time; otherwise the first start does it")
+        report.add(
+            "model",
+            "accel files",
+            INFO,
+            ", ".join(sorted(set(found))) or "none yet",
+            "`cosyserve precompile --model_dir DIR` exports the estimator ONNX (and TensorRT engines on a GPU) "
+            "ahead of time; otherwise the first start does it",
+        )
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -313,8 +410,13 @@ def check_plan(report: Report) -> None:
             steps.append({"plan": plan.name, "ok": False, "reason": str(exc)})
     report.plan = {"chain": steps, "reason": why, "picks": chosen}
     if chosen is None:
-        report.add("plan", "--auto", ERROR, f"no configuration passes its checks ({why})",
-                   "see the reasons above; the eager CPU plan needs only torch")
+        report.add(
+            "plan",
+            "--auto",
+            ERROR,
+            f"no configuration passes its checks ({why})",
+            "see the reasons above; the eager CPU plan needs only torch",
+        )
         return
     skipped = [s for s in steps if not s["ok"] and steps.index(s) < [x["plan"] for x in steps].index(chosen)]
     detail = f"{chosen} ({why})"

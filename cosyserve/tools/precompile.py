@@ -1,12 +1,12 @@
-"""`cosyserve precompile`: export the estimator ONNX (and the HiFT conv-stack ONNX used by the CPU
-path) and build TensorRT engines ahead of time, so a server start does not spend minutes on it.
+"""`cosyserve precompile`: export the estimator ONNX (optionally the HiFT conv-stack ONNX) and
+build TensorRT engines ahead of time, so a server start does not spend minutes on it.
 
 Steps, with progress on stderr:
 
 1. check the model directory and load the flow (and HiFT) weights only (not the 1.2 GB LLM);
 2. ``flow.decoder.estimator.fp32.onnx``: use the directory's file when it matches the weights,
    else export it (checked against the eager estimator on odd lengths and a masked row);
-3. ``hift.decoder.fp32.onnx`` for the CPU plan (``--no-vocoder`` skips it);
+3. with ``--vocoder``: ``hift.decoder.fp32.onnx`` (the CPU plan uses it when COSYSERVE_ORT_VOCODER=1);
 4. with TensorRT and a CUDA GPU: build ``flow.decoder.estimator.{fp16|fp32}.{gpu}.plan`` with
    upstream's shape profile, load it with ``--trt_concurrent`` contexts and check it.
 
@@ -47,8 +47,13 @@ def _load(files: Any, config: Any, name: str, device: str) -> Any:
 
 
 def precompile(
-    model_dir: str, *, fp16: bool = False, trt_concurrent: int = 1, max_batch: int = 2,
-    vocoder: bool = True, force: bool = False,
+    model_dir: str,
+    *,
+    fp16: bool = False,
+    trt_concurrent: int = 1,
+    max_batch: int = 2,
+    vocoder: bool = False,
+    force: bool = False,
 ) -> int:
     import torch
 
@@ -114,8 +119,10 @@ def precompile(
         trt.require_tensorrt()
     except CosyserveError as exc:
         _say(f"TensorRT engine not built: {exc.message}")
-        _say("the ONNX export is done; the engine build needs TensorRT on a CUDA machine "
-             "(run `cosyserve precompile` there, or let the server build it on first start)")
+        _say(
+            "the ONNX export is done; the engine build needs TensorRT on a CUDA machine "
+            "(run `cosyserve precompile` there, or let the server build it on first start)"
+        )
         _say(f"done in {time.perf_counter() - t_start:.0f} s")
         return 0
     if not torch.cuda.is_available():
@@ -125,8 +132,9 @@ def precompile(
     try:
         if plan.is_file() and force:
             plan.unlink()
-        runner, desc = trt.load_or_build(onnx_path, out_dir, fp16=fp16, concurrent=trt_concurrent,
-                                         max_batch=max_batch, progress=_say)
+        runner, desc = trt.load_or_build(
+            onnx_path, out_dir, fp16=fp16, concurrent=trt_concurrent, max_batch=max_batch, progress=_say
+        )
         ref = estimator.to("cuda").half() if fp16 else estimator.to("cuda")
         err = ox.check_estimator(runner, ref, plan.name, rtol=5e-2 if fp16 else 1e-3)
     except Exception as exc:  # noqa: BLE001
@@ -140,23 +148,44 @@ def precompile(
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_dir", "--model-dir", required=True, help="CosyVoice v1 model directory")
     parser.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16")
-    parser.add_argument("--trt_concurrent", "--trt-concurrent", type=int, default=1,
-                        help="TensorRT execution contexts to create as a check (default 1)")
-    parser.add_argument("--max_batch", "--max-batch", type=int, default=2,
-                        help="largest estimator batch in the engine profile (2 = one request, upstream's)")
-    parser.add_argument("--no-vocoder", dest="vocoder", action="store_false",
-                        help="skip the HiFT ONNX (used by the CPU plan)")
+    parser.add_argument(
+        "--trt_concurrent",
+        "--trt-concurrent",
+        type=int,
+        default=1,
+        help="TensorRT execution contexts to create as a check (default 1)",
+    )
+    parser.add_argument(
+        "--max_batch",
+        "--max-batch",
+        type=int,
+        default=2,
+        help="largest estimator batch in the engine profile (2 = one request, upstream's)",
+    )
+    parser.add_argument(
+        "--vocoder",
+        action="store_true",
+        help="also export the HiFT conv-stack ONNX (used by the CPU plan when COSYSERVE_ORT_VOCODER=1)",
+    )
     parser.add_argument("--force", action="store_true", help="re-export / rebuild even when files exist")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.trt_concurrent < 1 or args.max_batch < 2 or args.max_batch % 2:
-        print("cosyserve precompile: --trt_concurrent must be >= 1 and --max_batch an even number >= 2",
-              file=sys.stderr)
+        print(
+            "cosyserve precompile: --trt_concurrent must be >= 1 and --max_batch an even number >= 2",
+            file=sys.stderr,
+        )
         return 2
     try:
-        return precompile(args.model_dir, fp16=args.fp16, trt_concurrent=args.trt_concurrent,
-                          max_batch=args.max_batch, vocoder=args.vocoder, force=args.force)
+        return precompile(
+            args.model_dir,
+            fp16=args.fp16,
+            trt_concurrent=args.trt_concurrent,
+            max_batch=args.max_batch,
+            vocoder=args.vocoder,
+            force=args.force,
+        )
     except CosyserveError as exc:
         print(f"cosyserve precompile: {exc.message}", file=sys.stderr)
         return 1
