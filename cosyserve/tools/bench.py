@@ -493,6 +493,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--worker_log_level", default="WARNING", help=argparse.SUPPRESS)
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    from cosyserve.tools.loadtest import add_concurrency_arguments
+
+    add_concurrency_arguments(parser)  # --concurrency N [--http]: batched vs one at a time
 
 
 def main(args: argparse.Namespace) -> int:
@@ -514,6 +517,10 @@ def main(args: argparse.Namespace) -> int:
         from cosyserve.models.hub import resolve_model_dir
 
         args.model_dir = str(resolve_model_dir(args.model_dir))
+        if args.concurrency:
+            from cosyserve.tools.loadtest import bench_main
+
+            return bench_main(args)
         if args.config:
             from cosyserve.engine.factory import PLANS
 
