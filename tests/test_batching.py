@@ -343,15 +343,13 @@ def test_engine_with_batching_policy_matches_solo_and_cancels(backend) -> None:
 def batching_client(backend) -> Iterator:
     from fastapi.testclient import TestClient
 
-    from cosyserve.engine.batching import register_prometheus
     from cosyserve.server.app import create_app
     from tests.server.conftest import make_settings
 
     settings = make_settings(max_text_chars=200)
     app = create_app(settings, backend=backend, launch_report={"plan": "test"})
-    state = app.state.cosyserve
-    state.engine.policy = make_policy(backend, settings)  # what app.py wires once merged
-    register_prometheus(state.engine.policy, state.metrics.registry)
+    # create_app picks the batching policy for a CosyVoice backend by itself.
+    assert isinstance(app.state.cosyserve.engine.policy, BatchingPolicy)
     with TestClient(app) as client:
         yield client
 

@@ -4,12 +4,15 @@ Two phases per mode, in one process, on one loaded model (so the ratios compare 
 on a noisy machine):
 
 * **non-streaming** (throughput): ``N`` requests submitted together to an engine with the
-  batching policy, then the same ``N`` served one after another. Reported: aggregate audio
-  seconds per wall second for both and their ratio (``throughput_ratio``), per-request RTF.
-* **streaming** (time to first audio): ``N`` streams submitted together, then one stream alone.
-  Reported: each stream's time to first chunk (submit → first audio), percentiles and the worst
-  one over the single-stream time. Streams are cancelled once every one of them has its first
-  chunk (the rest of the audio does not change that number and would only cost time).
+  batching policy, and identical requests served one after another (a few, half before and half
+  after the concurrent phase, so that load drifting on a shared machine hits both sides alike).
+  Reported: aggregate audio seconds per wall second for both and their ratio
+  (``throughput_ratio``), per-request RTF.
+* **streaming** (time to first audio): one stream alone, ``N`` streams submitted together, one
+  stream alone again. Reported: each stream's time to first chunk (submit → first audio),
+  percentiles and the worst one over the single-stream time. Streams are cancelled once every
+  one of them has its first chunk (the rest of the audio does not change that number and would
+  only cost time).
 
 Every request is forced to ``tokens`` speech tokens (EOS masked), so the work is the same
 whatever the weights (a synthetic ``make-model`` directory works). ``http=True`` runs the real
@@ -213,13 +216,18 @@ class _HttpDriver:
             max_queue=max(concurrency, 1),
             request_timeout_s=max_seconds + 60,
             max_text_chars=5000,
+            batching=True,
+            max_batch=batch_settings.max_batch,
+            token_budget=batch_settings.token_budget,
+            flow_batch=batch_settings.flow_batch,
         )
+        # The app wires the batching policy from these settings, as `cosyserve serve` does.
         self.app = create_app(settings, backend=backend, launch_report={"plan": "loadtest"})
         engine = self.app.state.cosyserve.engine
-        # The bench's limits, whatever the app wired: the engine has not started yet.
-        self.policy = BatchingPolicy(backend, config_from_settings(backend, batch_settings))
-        engine.policy = self.policy
-        register_prometheus(self.policy, self.app.state.cosyserve.metrics.registry)
+        if not isinstance(engine.policy, BatchingPolicy):  # an app that does not wire it itself
+            engine.policy = BatchingPolicy(backend, config_from_settings(backend, batch_settings))
+            register_prometheus(engine.policy, self.app.state.cosyserve.metrics.registry)
+        self.policy: BatchingPolicy = engine.policy
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="loadtest-uvicorn", daemon=True)
@@ -422,6 +430,7 @@ def run_concurrency_bench(
     token_budget: int | None = None,
     flow_batch: int | None = None,
     warmup: bool = True,
+    baseline_requests: int | None = None,
     backend: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -432,7 +441,9 @@ def run_concurrency_bench(
     the streaming first-chunk phases. ``backend``: an already loaded CosyVoice backend (tests);
     otherwise ``model_dir`` is loaded with acceleration ``plan``: ``"auto"`` (what the server
     would pick on this machine), a plan name (``cpu_fast``, ``eager``, ...) or None (plain eager
-    on ``device``). The report's top level holds
+    on ``device``). ``baseline_requests`` (default ``min(concurrency, 4)``): how many requests
+    measure the one-at-a-time rate, half before and half after the concurrent phase (the single
+    stream likewise runs once before and once after). The report's top level holds
     ``throughput_ratio`` (batched ÷ one-at-a-time aggregate audio s per wall s),
     ``first_chunk_p50_s`` / ``first_chunk_p95_s`` (concurrent streams) and
     ``first_chunk_max_ratio`` (slowest concurrent first chunk ÷ the single-stream one).
@@ -445,6 +456,8 @@ def run_concurrency_bench(
     if tokens < 1:
         raise ValueError(f"tokens must be at least 1, got {tokens}")
     say = progress or (lambda message: logger.info("%s", message))
+    # One-at-a-time requests for the baseline (identical requests: a few give its rate).
+    baseline = max(1, min(concurrency, 4) if baseline_requests is None else int(baseline_requests))
     if backend is None:
         if model_dir is None:
             raise ValueError("give a model directory (or a loaded backend)")
@@ -468,6 +481,7 @@ def run_concurrency_bench(
         "stream_first_hop": backend.options.stream_first_hop,
         "text": text,
         "voice": voice,
+        "baseline_requests": baseline,
     }
     try:
         if warmup:
@@ -476,10 +490,10 @@ def run_concurrency_bench(
         if http:
             with _HttpDriver(backend, batch_settings, concurrency, max_seconds) as driver:
                 report["url"] = f"http://127.0.0.1:{driver.port}"
-                _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say)
+                _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
         else:
             driver = _InProcessDriver(backend, batch_settings)
-            _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say)
+            _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
     finally:
         backend.options.num_tokens, backend.options.stream_first_hop = saved
     if json_out is not None:
@@ -491,6 +505,16 @@ def run_concurrency_bench(
     return report
 
 
+def _merge(name: str, parts: Sequence[PhaseResult]) -> PhaseResult:
+    """One phase out of several runs of it (walls add up; requests renumbered)."""
+    requests = [r for p in parts for r in p.requests]
+    for i, r in enumerate(requests):
+        r.index = i
+    merged = PhaseResult(name, parts[0].concurrency, sum(p.wall_s for p in parts), requests)
+    merged.batching = parts[-1].batching
+    return merged
+
+
 def _run_modes(
     driver: _InProcessDriver | _HttpDriver,
     report: dict[str, Any],
@@ -500,14 +524,31 @@ def _run_modes(
     voice: str,
     max_seconds: float,
     say: Callable[[str], None],
+    baseline: int,
 ) -> None:
+    # Baselines run half before and half after the concurrent phase (A-B-A): on a shared machine
+    # the load drifts over minutes, and a baseline on one side only would carry that drift into
+    # the ratio. Identical requests (forced tokens), so a few of them give the one-at-a-time rate.
     if stream is not True:
-        say(f"non-streaming: {n} requests batched")
-        batched = driver.run_phase("batched", _requests(n, False, text, voice, 100), True, False, max_seconds)
-        say(f"non-streaming: batched {batched.throughput:.3f} audio s / wall s; now one at a time")
-        sequential = driver.run_phase(
-            "one_at_a_time", _requests(n, False, text, voice, 100), False, False, max_seconds
+        before, after = (baseline + 1) // 2, baseline // 2
+        say(f"non-streaming: {before} one at a time, {n} batched, {after} one at a time")
+        seq_a = driver.run_phase(
+            "one_at_a_time", _requests(before, False, text, voice, 100), False, False, max_seconds
         )
+        batched = driver.run_phase("batched", _requests(n, False, text, voice, 100), True, False, max_seconds)
+        say(f"non-streaming: batched {batched.throughput:.3f} audio s / wall s")
+        parts = [seq_a]
+        if after:
+            parts.append(
+                driver.run_phase(
+                    "one_at_a_time",
+                    _requests(after, False, text, voice, 100 + before),
+                    False,
+                    False,
+                    max_seconds,
+                )
+            )
+        sequential = _merge("one_at_a_time", parts)
         ratio = batched.throughput / sequential.throughput if sequential.throughput > 0 else None
         report["non_stream"] = {
             "batched": batched.summary(),
@@ -517,12 +558,12 @@ def _run_modes(
         report["throughput_ratio"] = report["non_stream"]["throughput_ratio"]
         say(f"non-streaming: one at a time {sequential.throughput:.3f}; ratio {ratio}")
     if stream is not False:
-        say(f"streaming: {n} streams at once (until every first chunk)")
+        say(f"streaming: one stream alone, {n} streams at once (until every first chunk), one alone")
+        single_a = driver.run_phase("single", _requests(1, True, text, voice, 200), True, True, max_seconds)
         batched = driver.run_phase("batched", _requests(n, True, text, voice, 200), True, True, max_seconds)
-        say("streaming: one stream alone")
-        single = driver.run_phase("single", _requests(1, True, text, voice, 200), True, True, max_seconds)
-        b, s = batched.summary(), single.summary()
-        single_first = s["first_chunk_p50_s"]
+        single_b = driver.run_phase("single", _requests(1, True, text, voice, 201), True, True, max_seconds)
+        b, s = batched.summary(), _merge("single", [single_a, single_b]).summary()
+        single_first = s["first_chunk_p50_s"]  # the mean of the two single runs
         worst = b["first_chunk_max_s"]
         ratio = worst / single_first if worst is not None and single_first else None
         report["stream"] = {
@@ -574,6 +615,12 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PLAN",
         help="with --concurrency: acceleration plan (default auto: what the server picks; 'none': plain eager)",
     )
+    group.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=None,
+        help="with --concurrency: one-at-a-time requests for the baseline rate (default min(N, 4))",
+    )
     group.add_argument("--max-batch", type=int, default=None, help="LLM rows per decode step (default N)")
     group.add_argument(
         "--token-budget", type=int, default=None, help="flow tokens per engine step (default: per device)"
@@ -596,6 +643,7 @@ def bench_main(args: argparse.Namespace) -> int:
         json_out="-" if getattr(args, "json", False) else None,
         http=args.http,
         max_seconds=args.max_seconds,
+        baseline_requests=args.baseline_requests,
         plan=None if args.concurrency_plan == "none" else args.concurrency_plan,
         stream_first_hop=getattr(args, "stream_first_hop", None),
         max_batch=args.max_batch,
@@ -665,6 +713,7 @@ def main(args: argparse.Namespace) -> int:
         http=args.http,
         max_seconds=args.max_seconds,
         device=args.device,
+        baseline_requests=args.baseline_requests,
         plan=None if args.concurrency_plan == "none" else args.concurrency_plan,
         stream_first_hop=args.stream_first_hop,
         max_batch=args.max_batch,
