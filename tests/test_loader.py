@@ -281,3 +281,39 @@ def test_fast_build_keeps_computed_buffers(tiny_model_dir) -> None:
         for key, value in reference.items():
             assert torch.equal(loaded[key], value), f"{name}.{key}"
     assert torch.nn.init.normal_.__module__ == "torch.nn.init"  # restored after loading
+
+
+def test_weights_are_adopted_from_the_mapped_checkpoint(tiny_model_dir: Path) -> None:
+    """No second copy at load: parameters *are* the memory-mapped checkpoint's tensors, until
+    detach_from_checkpoint gives them their own memory (same values)."""
+    from cosyserve.models.loader import detach_from_checkpoint
+
+    def in_flow_checkpoint_mapping(tensor: torch.Tensor) -> bool:
+        address = tensor.untyped_storage().data_ptr()
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == str((tiny_model_dir / "flow.pt").resolve()):
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= address < high:
+                    return True
+        return False
+
+    if not Path("/proc/self/maps").is_file():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    model = load_model_directory(tiny_model_dir)
+    expected = read_checkpoint(tiny_model_dir / "flow.pt")["encoder_proj.weight"].clone()
+    assert in_flow_checkpoint_mapping(model.flow.encoder_proj.weight)
+    detach_from_checkpoint(model.flow)
+    assert not in_flow_checkpoint_mapping(model.flow.encoder_proj.weight)
+    assert torch.equal(model.flow.encoder_proj.weight, expected)
+
+
+def test_half_precision_checkpoint_loads_as_float32(tiny_model_copy: Path, tiny_loaded_model) -> None:
+    state = read_checkpoint(tiny_model_copy / "llm.pt")
+    torch.save(
+        {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tiny_model_copy / "llm.pt"
+    )
+    model = load_model_directory(tiny_model_copy)
+    loaded = model.llm.llm_decoder.weight
+    assert loaded.dtype == torch.float32
+    torch.testing.assert_close(loaded, tiny_loaded_model.llm.llm_decoder.weight, atol=1e-3, rtol=1e-3)

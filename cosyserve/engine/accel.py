@@ -23,9 +23,11 @@ falls back to the next plan. What each plan field does:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from cosyserve.errors import BackendUnavailableError
+from cosyserve.models.loader import detach_from_checkpoint
 
 if TYPE_CHECKING:
     from cosyserve.engine.cosyvoice import CosyVoiceBackend
@@ -80,6 +83,35 @@ def configure_cpu_threads(threads: int | None = None) -> str:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     return f"cpu threads: {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def tune_cpu_allocator() -> str | None:
+    """Keep freed activation memory from piling up in glibc's heaps (Linux/glibc only).
+
+    By default glibc raises its mmap threshold to 32 MB as large blocks are freed, so the flow's
+    and vocoder's activations (1-30 MB each) end up in per-thread heaps that are never returned:
+    measured on the full-size model, peak RSS 2.46 GB. Serving large blocks with mmap (>= 256 KB),
+    trimming heaps above 1 MB and capping arenas at 2 brings it to 2.08 GB at the same speed.
+    ``COSYSERVE_MALLOC_TUNING=0`` leaves the allocator alone."""
+    if os.environ.get("COSYSERVE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(
+            libc.mallopt(param, value) == 1
+            for param, value in (
+                (_M_ARENA_MAX, 2),
+                (_M_MMAP_THRESHOLD, 256 * 1024),
+                (_M_TRIM_THRESHOLD, 1 << 20),
+            )
+        )
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return None
+    return "malloc: mmap >= 256 KB, trim > 1 MB, 2 arenas" if ok else None
 
 
 # ------------------------------------------------------------------------------------ preflight
@@ -127,6 +159,7 @@ def _release_estimator_weights(flow: torch.nn.Module) -> None:
     its structure stays (on the meta device), so calling it fails loudly instead of silently."""
     estimator = flow.decoder.estimator
     estimator.to(device="meta")
+    detach_from_checkpoint(flow)
     logger.info("eager estimator weights released (the accelerated runner serves the estimator)")
 
 
@@ -137,6 +170,7 @@ def _release_hift_conv_weights(hift: torch.nn.Module) -> None:
         module = getattr(hift, name, None)
         if isinstance(module, torch.nn.Module):
             module.to(device="meta")
+    detach_from_checkpoint(hift)
 
 
 def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
@@ -183,6 +217,7 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
         from cosyserve.engine.acceleration.quant import quantize_llm_int8
 
         count = quantize_llm_int8(model.llm)
+        detach_from_checkpoint(model.llm)  # unmap llm.pt: its FP32 pages were all read to quantise
         applied.append(f"int8 llm ({count} linear layers, dynamic)")
     if plan.fp16:
         guard = install_fp16_guard(backend)

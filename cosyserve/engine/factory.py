@@ -8,6 +8,7 @@ Every plan that is tried and dropped is recorded with its reason (``/performance
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -136,10 +137,12 @@ def warm_up(backend: Backend) -> float:
 
 
 def build_cosyvoice(model_dir: str, plan: AccelPlan, settings: Any) -> Backend:
-    from cosyserve.engine.accel import apply_plan, preflight
+    from cosyserve.engine.accel import apply_plan, preflight, tune_cpu_allocator
     from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
 
     preflight(plan)  # cheap checks (packages, devices) before the model is loaded
+    # Before loading: what the load frees should go back to the system too.
+    allocator = tune_cpu_allocator() if plan.device == "cpu" else None
 
     options = CosyVoiceOptions(
         device=plan.device,
@@ -148,7 +151,8 @@ def build_cosyvoice(model_dir: str, plan: AccelPlan, settings: Any) -> Backend:
         stream_first_hop=getattr(settings, "stream_first_hop", None),
     )
     backend = CosyVoiceBackend.from_dir(model_dir, options)
-    applied = apply_plan(backend, plan)
+    applied = apply_plan(backend, plan) + ([allocator] if allocator else [])
+    gc.collect()  # modules the plan replaced can sit in cycles that keep a checkpoint mapped
     backend.options.extra.update({"plan": plan.name, "accelerations": applied})
     return backend
 

@@ -59,18 +59,20 @@ def _conv(conv: nn.Conv1d | nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor
 
 
 def _fast_weight(conv: nn.Module) -> torch.Tensor:
-    # [out, in, k] -> [out, in, 1, k] channels-last, cached until the parameter changes.
+    """The weight as ``[out, in, 1, k]`` channels-last.
+
+    The first call re-lays the parameter itself out (same ``[out, in, k]`` shape and values, other
+    strides), so the fast path keeps no second copy of the ~70 MB conv weights."""
     weight = conv.weight
-    if torch.is_grad_enabled() and weight.requires_grad:
-        return weight.unsqueeze(2)  # training/autograd: no cache, let gradients flow
-    key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
-    cached = conv.__dict__.get("_fast_weight_cache")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            w = weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        cached = (key, w)
-        conv.__dict__["_fast_weight_cache"] = cached
-    return cached[1]
+    w = weight.unsqueeze(2)
+    if w.is_contiguous(memory_format=torch.channels_last) or (
+        torch.is_grad_enabled() and weight.requires_grad
+    ):
+        return w  # already laid out, or training: leave the autograd parameter alone
+    # Outside inference mode, so the parameter stays a normal tensor when called from inference.
+    with torch.inference_mode(False), torch.no_grad():
+        weight.data = weight.data.unsqueeze(2).contiguous(memory_format=torch.channels_last).squeeze(2)
+    return conv.weight.unsqueeze(2)
 
 
 def _to_fast_layout(x: torch.Tensor) -> torch.Tensor:

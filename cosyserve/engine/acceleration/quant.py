@@ -52,6 +52,14 @@ def quantize_llm_int8(llm: nn.Module) -> int:
     if "x86" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "x86"
     names = quantizable_linears(llm)
+    modules = dict(llm.named_modules())
+    with torch.no_grad():
+        for name in names:
+            # The packed int8 layer keeps the bias tensor it is given: a copy, not a view of the
+            # memory-mapped checkpoint, so the FP32 weights can be unmapped afterwards.
+            bias = modules[name].bias
+            if bias is not None:
+                bias.data = bias.data.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(
