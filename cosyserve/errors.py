@@ -71,3 +71,22 @@ class BackendUnavailableError(CosyserveError):
 class CancelledError(CosyserveError):
     status_code = 499
     code = "cancelled"
+
+
+class EngineStoppedError(CosyserveError):
+    """The engine is shutting down (or stopped) and takes no new work."""
+
+    status_code = 503
+    code = "shutting_down"
+
+
+class RequestTimeoutError(CosyserveError):
+    status_code = 504
+    code = "timeout"
+
+
+class SynthesisFailedError(CosyserveError):
+    """An unexpected exception inside a backend job; only that request fails."""
+
+    status_code = 500
+    code = "synthesis_failed"

@@ -189,7 +189,7 @@ def test_stream_with_speed_length(hift: HiFTGenerator, speed: float, n: int, fir
 
 def test_stream_speed_one_has_no_resampler(hift: HiFTGenerator) -> None:
     streamer = StreamingToken2Wav(FakeFlow(), hift, speed=1.0)
-    assert streamer.resampler is None
+    assert streamer.tail.resampler is None
 
 
 @pytest.mark.parametrize("speed", [0.5, 0.8, 1.25, 1.5, 2.0, 3.7])

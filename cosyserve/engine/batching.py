@@ -40,13 +40,12 @@ from torch import Tensor
 
 from cosyserve.engine.scheduler import RoundRobinPolicy, StepPolicy, StepResult
 from cosyserve.engine.token2wav import (
-    MEL_CACHE_LEN,
     TOKEN_HOP_LEN,
     TOKEN_OVERLAP_LEN,
-    StreamingMelResampler,
-    StreamingVocoder,
+    ChunkCommitter,
     apply_speed,
-    fade_in_out,
+    check_stream_hops,
+    speech_to_numpy,
     speed_frames,
     token_frames,
 )
@@ -62,10 +61,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, dtype=np.float32)
-
-
-def _to_numpy(speech: Tensor) -> np.ndarray:
-    return speech[0].detach().float().cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +107,7 @@ class WholeToken2Wav:
         if speed_frames(mel.shape[2], self.speed) == 0:
             return _EMPTY  # too few frames to survive the speed change
         speech, _ = self.hift.inference(apply_speed(mel, self.speed), generator=self.generator)
-        return _to_numpy(speech)
+        return speech_to_numpy(speech)
 
 
 class ChunkedToken2Wav:
@@ -148,28 +143,14 @@ class ChunkedToken2Wav:
         self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
         self.prompt_frames = 0 if prompt_feat is None else int(prompt_feat.shape[1])
         self.overlap = overlap
-        self.mel_overlap_len = token_frames(overlap, self.frame_rate)
-        self.mel_window = np.hamming(2 * self.mel_overlap_len)
         self.hop = hop
         self.first_hop = first_hop or hop
-        for name, h in (("hop", self.hop), ("first_hop", self.first_hop)):
-            # The same limits as StreamingToken2Wav: more than the overlap, and at least the HiFT
-            # mel cache (20 frames) committed per chunk.
-            if (
-                h <= overlap
-                or token_frames(h + overlap, self.frame_rate) - self.mel_overlap_len < MEL_CACHE_LEN
-            ):
-                raise ValueError(
-                    f"{name}={h} tokens is too small for streaming: it must exceed the overlap ({overlap})"
-                )
+        check_stream_hops(self.hop, self.first_hop, overlap, self.frame_rate)
         self.device = next(flow.parameters()).device
-        self.speed = float(speed)
-        self.resampler = StreamingMelResampler(self.speed) if self.speed != 1.0 else None
-        self.vocoder = StreamingVocoder(hift, generator)
+        self.tail = ChunkCommitter(hift, token_frames(overlap, self.frame_rate), float(speed), generator)
         self._tokens: list[int] = []
         self._next_hop = self.first_hop
         self._flow_cache: Tensor | None = None
-        self._mel_overlap: Tensor | None = None
 
     def add(self, token: int) -> list[int] | None:
         """Buffer one token; returns the tokens of the chunk that became due, if any."""
@@ -202,15 +183,8 @@ class ChunkedToken2Wav:
 
     @torch.inference_mode()
     def complete(self, mel: Tensor, finalize: bool) -> np.ndarray:
-        if self._mel_overlap is not None:
-            mel = fade_in_out(mel, self._mel_overlap, self.mel_window)
-        if not finalize:
-            self._mel_overlap = mel[:, :, -self.mel_overlap_len :]
-            mel = mel[:, :, : -self.mel_overlap_len]
-        if self.resampler is not None:
-            mel = self.resampler.finish(mel) if finalize else self.resampler.push(mel)
-        step = self.vocoder.push(mel, finalize)
-        return _EMPTY if step is None else _to_numpy(step.out)
+        step = self.tail.commit(mel, finalize)
+        return _EMPTY if step is None else speech_to_numpy(step.out)
 
 
 AudioSink = WholeToken2Wav | ChunkedToken2Wav

@@ -35,30 +35,18 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cosyserve.engine.types import AudioChunk, Backend, SynthesisInfo, SynthesisJob, SynthesisRequest
-from cosyserve.errors import CancelledError, CosyserveError, QueueFullError
+from cosyserve.errors import (
+    CancelledError,
+    CosyserveError,
+    EngineStoppedError,
+    QueueFullError,
+    RequestTimeoutError,
+    SynthesisFailedError,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class EngineStoppedError(CosyserveError):
-    """The engine is shutting down (or stopped) and takes no new work."""
-
-    status_code = 503
-    code = "shutting_down"
-
-
-class RequestTimeoutError(CosyserveError):
-    status_code = 504
-    code = "timeout"
-
-
-class SynthesisFailedError(CosyserveError):
-    """An unexpected exception inside a backend job; only that request fails."""
-
-    status_code = 500
-    code = "synthesis_failed"
 
 
 class RequestState(str, enum.Enum):
@@ -164,6 +152,10 @@ class StepPolicy(ABC):
         """Release a request that will not be stepped again (finished, cancelled, failed)."""
         if item.job is not None:
             item.job.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        """Policy-specific figures for /performance_info (empty: nothing beyond the loop's own)."""
+        return {}
 
 
 class RoundRobinPolicy(StepPolicy):
@@ -388,6 +380,7 @@ class EngineLoop:
             "rejected": c.rejected,
             "audio_seconds": round(c.audio_seconds, 3),
             "steps": c.steps,
+            **({"batching": policy_stats} if (policy_stats := self.policy.stats()) else {}),
         }
 
     # ---- asyncio-side API --------------------------------------------------------------

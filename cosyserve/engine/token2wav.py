@@ -120,7 +120,7 @@ def fade_in_out(fade_in: Tensor, fade_out: Tensor, window: np.ndarray) -> Tensor
     return out
 
 
-def _to_numpy(speech: Tensor) -> np.ndarray:
+def speech_to_numpy(speech: Tensor) -> np.ndarray:
     return speech[0].detach().float().cpu().numpy()
 
 
@@ -161,7 +161,7 @@ def token2wav(
     mel = apply_speed(mel, speed)
     phase, sine_noise = hift_noise if hift_noise is not None else (None, None)
     speech, _ = hift.inference(mel, generator=generator, phase=phase, sine_noise=sine_noise)
-    return _to_numpy(speech)
+    return speech_to_numpy(speech)
 
 
 # ------------------------------------------------------------------------------- streaming
@@ -319,6 +319,54 @@ class ChunkRecord:
     vocoder: VocoderStep | None
 
 
+def check_stream_hops(hop: int, first_hop: int, overlap: int, frame_rate: int) -> None:
+    """Refuse hops the streaming chunker cannot use.
+
+    hop > overlap: a chunk of more than 2 * overlap tokens is length-regulated as head / middle /
+    tail, so its last `overlap` tokens map exactly onto the 34 mel frames the flow cache hands to
+    the next chunk; and each chunk must commit >= 20 frames, the HiFT mel cache."""
+    for name, h in (("hop", hop), ("first_hop", first_hop)):
+        if (
+            h <= overlap
+            or token_frames(h + overlap, frame_rate) - token_frames(overlap, frame_rate) < MEL_CACHE_LEN
+        ):
+            raise ValueError(
+                f"{name}={h} tokens is too small for streaming: it must exceed the overlap ({overlap})"
+            )
+
+
+class ChunkCommitter:
+    """What follows the flow for each streamed chunk: cross-fade its mel with the previous
+    chunk's held-back overlap, hold back its own tail (unless final), apply speed, vocode.
+
+    Shared by the batch-1 streamer below and the batching runner's chunked sink, so both give
+    the same audio for the same flow output."""
+
+    def __init__(
+        self,
+        hift: HiFTGenerator,
+        overlap_frames: int,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+        hift_noises: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ):
+        self.overlap_frames = overlap_frames
+        self.window = _hamming(2 * overlap_frames)
+        self.resampler = StreamingMelResampler(speed) if speed != 1.0 else None
+        self.vocoder = StreamingVocoder(hift, generator, hift_noises)
+        self._mel_overlap: Tensor | None = None
+
+    def commit(self, mel: Tensor, finalize: bool) -> VocoderStep | None:
+        if self._mel_overlap is not None:
+            mel = fade_in_out(mel, self._mel_overlap, self.window)
+        if not finalize:
+            self._mel_overlap = mel[:, :, -self.overlap_frames :]
+            mel = mel[:, :, : -self.overlap_frames]
+        if self.resampler is not None:
+            mel = self.resampler.finish(mel) if finalize else self.resampler.push(mel)
+        return self.vocoder.push(mel, finalize)
+
+
 class StreamingToken2Wav:
     """Per-request streaming token -> waveform state machine.
 
@@ -357,30 +405,17 @@ class StreamingToken2Wav:
         self.generator = generator
         self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
         self.overlap = overlap
-        self.mel_overlap_len = token_frames(overlap, self.frame_rate)
-        self.mel_window = _hamming(2 * self.mel_overlap_len)
         self.hop = hop
         self.first_hop = first_hop or hop
-        for name, h in (("hop", self.hop), ("first_hop", self.first_hop)):
-            # hop > overlap: a chunk of more than 2 * overlap tokens is length-regulated as
-            # head / middle / tail, so its last `overlap` tokens map exactly onto the 34 mel
-            # frames the flow cache hands to the next chunk (and it commits >= 20 frames, the
-            # HiFT mel cache).
-            if (
-                h <= overlap
-                or token_frames(h + overlap, self.frame_rate) - self.mel_overlap_len < MEL_CACHE_LEN
-            ):
-                raise ValueError(
-                    f"{name}={h} tokens is too small for streaming: it must exceed the overlap ({overlap})"
-                )
+        check_stream_hops(self.hop, self.first_hop, overlap, self.frame_rate)
         self.device = torch.device(device) if device is not None else _module_device(flow)
         self.speed = float(speed)
-        self.resampler = StreamingMelResampler(self.speed) if self.speed != 1.0 else None
-        self.vocoder = StreamingVocoder(hift, generator, hift_noises)
+        self.tail = ChunkCommitter(
+            hift, token_frames(overlap, self.frame_rate), self.speed, generator, hift_noises
+        )
         self._flow_noises = list(flow_noises or [])
         self._tokens: list[int] = []
         self._flow_cache: Tensor | None = None
-        self._mel_overlap: Tensor | None = None
         self._next_hop = self.first_hop
         self.chunks_done = 0
         self.finished = False
@@ -400,19 +435,11 @@ class StreamingToken2Wav:
             noise=noise,
             generator=self.generator,
         )
-        flow_mel = mel
-        if self._mel_overlap is not None:
-            mel = fade_in_out(mel, self._mel_overlap, self.mel_window)
-        if not finalize:
-            self._mel_overlap = mel[:, :, -self.mel_overlap_len :]
-            mel = mel[:, :, : -self.mel_overlap_len]
-        if self.resampler is not None:
-            mel = self.resampler.finish(mel) if finalize else self.resampler.push(mel)
-        step = self.vocoder.push(mel, finalize)
+        step = self.tail.commit(mel, finalize)
         self.chunks_done += 1
         if self.trace is not None:
-            self.trace.append(ChunkRecord(token_tensor, cache_in, flow_mel, self._flow_cache, step))
-        return None if step is None else _to_numpy(step.out)
+            self.trace.append(ChunkRecord(token_tensor, cache_in, mel, self._flow_cache, step))
+        return None if step is None else speech_to_numpy(step.out)
 
     def push(self, tokens: Sequence[int]) -> list[np.ndarray]:
         """Add speech tokens; returns the audio chunks that are ready (possibly none)."""

@@ -41,6 +41,9 @@ def test_sft_stream_and_openai_file(cosyvoice_client) -> None:
     assert float(response.headers["x-audio-duration"]) == pytest.approx(
         audio_duration(response.content, "wav"), abs=1e-3
     )
+    # The batching policy serves CosyVoice and reports its step figures.
+    batching = client.get("/performance_info").json()["engine"]["batching"]
+    assert batching["max_batch"] >= 1 and batching["steps"] > 0
 
 
 def test_zero_shot_and_saved_voice(cosyvoice_client) -> None:

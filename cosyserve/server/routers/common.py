@@ -22,9 +22,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from cosyserve.engine.scheduler import EngineLoop, EngineStoppedError, RequestHandle
+from cosyserve.engine.scheduler import EngineLoop, RequestHandle
 from cosyserve.engine.types import AudioChunk, Backend, PromptAudio, SynthesisRequest, VoiceInfo
-from cosyserve.errors import CosyserveError, InvalidRequestError, UnknownVoiceError, UnsupportedModeError
+from cosyserve.errors import (
+    CosyserveError,
+    EngineStoppedError,
+    InvalidRequestError,
+    UnknownVoiceError,
+    UnsupportedModeError,
+)
 from cosyserve.server.metrics import ServerMetrics
 from cosyserve.server.schemas import (
     PayloadTooLargeError,
