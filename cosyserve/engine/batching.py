@@ -68,14 +68,8 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 # --------------------------------------------------------------------------------------------
 
 
-class WholeToken2Wav:
-    """Non-streaming token → waveform for one segment, in two halves around ``flow.decode``.
-
-    ``prepare`` + ``decode([it])`` + ``complete`` is :func:`cosyserve.engine.token2wav.token2wav`
-    call for call (same random draws from ``generator``, in the same order).
-    """
-
-    streaming = False
+class _SegmentSink:
+    """What both sinks know of one segment: the networks, its prompt and speaker, its RNG."""
 
     def __init__(
         self,
@@ -95,6 +89,16 @@ class WholeToken2Wav:
         self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
         self.prompt_frames = 0 if prompt_feat is None else int(prompt_feat.shape[1])
 
+
+class WholeToken2Wav(_SegmentSink):
+    """Non-streaming token → waveform for one segment, in two halves around ``flow.decode``.
+
+    ``prepare`` + ``decode([it])`` + ``complete`` is :func:`cosyserve.engine.token2wav.token2wav`
+    call for call (same random draws from ``generator``, in the same order).
+    """
+
+    streaming = False
+
     @torch.inference_mode()
     def prepare(self, tokens: Sequence[int]) -> FlowInputs:
         token_tensor = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
@@ -110,7 +114,7 @@ class WholeToken2Wav:
         return speech_to_numpy(speech)
 
 
-class ChunkedToken2Wav:
+class ChunkedToken2Wav(_SegmentSink):
     """Streaming token → waveform for one segment, in two halves around ``flow.decode``.
 
     Same chunking, caches and cross-fades as
@@ -137,17 +141,12 @@ class ChunkedToken2Wav:
         first_hop: int | None = None,
         overlap: int = TOKEN_OVERLAP_LEN,
     ):
-        self.flow = flow
-        self.prompt_tokens, self.prompt_feat, self.embedding = prompt_tokens, prompt_feat, embedding
-        self.generator = generator
-        self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
-        self.prompt_frames = 0 if prompt_feat is None else int(prompt_feat.shape[1])
+        super().__init__(flow, hift, prompt_tokens, prompt_feat, embedding, speed, generator)
         self.overlap = overlap
         self.hop = hop
         self.first_hop = first_hop or hop
         check_stream_hops(self.hop, self.first_hop, overlap, self.frame_rate)
-        self.device = next(flow.parameters()).device
-        self.tail = ChunkCommitter(hift, token_frames(overlap, self.frame_rate), float(speed), generator)
+        self.tail = ChunkCommitter(hift, token_frames(overlap, self.frame_rate), self.speed, generator)
         self._tokens: list[int] = []
         self._next_hop = self.first_hop
         self._flow_cache: Tensor | None = None
