@@ -8,7 +8,6 @@ Every plan that is tried and dropped is recorded with its reason (``/performance
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -152,7 +151,6 @@ def build_cosyvoice(model_dir: str, plan: AccelPlan, settings: Any) -> Backend:
     )
     backend = CosyVoiceBackend.from_dir(model_dir, options)
     applied = apply_plan(backend, plan) + ([allocator] if allocator else [])
-    gc.collect()  # modules the plan replaced can sit in cycles that keep a checkpoint mapped
     backend.options.extra.update({"plan": plan.name, "accelerations": applied})
     return backend
 

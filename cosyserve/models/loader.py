@@ -332,7 +332,9 @@ def detach_from_checkpoint(module: nn.Module) -> None:
         for tensor in (*module.parameters(), *module.buffers()):
             if tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
-    gc.collect()  # replaced modules (e.g. by quantisation) may sit in reference cycles holding the map
+    # Modules replaced in place (by quantisation) linger in reference cycles, still holding the
+    # map: collect them now rather than at some later, unknown point.
+    gc.collect()
 
 
 _RANDOM_INITS = (
