@@ -7,6 +7,7 @@ installed" path. CUDA (skipped without a GPU): the captured decode step, FP16 fl
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,9 +114,9 @@ def _build(model_dir: Path, plan_name: str):
     )
 
 
-def test_cpu_fast_plan_matches_eager(tiny_model_copy: Path) -> None:
+def test_cpu_onnx_plan_matches_eager(tiny_model_copy: Path) -> None:
     eager = _build(tiny_model_copy, "eager")
-    fast = _build(tiny_model_copy, "cpu_fast")
+    fast = _build(tiny_model_copy, "cpu_onnx")
     with torch.inference_mode():
         _compare_flow_and_vocoder(eager, fast)
 
@@ -139,8 +140,10 @@ def test_int8_llm_deviation_is_small(tiny_loaded_model) -> None:
     llm = tiny_loaded_model.llm
     q = quant.quantized_copy(llm)
     assert type(q.llm.encoders[0].self_attn.linear_pos) is nn.Linear  # position projection stays float
-    assert "quantized.dynamic" in type(q.llm.encoders[0].self_attn.linear_q).__module__
-    assert "quantized.dynamic" in type(q.llm_decoder).__module__
+    attn = q.llm.encoders[0].self_attn
+    assert isinstance(attn.linear_qkv, quant.Int8Linear) and not hasattr(attn, "linear_q")  # fused
+    assert isinstance(q.llm_decoder, quant.Int8Linear)
+    assert isinstance(q.text_encoder.encoders[0].feed_forward.w_1, quant.Int8Linear)
     text = torch.randint(0, 5000, (1, 9), generator=torch.Generator().manual_seed(0))
     emb = tiny_loaded_model.speakers["英文女"]
     dev = quant.llm_deviation(llm, q, text, emb, steps=40)
@@ -149,6 +152,38 @@ def test_int8_llm_deviation_is_small(tiny_loaded_model) -> None:
     assert dev.kl_mean < 1e-2
     assert dev.logp_mean_abs < 0.05
     assert dev.top1_agreement >= 0.9
+
+
+def test_fused_qkv_projection_matches_the_separate_ones(tiny_loaded_model) -> None:
+    import copy
+
+    llm = tiny_loaded_model.llm
+    fused = copy.deepcopy(llm)
+    for layer in fused.llm.encoders:
+        layer.self_attn.fuse_qkv()
+    text = torch.randint(0, 5000, (1, 9), generator=torch.Generator().manual_seed(0))
+    prefix = llm.build_prefix(text, embedding=tiny_loaded_model.speakers["英文女"])
+    with torch.inference_mode():
+        ref, cache_ref = llm.prefill(prefix)
+        got, cache_got = fused.prefill(prefix)
+        assert torch.allclose(got, ref, atol=1e-5)
+        for token in (3, 77, 5):
+            ref = llm.decode_step(torch.tensor([token]), cache_ref)
+            got = fused.decode_step(torch.tensor([token]), cache_got)
+            assert torch.allclose(got, ref, atol=1e-5), float((got - ref).abs().max())
+
+
+def test_int8_layers_run_the_torch_ao_kernel_unchanged() -> None:
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    reference = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    lean = copy.deepcopy(reference)
+    quant._lean_int8_layers(lean)
+    assert isinstance(lean[0], quant.Int8Linear) and isinstance(lean[2], quant.Int8Linear)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(lean(x), reference(x))
 
 
 def test_int8_estimator_deviation_is_bounded(exported: tuple[nn.Module, Path], tmp_path: Path) -> None:

@@ -152,7 +152,8 @@ def test_fallback_chain_takes_each_step(tiny_model_copy: Path, monkeypatch: pyte
     assert report["plan"] == "cpu_fast"
     assert built == ["jit_fp16", "jit", "cuda_eager", "cpu_fast"]  # TensorRT failed before any load
     assert backend.options.extra["plan"] == "cpu_fast"
-    assert any("onnxruntime estimator" in a for a in backend.options.extra["accelerations"])
+    applied = backend.options.extra["accelerations"]
+    assert any(a.startswith("cpu threads") for a in applied) and any(a.startswith("malloc") for a in applied)
 
 
 def test_fp16_guard_keeps_the_plan(tiny_model_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,7 +213,10 @@ def test_check_audio() -> None:
 
 
 def test_cpu_plans_are_known() -> None:
-    assert PLANS["cpu_fast"].onnx_cpu and not PLANS["cpu_fast"].int8_llm
+    assert PLANS["cpu_fast"].cpu_tuning and not PLANS["cpu_fast"].onnx_cpu and not PLANS["cpu_fast"].int8_llm
+    assert PLANS["cpu_onnx"].onnx_cpu and not PLANS["cpu_onnx"].int8_llm
     assert PLANS["cpu_int8"].int8_llm and PLANS["cpu_int8"].onnx_cpu
+    assert not PLANS["eager"].cpu_tuning  # the baseline: plain PyTorch
     accel.preflight(PLANS["cpu_fast"])
+    accel.preflight(PLANS["cpu_onnx"])
     accel.preflight(PLANS["eager"])

@@ -184,3 +184,19 @@ def test_nucleus_boundary_and_top_k() -> None:
     flat = torch.zeros(100)  # uniform: top_k caps the candidates at the 25 first (stable sort)
     seen = {nucleus_sample(flat, 0.8, 25, torch.Generator().manual_seed(s)) for s in range(400)}
     assert seen <= set(range(25)) and len(seen) > 15
+
+
+def test_top_k_equals_the_stable_sort_even_with_ties() -> None:
+    from cosyserve.models.llm import _top_k_stable
+
+    data = torch.Generator().manual_seed(3)
+    rows = [torch.randn(4097, generator=data).softmax(0) for _ in range(5)]
+    tied = torch.zeros(4097)
+    tied[[7, 3, 900, 11]] = 0.2  # four-way tie across the k boundary (k=2): lower indices win
+    tied[[5, 6]] = 0.1
+    rows += [tied, torch.full((10,), 0.1), torch.tensor([0.5, 0.5])]
+    for probs in rows:
+        for k in (1, 2, 25, probs.numel(), probs.numel() + 3):
+            values, order = probs.sort(descending=True, stable=True)
+            got_values, got_order = _top_k_stable(probs, k)
+            assert torch.equal(got_order, order[:k]) and torch.equal(got_values, values[:k])

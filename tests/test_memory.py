@@ -1,8 +1,12 @@
 """Memory savings that must not change results: HiFT's in-place channels-last weights, the
-allocator tuning switch, and int8 layers that do not pin the FP32 checkpoint."""
+allocator tuning (its switch, and freed heap memory going back to the system), and int8 layers
+that do not pin the FP32 checkpoint."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -47,8 +51,56 @@ def test_allocator_tuning_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -
     assert "malloc" in (tune_cpu_allocator() or "malloc (not glibc)")
 
 
+# The allocator tests run in a fresh interpreter: how glibc serves a block depends on the free
+# chunks earlier tests left in the heap.
+_ALLOCATOR_PROBE = """
+import json, torch
+from cosyserve.engine.accel import release_free_heap, tune_cpu_allocator, vocoder_allocation
+
+def rss_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+survivors = []
+
+def freed(block, blocks=64):
+    # Blocks each followed by a small heap block that survives: freed, they are holes in the heap.
+    big = []
+    for _ in range(blocks):
+        big.append(torch.ones(block, dtype=torch.uint8))
+        survivors.append(torch.ones(64 << 10, dtype=torch.uint8))
+    held = rss_mb()
+    big.clear()
+    return held - rss_mb()
+
+out = {"tuned": tune_cpu_allocator() is not None}
+out["heap_kept"] = freed(1 << 20)
+held = rss_mb()
+release_free_heap()
+out["trim_returned"] = held - rss_mb()
+with vocoder_allocation():  # larger than any free heap chunk: their own mmaps
+    out["vocoder_returned"] = freed(3 << 20)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt / malloc_trim")
+def test_freed_heap_memory_goes_back_and_vocoder_blocks_are_not_kept() -> None:
+    env = {**os.environ, "COSYSERVE_MALLOC_TUNING": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _ALLOCATOR_PROBE], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    if not probe["tuned"]:
+        pytest.skip("not glibc")
+    assert probe["heap_kept"] < 16, probe  # activations freed between survivors stay in the heap...
+    assert probe["trim_returned"] > 48, probe  # ...until release_free_heap() hands them back
+    assert probe["vocoder_returned"] > 128, probe  # while vocoding, big blocks go back at once
+
+
 def test_int8_layers_do_not_keep_checkpoint_biases(tiny_model_dir) -> None:
-    from cosyserve.engine.acceleration.quant import quantizable_linears, quantize_llm_int8
+    from cosyserve.engine.acceleration.quant import Int8Linear, quantizable_linears, quantize_llm_int8
     from cosyserve.models.loader import load_model_directory
 
     llm = load_model_directory(tiny_model_dir).llm
@@ -56,10 +108,10 @@ def test_int8_layers_do_not_keep_checkpoint_biases(tiny_model_dir) -> None:
     names = quantizable_linears(llm)
     mapped = {modules[n].bias.untyped_storage().data_ptr() for n in names if modules[n].bias is not None}
     quantize_llm_int8(llm)
-    quantized = dict(llm.named_modules())
     kept = set()
-    for name in names:
-        _, bias = quantized[name]._packed_params._weight_bias()
-        if bias is not None:
-            kept.add(bias.untyped_storage().data_ptr())
-    assert mapped and not (kept & mapped)
+    for module in llm.modules():
+        if isinstance(module, Int8Linear):
+            _, bias = module.packed.unpack()
+            if bias is not None:
+                kept.add(bias.untyped_storage().data_ptr())
+    assert mapped and kept and not (kept & mapped)

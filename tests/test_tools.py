@@ -138,7 +138,7 @@ def test_bench_in_process_json(tiny_model_copy: Path, capsys: pytest.CaptureFixt
         "--model_dir",
         str(tiny_model_copy),
         "--config",
-        "cpu_fast",
+        "cpu_onnx",
         "--tokens",
         "45",
         "--runs",
@@ -153,7 +153,7 @@ def test_bench_in_process_json(tiny_model_copy: Path, capsys: pytest.CaptureFixt
     )
     assert code == 0, err
     results = json.loads(out)
-    assert [r["config"] for r in results] == ["eager", "cpu_fast"]
+    assert [r["config"] for r in results] == ["eager", "cpu_onnx"]
     for r in results:
         for key in (
             "config",

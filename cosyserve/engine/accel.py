@@ -3,10 +3,13 @@
 Each step either succeeds and reports what it did, or raises with a clear reason so the launcher
 falls back to the next plan. What each plan field does:
 
-* ``device="cpu"``: torch intra-op threads = physical cores, inter-op threads = 1.
-* ``onnx_cpu``: the flow estimator runs on ONNX Runtime (the model directory's
-  ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported once); the eager
-  estimator's weights are then released. The vocoder stays eager (see ``CPU_ORT_VOCODER``).
+* ``device="cpu"`` with ``cpu_tuning`` (every CPU plan but the ``eager`` baseline): torch
+  intra-op threads = physical cores, inter-op threads = 1, and the allocator policy of
+  :func:`tune_cpu_allocator`.
+* ``onnx_cpu`` (``cpu_onnx``, ``cpu_int8``): the flow estimator runs on ONNX Runtime (the model
+  directory's ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported
+  once); the eager estimator's weights are then released. The vocoder stays eager (see
+  ``CPU_ORT_VOCODER``).
 * ``int8_llm`` (the opt-in ``cpu_int8`` plan): dynamic int8 weights for the LLM's linear layers
   (torch) and, with ``onnx_cpu``, for the estimator's MatMul/Gemm (ONNX Runtime); both are
   checked against FP32 at load (see ``cosyserve bench`` for the measured deviation).
@@ -24,12 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,32 +90,68 @@ def configure_cpu_threads(threads: int | None = None) -> str:
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+_HEAP_BLOCKS = 32 << 20  # blocks below this come from the heap (glibc's own ceiling for its threshold)
+_VOCODER_BLOCKS = 256 << 10  # while vocoding: blocks from this size get their own mmap
+_libc: Any = None  # set by tune_cpu_allocator on glibc; the functions below are no-ops until then
 
 
 def tune_cpu_allocator() -> str | None:
-    """Keep freed activation memory from piling up in glibc's heaps (Linux/glibc only).
+    """Fast activations, bounded memory (Linux/glibc only).
 
-    By default glibc raises its mmap threshold to 32 MB as large blocks are freed, so the flow's
-    and vocoder's activations (1-30 MB each) end up in per-thread heaps that are never returned:
-    measured on the full-size model, peak RSS 2.46 GB. Serving large blocks with mmap (>= 256 KB),
-    trimming heaps above 1 MB and capping arenas at 2 brings it to 2.08 GB (flow unchanged, vocoder ~10 % slower).
+    Measured on the full-size model (2-core VM): serving every block >= 256 KB with its own mmap
+    keeps peak RSS lowest but costs 20 % end to end (each activation page-faults afresh: the torch
+    estimator 0.65 -> 1.2 s per call, HiFT 1.3 -> 1.9 s); serving them from the heap is fast, but
+    the heap keeps what it frees, and HiFT's 14 MB activations fragment it (+150-250 MB peak). So:
+    blocks come from the heap (2 arenas), except while HiFT runs (:func:`vocoder_allocation`), and
+    :func:`release_free_heap` hands free heap pages back after each audio step and after loading.
     ``COSYSERVE_MALLOC_TUNING=0`` leaves the allocator alone."""
+    global _libc
     if os.environ.get("COSYSERVE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = all(
-            libc.mallopt(param, value) == 1
-            for param, value in (
-                (_M_ARENA_MAX, 2),
-                (_M_MMAP_THRESHOLD, 256 * 1024),
-                (_M_TRIM_THRESHOLD, 1 << 20),
-            )
-        )
+        ok = libc.mallopt(_M_ARENA_MAX, 2) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS) == 1
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return None
-    return "malloc: mmap >= 256 KB, trim > 1 MB, 2 arenas" if ok else None
+    if not ok:
+        return None
+    _libc = libc
+    return "malloc: heap blocks, mmap'd while vocoding, free heap returned after each audio step"
+
+
+def release_free_heap() -> None:
+    """Return the heap's free pages to the OS (``malloc_trim``), when :func:`tune_cpu_allocator`
+    enabled it. Cheap (a few ms); called between steps, never inside one."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def vocoder_allocation() -> Iterator[None]:
+    """While HiFT runs, new blocks >= 256 KB get their own mmap (returned when freed) instead of
+    growing the heap; free heap chunks that fit are still reused."""
+    if _libc is None:
+        yield
+        return
+    _libc.mallopt(_M_MMAP_THRESHOLD, _VOCODER_BLOCKS)
+    try:
+        yield
+    finally:
+        _libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS)
+
+
+def install_vocoder_allocation(hift: torch.nn.Module) -> None:
+    """Run every ``hift.inference`` call under :func:`vocoder_allocation` (instance attribute)."""
+    inference = hift.inference
+
+    @functools.wraps(inference)
+    def allocated(*args: Any, **kwargs: Any) -> Any:
+        with vocoder_allocation():
+            return inference(*args, **kwargs)
+
+    hift.__dict__["inference"] = allocated
 
 
 # ------------------------------------------------------------------------------------ preflight
@@ -179,8 +219,11 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
     model = backend.model
     model_dir = model.files.root
     flow = model.flow
-    if plan.device == "cpu":
+    if plan.device == "cpu" and plan.cpu_tuning:
         applied.append(configure_cpu_threads(getattr(backend.options, "num_threads", None)))
+        if _libc is not None and not plan.int8_llm:
+            # FP32 plans sit near their memory target; int8 has ~900 MB to spare and keeps HiFT fast.
+            install_vocoder_allocation(model.hift)
     if plan.fp16:
         applied.append("fp16 (llm, flow)")
     if plan.jit:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cosyserve.engine.accel import release_free_heap
 from cosyserve.engine.scheduler import RoundRobinPolicy, StepPolicy, StepResult
 from cosyserve.engine.token2wav import (
     TOKEN_HOP_LEN,
@@ -463,6 +464,8 @@ class BatchRunner:
         if group:
             yield from self._decode_group(group)
             stats.flow_calls = 1
+        # The flow's and vocoder's activations are freed now: hand the heap pages back (CPU).
+        release_free_heap()
         stats.audio_items = len(picked)
         stats.audio_seconds = time.perf_counter() - t0
 

@@ -275,6 +275,15 @@ class HiFTGenerator(nn.Module):
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
         return torch.istft(spec, self.n_fft, self.hop, self.n_fft, window=self.stft_window)
 
+    def prepare_fast_path(self) -> None:
+        """Re-lay the decode stack's conv weights out for the fast path now, at load time, rather
+        than inside the first synthesis (where the replaced layouts would add to its memory peak)."""
+        if not self.fast:
+            return
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) and not name.startswith("f0_predictor"):
+                _fast_weight(module)
+
     def decode_conv_post(
         self, mel: torch.Tensor, source: torch.Tensor, fast: bool | None = None
     ) -> torch.Tensor:

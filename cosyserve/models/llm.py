@@ -39,13 +39,26 @@ def nucleus_sample(logp: Tensor, top_p: float, top_k: int, generator: torch.Gene
     """Upstream's nucleus walk: over probs sorted descending (stable), take entries while the
     cumulative probability so far is < top_p and fewer than top_k are taken (so the entry that
     crosses top_p is included); draw one with `multinomial` from the unnormalised taken probs."""
-    probs, order = logp.softmax(dim=0).sort(descending=True, stable=True)
-    head = probs[:top_k]
+    head, order = _top_k_stable(logp.softmax(dim=0), top_k)
     # Sequential float32 sum, as upstream's Python loop accumulates (torch.cumsum uses doubles).
     cum = np.cumsum(head.numpy(), dtype=np.float32)
     taken = 1 + int(np.count_nonzero(cum[:-1] < np.float32(top_p)))
     pick = torch.multinomial(head[:taken], 1, replacement=True, generator=generator)
     return int(order[int(pick)])
+
+
+def _top_k_stable(probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The first `k` entries of ``probs.sort(descending=True, stable=True)`` (values, indices).
+
+    A partial top-k is ~0.7 ms cheaper per decode step than sorting all 4097 entries; its order
+    among equal values is unspecified, so any tie among the k + 1 largest falls back to the sort
+    (the k-th/k+1-th tie decides which index is kept)."""
+    if 0 < k < probs.numel():
+        values, indices = probs.topk(k + 1, sorted=True)
+        if bool((values[1:] < values[:-1]).all()):
+            return values[:k], indices[:k]
+    values, indices = probs.sort(descending=True, stable=True)
+    return values[:k], indices[:k]
 
 
 def ras_sampling(

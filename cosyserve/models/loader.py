@@ -395,6 +395,8 @@ def load_networks(
             # Folding made new tensors for most weights; copy the rest too, so the checkpoint
             # (whose weight_v pages the folding read) is unmapped instead of staying resident.
             detach_from_checkpoint(module)
+            if torch.device(device).type == "cpu":
+                module.prepare_fast_path()  # type: ignore[operator]
         nets.append(module.to(device).eval())
     return nets[0], nets[1], nets[2]
 

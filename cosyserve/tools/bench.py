@@ -5,8 +5,9 @@ thread/allocator state cannot help or hurt the next), warms up, then times ``--r
 one segment with exactly ``--tokens`` speech tokens (EOS masked, generation capped). The eager
 configuration is always measured in the same invocation, so every figure also shows as a ratio.
 
-Per run: one non-streaming synthesis (LLM tokens/s, flow s, vocoder s, RTF) and, with
-``--stream``, one streaming synthesis (time to first chunk). Figures are medians over the runs.
+Per run: one non-streaming synthesis (LLM tokens/s, flow s, vocoder s, RTF) and, unless
+``--no-stream``, one streaming synthesis with the server's first hop (time to first chunk).
+Figures are medians over the runs.
 ``--synthetic`` writes a full-size random-weight model directory (CosyVoice-300M-SFT architecture)
 into the cache once and benchmarks that.
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from cosyserve.settings import LOW_LATENCY_FIRST_HOP
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +182,14 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one configuration in this process; returns the result record."""
     import torch
 
-    from cosyserve.engine.factory import PLANS, build_cosyvoice
+    from cosyserve.engine.factory import PLANS, build_cosyvoice, warm_up
 
     name = args.config[-1] if isinstance(args.config, list) else args.config
     plan = PLANS[name]
     settings = SimpleNamespace(voices_dir=None, stream_first_hop=args.stream_first_hop)
     t0 = time.perf_counter()
     backend = build_cosyvoice(str(args.model_dir), plan, settings)
+    warm_up(backend)  # the server's start-up check: one short synthesis before serving
     load_s = time.perf_counter() - t0
     rss_loaded = _peak_rss_mb()
     model = backend.model
@@ -350,8 +354,7 @@ def _worker_command(args: argparse.Namespace, config: str) -> list[str]:
     ]
     if args.tokens:
         cmd += ["--tokens", str(args.tokens)]
-    if args.stream:
-        cmd.append("--stream")
+    cmd.append("--stream" if args.stream else "--no-stream")
     if args.stream_first_hop:
         cmd += ["--stream_first_hop", str(args.stream_first_hop)]
     if not args.int8_deviation:
@@ -462,13 +465,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokens", type=int, default=250, help="force exactly N speech tokens (default 250 = 5 s)"
     )
-    parser.add_argument("--stream", action="store_true", help="also measure streaming (time to first chunk)")
+    parser.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure streaming: time to the first chunk (default on; --no-stream skips it)",
+    )
     parser.add_argument(
         "--stream_first_hop",
         "--stream-first-hop",
         type=int,
-        default=30,
-        help="tokens in a stream's first hop (default 30; 100 = upstream)",
+        default=LOW_LATENCY_FIRST_HOP,
+        help=f"tokens in a stream's first hop (default {LOW_LATENCY_FIRST_HOP}, the server's; 100 = upstream)",
     )
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (default 3)")
     parser.add_argument(
