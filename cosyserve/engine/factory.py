@@ -145,7 +145,7 @@ def build_cosyvoice(model_dir: str, plan: AccelPlan, settings: Any) -> Backend:
     from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
 
     preflight(plan)  # cheap checks (packages, devices) before the model is loaded
-    # Before loading: what the load frees should go back to the system too.
+    # Before loading, so the load's own allocations already follow the CPU allocator policy.
     allocator = tune_cpu_allocator() if plan.device == "cpu" and plan.cpu_tuning else None
 
     options = CosyVoiceOptions(
