@@ -68,6 +68,10 @@ class BackendUnavailableError(CosyserveError):
     code = "backend_unavailable"
 
 
+class AccelerationMismatchError(BackendUnavailableError):
+    """An accelerated module does not reproduce the eager one (stale file, wrong weights, bug)."""
+
+
 class CancelledError(CosyserveError):
     status_code = 499
     code = "cancelled"

@@ -55,7 +55,7 @@ def test_cpu_machine_picks_cpu_fast() -> None:
     chain, why = plan_chain(Hardware(cuda=False, cpu_count=2), settings())
     assert [p.name for p in chain] == ["cpu_fast", "eager"]
     assert "no CUDA GPU" in why
-    assert not chain[0].int8_llm  # int8 is opt-in only
+    assert not chain[0].int8  # int8 is opt-in only
 
 
 def test_forced_and_explicit_configs() -> None:
@@ -213,9 +213,9 @@ def test_check_audio() -> None:
 
 
 def test_cpu_plans_are_known() -> None:
-    assert PLANS["cpu_fast"].cpu_tuning and not PLANS["cpu_fast"].onnx_cpu and not PLANS["cpu_fast"].int8_llm
-    assert PLANS["cpu_onnx"].onnx_cpu and not PLANS["cpu_onnx"].int8_llm
-    assert PLANS["cpu_int8"].int8_llm and PLANS["cpu_int8"].onnx_cpu
+    assert PLANS["cpu_fast"].cpu_tuning and not PLANS["cpu_fast"].onnx_cpu and not PLANS["cpu_fast"].int8
+    assert PLANS["cpu_onnx"].onnx_cpu and not PLANS["cpu_onnx"].int8
+    assert PLANS["cpu_int8"].int8 and not PLANS["cpu_int8"].onnx_cpu  # torch int8 estimator, not ORT
     assert not PLANS["eager"].cpu_tuning  # the baseline: plain PyTorch
     accel.preflight(PLANS["cpu_fast"])
     accel.preflight(PLANS["cpu_onnx"])

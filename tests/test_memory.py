@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,8 +56,8 @@ def test_allocator_tuning_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -
 # The allocator tests run in a fresh interpreter: how glibc serves a block depends on the free
 # chunks earlier tests left in the heap.
 _ALLOCATOR_PROBE = """
-import json, torch
-from cosyserve.engine.accel import release_free_heap, tune_cpu_allocator, vocoder_allocation
+import json, os, sys, torch
+from cosyserve.engine.accel import keep_paged_out, release_free_memory, tune_cpu_allocator, vocoder_allocation
 
 def rss_mb():
     with open("/proc/self/status") as status:
@@ -76,27 +78,52 @@ def freed(block, blocks=64):
 out = {"tuned": tune_cpu_allocator() is not None}
 out["heap_kept"] = freed(1 << 20)
 held = rss_mb()
-release_free_heap()
+release_free_memory()
 out["trim_returned"] = held - rss_mb()
 with vocoder_allocation():  # larger than any free heap chunk: their own mmaps
     out["vocoder_returned"] = freed(3 << 20)
+
+def rss_file_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:")) / 1024
+
+# Cold weights: a memory-mapped checkpoint tensor leaves RSS and reads back unchanged; an
+# anonymous one keeps its values.
+path = os.path.join(sys.argv[1], "w.pt")
+torch.save({"w": torch.randn(8 << 20)}, path)  # 32 MB
+mapped = torch.load(path, mmap=True, weights_only=True)["w"]
+anon = torch.randn(1 << 20)
+total, anon_total = float(mapped.sum()), float(anon.sum())
+held = rss_file_mb()
+keep_paged_out([mapped, anon])
+release_free_memory()
+out["cold_returned"] = held - rss_file_mb()
+out["cold_intact"] = float(mapped.sum()) == total and float(anon.sum()) == anon_total
 print(json.dumps(out))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt / malloc_trim")
-def test_freed_heap_memory_goes_back_and_vocoder_blocks_are_not_kept() -> None:
+def test_freed_heap_memory_goes_back_and_vocoder_blocks_are_not_kept(tmp_path: Path) -> None:
     env = {**os.environ, "COSYSERVE_MALLOC_TUNING": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", _ALLOCATOR_PROBE], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", _ALLOCATOR_PROBE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     if not probe["tuned"]:
         pytest.skip("not glibc")
     assert probe["heap_kept"] < 16, probe  # activations freed between survivors stay in the heap...
-    assert probe["trim_returned"] > 48, probe  # ...until release_free_heap() hands them back
+    assert probe["trim_returned"] > 48, probe  # ...until release_free_memory() hands them back
     assert probe["vocoder_returned"] > 128, probe  # while vocoding, big blocks go back at once
+    assert probe["cold_intact"], probe
+    if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (5, 4):
+        pytest.skip("MADV_PAGEOUT needs Linux 5.4+")
+    assert probe["cold_returned"] > 24, probe  # the mapped checkpoint's pages left RSS
 
 
 def test_int8_layers_do_not_keep_checkpoint_biases(tiny_model_dir) -> None:

@@ -10,9 +10,10 @@ falls back to the next plan. What each plan field does:
   directory's ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported
   once); the eager estimator's weights are then released. The vocoder stays eager (see
   ``CPU_ORT_VOCODER``).
-* ``int8_llm`` (the opt-in ``cpu_int8`` plan): dynamic int8 weights for the LLM's linear layers
-  (torch) and, with ``onnx_cpu``, for the estimator's MatMul/Gemm (ONNX Runtime); both are
-  checked against FP32 at load (see ``cosyserve bench`` for the measured deviation).
+* ``int8`` (the opt-in ``cpu_int8`` plan): dynamic int8 weights for the linear layers of the LLM
+  and of the flow estimator (torch; each packed for the kernel that suits it, see
+  :mod:`.acceleration.quant`); the estimator is checked against FP32 at load (see
+  ``cosyserve bench`` for the measured deviation of both).
 * ``jit``: the official TorchScript files when present and matching; on CUDA also the LLM decode
   step as a CUDA graph and (without TensorRT) a torch.compile'd estimator.
 * ``trt``: a TensorRT engine for the estimator (built from the ONNX and cached per GPU/precision),
@@ -33,7 +34,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from cosyserve.errors import BackendUnavailableError
 from cosyserve.models.loader import detach_from_checkpoint
+from cosyserve.models.transformer import RelPositionMultiHeadedAttention
 
 if TYPE_CHECKING:
     from cosyserve.engine.cosyvoice import CosyVoiceBackend
@@ -104,7 +107,7 @@ def tune_cpu_allocator() -> str | None:
     estimator 0.65 -> 1.2 s per call, HiFT 1.3 -> 1.9 s); serving them from the heap is fast, but
     the heap keeps what it frees, and HiFT's 14 MB activations fragment it (+150-250 MB peak). So:
     blocks come from the heap (2 arenas), except while HiFT runs (:func:`vocoder_allocation`), and
-    :func:`release_free_heap` hands free heap pages back after each audio step and after loading.
+    :func:`release_free_memory` hands free heap pages back after each audio step and after loading.
     ``COSYSERVE_MALLOC_TUNING=0`` leaves the allocator alone."""
     global _libc
     if os.environ.get("COSYSERVE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
@@ -113,6 +116,7 @@ def tune_cpu_allocator() -> str | None:
         libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(_M_ARENA_MAX, 2) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS) == 1
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return None
     if not ok:
@@ -121,11 +125,50 @@ def tune_cpu_allocator() -> str | None:
     return "malloc: heap blocks, mmap'd while vocoding, free heap returned after each audio step"
 
 
-def release_free_heap() -> None:
-    """Return the heap's free pages to the OS (``malloc_trim``), when :func:`tune_cpu_allocator`
-    enabled it. Cheap (a few ms); called between steps, never inside one."""
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (older kernels: EINVAL, nothing happens)
+# Weights read only to fill a cache (the relative-position projections): paged out between steps.
+_cold_weights: weakref.WeakSet[Tensor] = weakref.WeakSet()
+
+
+def keep_paged_out(tensors: Iterable[Tensor]) -> int:
+    """Page these CPU tensors out at every :func:`release_free_memory` (when the allocator policy
+    is on); returns how many. Meant for weights that are read rarely, e.g. only when a cache grows:
+    memory-mapped from the checkpoint, their pages leave RSS and are read back from the file if
+    they are ever needed again."""
+    count = 0
+    for tensor in tensors:
+        if tensor.device.type == "cpu" and tensor.numel():
+            _cold_weights.add(tensor)
+            count += 1
+    return count
+
+
+def page_out(tensor: Tensor) -> None:
+    """Ask the kernel to reclaim the whole pages under a CPU tensor (``MADV_PAGEOUT``). Never loses
+    data: clean file-backed pages are dropped (and re-read on access), anonymous pages go to swap
+    or, without swap, stay."""
+    if _libc is None:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page  # only pages the tensor fills
+    if last > first:
+        _libc.madvise(first, last - first, _MADV_PAGEOUT)
+
+
+def page_out_cold_weights() -> None:
+    """Page out the tensors given to :func:`keep_paged_out` (microseconds when they are already out)."""
+    for tensor in list(_cold_weights):
+        page_out(tensor)
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the OS (``malloc_trim``) and page out the cold weights, when
+    :func:`tune_cpu_allocator` enabled it. Cheap (a few ms); called between steps, never inside one."""
     if _libc is not None:
         _libc.malloc_trim(0)
+        page_out_cold_weights()
 
 
 @contextlib.contextmanager
@@ -180,9 +223,9 @@ def preflight(plan: AccelPlan) -> None:
             raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)")
         if plan.device != "cpu":
             raise BackendUnavailableError("the ONNX Runtime estimator path is the CPU path")
-    if plan.int8_llm:
+    if plan.int8:
         if plan.device != "cpu":
-            raise BackendUnavailableError("int8 dynamic quantisation of the LLM runs on CPU only")
+            raise BackendUnavailableError("int8 dynamic quantisation runs on CPU only")
         if not torch.backends.quantized.supported_engines or torch.backends.quantized.supported_engines == [
             "none"
         ]:
@@ -221,9 +264,17 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
     flow = model.flow
     if plan.device == "cpu" and plan.cpu_tuning:
         applied.append(configure_cpu_threads(getattr(backend.options, "num_threads", None)))
-        if _libc is not None and not plan.int8_llm:
+        if _libc is not None and not plan.int8:
             # FP32 plans sit near their memory target; int8 has ~900 MB to spare and keeps HiFT fast.
             install_vocoder_allocation(model.hift)
+            # The position projections' weights (~80 MB, full size) are read only when a position
+            # cache grows; between requests they need not stay resident.
+            keep_paged_out(
+                m.linear_pos.weight
+                for net in (model.llm, flow)
+                for m in net.modules()
+                if isinstance(m, RelPositionMultiHeadedAttention)
+            )
     if plan.fp16:
         applied.append("fp16 (llm, flow)")
     if plan.jit:
@@ -238,17 +289,10 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
     if plan.trt:
         applied.append(_install_trt(backend, plan))
     if plan.onnx_cpu:
-        from cosyserve.engine.acceleration.onnx_export import (
-            install_ort_hift,
-            load_or_export_estimator,
-            load_or_quantize_int8,
-        )
+        from cosyserve.engine.acceleration.onnx_export import install_ort_hift, load_or_export_estimator
 
         threads = torch.get_num_threads()
         runner, desc = load_or_export_estimator(model_dir, flow.decoder.estimator, threads)
-        if plan.int8_llm:
-            # cpu_int8 is the opt-in reduced-precision plan: int8 estimator projections too.
-            runner, desc, _ = load_or_quantize_int8(model_dir, flow.decoder.estimator, threads, runner.path)
         flow.decoder.estimator_runner = runner
         _release_estimator_weights(flow)
         applied.append(desc)
@@ -256,9 +300,14 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
             _, desc = install_ort_hift(model_dir, model.hift, threads)
             _release_hift_conv_weights(model.hift)
             applied.append(desc)
-    if plan.int8_llm:
-        from cosyserve.engine.acceleration.quant import quantize_llm_int8
+    if plan.int8:
+        from cosyserve.engine.acceleration.quant import quantize_estimator_int8, quantize_llm_int8
 
+        if flow.decoder.estimator_runner is not None:
+            raise BackendUnavailableError("int8 quantises the torch estimator; this plan replaced it")
+        count, err = quantize_estimator_int8(flow.decoder.estimator)
+        detach_from_checkpoint(flow)  # unmap flow.pt: its FP32 projection pages were read to quantise
+        applied.append(f"int8 flow estimator ({count} linear layers, dynamic; error {err:.1e})")
         count = quantize_llm_int8(model.llm)
         detach_from_checkpoint(model.llm)  # unmap llm.pt: its FP32 pages were all read to quantise
         applied.append(f"int8 llm ({count} linear layers, dynamic)")

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyserve.engine.accel import release_free_heap
+from cosyserve.engine.accel import page_out_cold_weights, release_free_memory
 from cosyserve.engine.scheduler import RoundRobinPolicy, StepPolicy, StepResult
 from cosyserve.engine.token2wav import (
     TOKEN_HOP_LEN,
@@ -448,6 +448,7 @@ class BatchRunner:
         if not picked:
             return
         t0 = time.perf_counter()
+        page_out_cold_weights()  # what the LLM steps just read to grow caches, before the flow's peak
         group: list[tuple[CosyVoiceTask, AudioWork]] = []
         for task, work in picked:
             if not work.tokens:  # nothing to vocode (an empty segment)
@@ -465,7 +466,7 @@ class BatchRunner:
             yield from self._decode_group(group)
             stats.flow_calls = 1
         # The flow's and vocoder's activations are freed now: hand the heap pages back (CPU).
-        release_free_heap()
+        release_free_memory()
         stats.audio_items = len(picked)
         stats.audio_seconds = time.perf_counter() - t0
 

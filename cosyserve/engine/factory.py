@@ -31,7 +31,7 @@ class AccelPlan:
     trt: bool = False
     trt_concurrent: int = 1
     onnx_cpu: bool = False  # ONNX Runtime for the flow estimator (CPU)
-    int8_llm: bool = False  # opt-in dynamic int8 quantisation of the LLM (CPU)
+    int8: bool = False  # opt-in dynamic int8 weights for the LLM and the flow estimator (CPU)
     cpu_tuning: bool = True  # CPU threads and allocator policy (off: plain PyTorch, the baseline)
 
 
@@ -45,7 +45,7 @@ PLANS: dict[str, AccelPlan] = {
     # is there for machines where ONNX Runtime wins (`cosyserve bench --test_all` shows both).
     "cpu_fast": AccelPlan("cpu_fast", "cpu"),
     "cpu_onnx": AccelPlan("cpu_onnx", "cpu", onnx_cpu=True),
-    "cpu_int8": AccelPlan("cpu_int8", "cpu", onnx_cpu=True, int8_llm=True),
+    "cpu_int8": AccelPlan("cpu_int8", "cpu", int8=True),
     "eager": AccelPlan("eager", "cpu", cpu_tuning=False),
 }
 GPU_CHAIN = ["trt_jit_fp16", "jit_fp16", "jit", "cuda_eager", "cpu_fast", "eager"]
@@ -141,7 +141,7 @@ def warm_up(backend: Backend) -> float:
 
 
 def build_cosyvoice(model_dir: str, plan: AccelPlan, settings: Any) -> Backend:
-    from cosyserve.engine.accel import apply_plan, preflight, release_free_heap, tune_cpu_allocator
+    from cosyserve.engine.accel import apply_plan, preflight, release_free_memory, tune_cpu_allocator
     from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
 
     preflight(plan)  # cheap checks (packages, devices) before the model is loaded
@@ -156,7 +156,7 @@ def build_cosyvoice(model_dir: str, plan: AccelPlan, settings: Any) -> Backend:
     )
     backend = CosyVoiceBackend.from_dir(model_dir, options)
     applied = apply_plan(backend, plan) + ([allocator] if allocator else [])
-    release_free_heap()  # what loading and quantising freed
+    release_free_memory()  # what loading and quantising freed
     backend.options.extra.update({"plan": plan.name, "accelerations": applied})
     return backend
 

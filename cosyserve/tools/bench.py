@@ -263,7 +263,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "accelerations": backend.options.extra.get("accelerations", []),
         "per_run": runs,
     }
-    if plan.int8_llm and args.int8_deviation:
+    if plan.int8 and args.int8_deviation:
         # After the peak RSS was taken: this loads a second, FP32 copy of the LLM.
         result["int8_deviation"] = int8_report(backend, str(args.model_dir), voice)
     return result
@@ -284,16 +284,16 @@ def int8_report(backend: Any, model_dir: str, voice: str, steps: int = 50) -> di
     text_ids = torch.tensor([backend.text.tokenize(BENCH_TEXT)])
     embedding = backend.speakers[voice]
     fp32_llm = _load_fp32(model_dir, backend.config, "llm")
-    int8_llm = backend.model.llm
+    int8 = backend.model.llm
     report: dict[str, Any] = {
-        "llm": llm_deviation(fp32_llm, int8_llm, text_ids, embedding, steps=steps).as_dict()
+        "llm": llm_deviation(fp32_llm, int8, text_ids, embedding, steps=steps).as_dict()
     }
     with torch.inference_mode():
         tok_a = torch.tensor(
             [list(fp32_llm.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))]
         )
         tok_b = torch.tensor(
-            [list(int8_llm.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))]
+            [list(int8.generate(text_ids, embedding=embedding, generator=7, num_tokens=steps))]
         )
         del fp32_llm
         fp32_flow = _load_fp32(model_dir, backend.config, "flow")

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from cosyserve.errors import CosyserveError
+from cosyserve.errors import AccelerationMismatchError, CosyserveError
 
 
 def _say(message: str) -> None:
@@ -106,7 +106,7 @@ def precompile(
                 hift_path = ox.export_hift(hift, out_dir / ox.HIFT_ONNX)
                 err = ox.compare_hift(ox.OrtHiFTDecoder(hift, hift_path, threads), hift)
                 if err > 1e-3:
-                    raise ox.AccelerationMismatchError(f"relative error {err:.2e}")
+                    raise AccelerationMismatchError(f"relative error {err:.2e}")
             except Exception as exc:  # noqa: BLE001
                 _say(f"FAILED: HiFT ONNX export: {type(exc).__name__}: {exc}")
                 return 1

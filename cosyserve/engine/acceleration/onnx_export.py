@@ -29,22 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.errors import BackendUnavailableError
+from cosyserve.errors import AccelerationMismatchError, BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
 ESTIMATOR_INPUTS = ("x", "mask", "mu", "t", "spks", "cond")
 ESTIMATOR_OUTPUT = "estimator_out"
 ESTIMATOR_ONNX = "flow.decoder.estimator.fp32.onnx"
-ESTIMATOR_INT8_ONNX = "flow.decoder.estimator.int8.onnx"  # ours: dynamic int8 MatMul/Gemm (cpu_int8)
-INT8_RTOL = 5e-2  # the int8 estimator's accepted error (measured ~1.2% of max |v| on the full model)
 HIFT_ONNX = "hift.decoder.fp32.onnx"  # ours only: the HiFT conv stack (no STFT), see HiFTConvStack
 DEFAULT_OPSET = 18  # onnxruntime >= 1.17 runs it on CPU; TensorRT 10 parses it
 MEL_CHANNELS = 80
-
-
-class AccelerationMismatchError(BackendUnavailableError):
-    """An accelerated module does not reproduce the eager one (stale file, wrong weights, bug)."""
 
 
 # ------------------------------------------------------------------------------------ paths
@@ -298,48 +292,6 @@ def load_or_export_estimator(
     runner = OrtEstimator(target, threads, providers)
     check_estimator(runner, estimator, str(target))
     return runner, f"onnxruntime estimator ({target.name}, exported)"
-
-
-def quantize_estimator_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
-    """Dynamic int8 quantisation of the estimator ONNX's MatMul/Gemm weights (per channel).
-
-    The attention and feed-forward projections become int8 (VNNI/AMX kernels where the CPU has
-    them); convolutions, norms and activations stay float32.
-    """
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError as exc:
-        raise BackendUnavailableError(f"onnxruntime has no quantization tools ({exc})") from exc
-    dst = Path(dst)
-    tmp = _atomic_path(dst)
-    t0 = time.perf_counter()
-    quantize_dynamic(
-        str(src),
-        str(tmp),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul", "Gemm"],
-    )
-    os.replace(tmp, dst)
-    logger.info("quantised the estimator to int8: %s (%.1f s)", dst, time.perf_counter() - t0)
-    return dst
-
-
-def load_or_quantize_int8(
-    model_dir: str | os.PathLike[str], estimator: nn.Module, threads: int, fp32_path: str | os.PathLike[str]
-) -> tuple[OrtEstimator, str, float]:
-    """An int8 ORT runner for the estimator (quantised from the checked FP32 ONNX once, cached);
-    returns it, a description and its measured relative error against the eager estimator."""
-    path = find_artifact(model_dir, ESTIMATOR_INT8_ONNX)
-    how = "found"
-    if path is not None and path.stat().st_mtime < Path(fp32_path).stat().st_mtime:
-        path = None  # quantised from an older FP32 export
-    if path is None:
-        path = quantize_estimator_int8(fp32_path, artifact_dir(model_dir) / ESTIMATOR_INT8_ONNX)
-        how = "quantised"
-    runner = OrtEstimator(path, threads)
-    err = check_estimator(runner, estimator, str(path), rtol=INT8_RTOL)
-    return runner, f"onnxruntime int8 estimator ({path.name}, {how}, error {err:.1e})", err
 
 
 # ------------------------------------------------------------------------------------ HiFT
