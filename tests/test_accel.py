@@ -202,9 +202,14 @@ def test_int8_layers_run_the_torch_ao_kernel_unchanged() -> None:
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
-    reference = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    lean = copy.deepcopy(reference)
-    quant._lean_int8_layers(lean)
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else before
+    try:
+        reference = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    finally:
+        torch.backends.quantized.engine = before
+    lean = copy.deepcopy(model)
+    quant._quantize_linears(lean, ["0", "2"], engine="x86")
     assert isinstance(lean[0], quant.Int8Linear) and isinstance(lean[2], quant.Int8Linear)
     x = torch.randn(3, 5, 64)
     assert torch.equal(lean(x), reference(x))

@@ -99,6 +99,19 @@ keep_paged_out([mapped, anon])
 release_free_memory()
 out["cold_returned"] = held - rss_file_mb()
 out["cold_intact"] = float(mapped.sum()) == total and float(anon.sum()) == anon_total
+
+# int8: each memory-mapped FP32 weight leaves RSS once its layer is quantised.
+from cosyserve.engine.acceleration.quant import _quantize_linears
+layers = torch.nn.Sequential(torch.nn.Linear(2048, 4096), torch.nn.Linear(4096, 2048))  # 2 x 32 MB
+path = os.path.join(sys.argv[1], "layers.pt")
+torch.save(layers.state_dict(), path)
+# `checkpoint` stays referenced, as a model's float tensors keep its checkpoint mapped.
+checkpoint = torch.load(path, mmap=True, weights_only=True)
+layers.load_state_dict(checkpoint, assign=True)
+sum(float(p.sum()) for p in layers.parameters())  # the FP32 pages are resident, as after reading them
+held = rss_file_mb()
+_quantize_linears(layers, ["0", "1"], engine="x86")
+out["int8_fp32_returned"] = held - rss_file_mb()
 print(json.dumps(out))
 """
 
@@ -124,6 +137,7 @@ def test_freed_heap_memory_goes_back_and_vocoder_blocks_are_not_kept(tmp_path: P
     if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (5, 4):
         pytest.skip("MADV_PAGEOUT needs Linux 5.4+")
     assert probe["cold_returned"] > 24, probe  # the mapped checkpoint's pages left RSS
+    assert probe["int8_fp32_returned"] > 48, probe  # quantising never holds both copies
 
 
 def test_int8_layers_do_not_keep_checkpoint_biases(tiny_model_dir) -> None:

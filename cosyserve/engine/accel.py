@@ -267,6 +267,7 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
         if _libc is not None and not plan.int8:
             # FP32 plans sit near their memory target; int8 has ~900 MB to spare and keeps HiFT fast.
             install_vocoder_allocation(model.hift)
+        if _libc is not None:
             # The position projections' weights (~80 MB, full size) are read only when a position
             # cache grows; between requests they need not stay resident.
             keep_paged_out(
@@ -305,11 +306,11 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
 
         if flow.decoder.estimator_runner is not None:
             raise BackendUnavailableError("int8 quantises the torch estimator; this plan replaced it")
+        # The FP32 weights are paged out layer by layer as they are quantised; what stays float
+        # (convolutions, embeddings, norms) stays memory-mapped, resident only where it is read.
         count, err = quantize_estimator_int8(flow.decoder.estimator)
-        detach_from_checkpoint(flow)  # unmap flow.pt: its FP32 projection pages were read to quantise
         applied.append(f"int8 flow estimator ({count} linear layers, dynamic; error {err:.1e})")
         count = quantize_llm_int8(model.llm)
-        detach_from_checkpoint(model.llm)  # unmap llm.pt: its FP32 pages were all read to quantise
         applied.append(f"int8 llm ({count} linear layers, dynamic)")
     if plan.fp16:
         guard = install_fp16_guard(backend)

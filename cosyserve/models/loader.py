@@ -332,8 +332,8 @@ def detach_from_checkpoint(module: nn.Module) -> None:
         for tensor in (*module.parameters(), *module.buffers()):
             if tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
-    # Modules replaced in place (by quantisation) linger in reference cycles, still holding the
-    # map: collect them now rather than at some later, unknown point.
+    # Released modules may linger in reference cycles, still holding the map: collect them now
+    # rather than at some later, unknown point.
     gc.collect()
 
 

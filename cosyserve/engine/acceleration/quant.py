@@ -72,50 +72,47 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype=qint8"
 
 
-def _lean_int8_layers(root: nn.Module, reduce_range: bool = True) -> None:
-    """Swap every torch.ao dynamic quantised Linear under `root` for an :class:`Int8Linear`."""
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            packed = getattr(getattr(child, "_packed_params", None), "_packed_params", None)
-            if packed is not None and child._packed_params.dtype == torch.qint8:
-                setattr(parent, name, Int8Linear(packed, child.in_features, child.out_features, reduce_range))
-
-
 def _quantize_linears(root: nn.Module, names: list[str], engine: str) -> None:
-    """Quantise the named nn.Linear modules of `root` in place, packed for `engine`'s kernels."""
-    device = next(root.parameters()).device
-    if device.type != "cpu":
-        raise BackendUnavailableError(
-            f"int8 dynamic quantisation runs on CPU only (the model is on {device})"
-        )
+    """Replace the named nn.Linear modules of `root` with :class:`Int8Linear`, in place, packed for
+    `engine`'s kernels.
+
+    One layer at a time, with torch.ao's own conversion (same numerics as ``quantize_dynamic``):
+    each FP32 weight is paged out once its int8 copy exists, so loading the int8 plan never holds
+    the whole FP32 model and its int8 copy at once (the weights are memory-mapped from the
+    checkpoint: the pages just leave RSS)."""
+    from cosyserve.engine.accel import page_out
+
+    _check_cpu(root)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+            from torch.ao.quantization import per_channel_dynamic_qconfig
     except ImportError as exc:  # a torch build without the quantisation package
         raise BackendUnavailableError(f"this torch build has no dynamic quantisation ({exc})") from exc
     engines = torch.backends.quantized.supported_engines
     if engine not in engines:
         engine = "x86" if "x86" in engines else torch.backends.quantized.engine
     modules = dict(root.named_modules())
-    with torch.no_grad():
-        for name in names:
-            # The packed int8 layer keeps the bias tensor it is given: a copy, not a view of the
-            # memory-mapped checkpoint, so the FP32 weights can be unmapped afterwards.
-            bias = modules[name].bias
-            if bias is not None:
-                bias.data = bias.data.clone()
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine  # chooses the packing (and so the kernel) of each layer
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(
-                root, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True
-            )
+        for name in names:
+            linear = modules[name]
+            if linear.bias is not None:
+                # The packed layer keeps the bias tensor it is given: a copy, not a view of the
+                # memory-mapped checkpoint, so the checkpoint can be unmapped afterwards.
+                linear.bias.data = linear.bias.data.clone()
+            linear.qconfig = per_channel_dynamic_qconfig
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                packed = DynamicLinear.from_float(linear)._packed_params._packed_params
+            parent, _, attr = name.rpartition(".")
+            int8 = Int8Linear(packed, linear.in_features, linear.out_features, engine != "onednn")
+            setattr(modules[parent] if parent else root, attr, int8)
+            page_out(linear.weight)
     finally:
         torch.backends.quantized.engine = previous
-    _lean_int8_layers(root, reduce_range=engine != "onednn")
 
 
 def quantize_llm_int8(llm: nn.Module) -> int:
