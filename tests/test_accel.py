@@ -289,6 +289,14 @@ def test_static_decode_step_matches_eager(tiny_model_dir: Path) -> None:
         _compare_decode(model)
 
 
+def test_static_decode_step_runs_fused_qkv_projections(tiny_model_dir: Path) -> None:
+    model = load_model_directory(tiny_model_dir)
+    for layer in model.llm.llm.encoders:
+        layer.self_attn.fuse_qkv()  # as the int8 plan does
+    with torch.inference_mode():
+        _compare_decode(model)
+
+
 def _compare_decode(model) -> None:  # noqa: ANN001
     llm = model.llm
     text = torch.randint(0, 5000, (1, 7), generator=torch.Generator().manual_seed(0))

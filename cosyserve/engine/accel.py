@@ -4,9 +4,10 @@ Each step either succeeds and reports what it did, or raises with a clear reason
 falls back to the next plan. What each plan field does:
 
 * ``device="cpu"`` with ``cpu_tuning`` (every CPU plan but the ``eager`` baseline): torch
-  intra-op threads = physical cores, inter-op threads = 1, and the allocator policy of
-  :func:`tune_cpu_allocator`.
-* ``onnx_cpu`` (``cpu_onnx``, ``cpu_int8``): the flow estimator runs on ONNX Runtime (the model
+  intra-op threads = physical cores, inter-op threads = 1, the allocator policy of
+  :func:`tune_cpu_allocator`, and the position projections' weights paged out between steps
+  (:func:`keep_paged_out`).
+* ``onnx_cpu`` (``cpu_onnx``): the flow estimator runs on ONNX Runtime (the model
   directory's ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported
   once); the eager estimator's weights are then released. The vocoder stays eager (see
   ``CPU_ORT_VOCODER``).

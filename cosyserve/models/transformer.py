@@ -280,6 +280,18 @@ class RelPositionMultiHeadedAttention(nn.Module):
 
     # -- attention -----------------------------------------------------------------------------
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x `[B, n, d]` -> q, k, v, each `[B, n, h, d_k]` (fused or separate projections)."""
+        batch, n, _ = x.shape
+        if self.linear_qkv is not None:
+            q, k, v = self.linear_qkv(x).view(batch, n, 3, self.h, self.d_k).unbind(2)
+            return q, k, v
+        return (
+            self.linear_q(x).view(batch, n, self.h, self.d_k),
+            self.linear_k(x).view(batch, n, self.h, self.d_k),
+            self.linear_v(x).view(batch, n, self.h, self.d_k),
+        )
+
     def forward(
         self,
         x: Tensor,
@@ -293,12 +305,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         advances ``cache.length`` after the last layer) and the queries attend to all T slots.
         """
         batch, n, _ = x.shape
-        if self.linear_qkv is not None:
-            q, k, v = self.linear_qkv(x).view(batch, n, 3, self.h, self.d_k).unbind(2)
-        else:
-            q = self.linear_q(x).view(batch, n, self.h, self.d_k)
-            k = self.linear_k(x).view(batch, n, self.h, self.d_k)
-            v = self.linear_v(x).view(batch, n, self.h, self.d_k)
+        q, k, v = self.project_qkv(x)
         k = k.transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:

@@ -265,9 +265,8 @@ class GraphedDecoder:
             attn = layer.self_attn
             norm_attn, norm_ff = (layer._modules[name] for name in layer._norm_names)
             h = norm_attn(x)
-            q = attn.linear_q(h).view(batch, 1, attn.h, attn.d_k)
-            k = attn.linear_k(h).view(batch, 1, attn.h, attn.d_k).transpose(1, 2)
-            v = attn.linear_v(h).view(batch, 1, attn.h, attn.d_k).transpose(1, 2)
+            q, k, v = attn.project_qkv(h)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
             cache.k[i].index_copy_(2, index, k)
             cache.v[i].index_copy_(2, index, v)
             q_u = (q + attn.pos_bias_u).transpose(1, 2)  # [B, h, 1, d_k]
