@@ -35,12 +35,12 @@ test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
-	$(BIN)/ruff check cosyserve tests
-	$(BIN)/ruff format --check cosyserve tests
+	$(BIN)/ruff check cosyserve tests scripts
+	$(BIN)/ruff format --check cosyserve tests scripts
 
 format: install-dev
-	$(BIN)/ruff format cosyserve tests
-	$(BIN)/ruff check --fix cosyserve tests
+	$(BIN)/ruff format cosyserve tests scripts
+	$(BIN)/ruff check --fix cosyserve tests scripts
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

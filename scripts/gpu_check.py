@@ -71,14 +71,19 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     parser.add_argument("--yaml", default=str(FULL_YAML))
-    parser.add_argument("--deadline", type=float, default=420.0, help="skip remaining parts after this many s")
+    parser.add_argument(
+        "--deadline", type=float, default=420.0, help="skip remaining parts after this many s"
+    )
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
     start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = False  # FP32 parity (TF32 convolutions break it)
     torch.backends.cudnn.allow_tf32 = False
-    res: dict = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__}
+    res: dict = {
+        "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
 
     def left() -> float:
         return args.deadline - (time.perf_counter() - start)
@@ -135,7 +140,9 @@ def main() -> int:
             flow.inference(tokens, embedding=emb, generator=gen)
             sync()
             res["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
-            res["flow_compiled_s"] = round(timed(lambda: flow.inference(tokens, embedding=emb, generator=gen)), 4)
+            res["flow_compiled_s"] = round(
+                timed(lambda: flow.inference(tokens, embedding=emb, generator=gen)), 4
+            )
             mel_c, _ = flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
             mel_e_gen = torch.Generator().manual_seed(1)
             flow.decoder.estimator_runner = None
