@@ -266,7 +266,7 @@ def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
     if plan.device == "cpu" and plan.cpu_tuning:
         applied.append(configure_cpu_threads(getattr(backend.options, "num_threads", None)))
         if _libc is not None and not plan.int8:
-            # FP32 plans sit near their memory target; int8 has ~900 MB to spare and keeps HiFT fast.
+            # FP32 plans sit near their memory target; int8 has ~700 MB to spare and keeps HiFT fast.
             install_vocoder_allocation(model.hift)
         if _libc is not None:
             # The position projections' weights (~80 MB, full size) are read only when a position

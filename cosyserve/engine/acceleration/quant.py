@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cosyserve.engine.accel import page_out
 from cosyserve.errors import AccelerationMismatchError, BackendUnavailableError
 from cosyserve.models.transformer import RelPositionMultiHeadedAttention
 
@@ -80,8 +81,6 @@ def _quantize_linears(root: nn.Module, names: list[str], engine: str) -> None:
     each FP32 weight is paged out once its int8 copy exists, so loading the int8 plan never holds
     the whole FP32 model and its int8 copy at once (the weights are memory-mapped from the
     checkpoint: the pages just leave RSS)."""
-    from cosyserve.engine.accel import page_out
-
     _check_cpu(root)
     try:
         with warnings.catch_warnings():
@@ -99,10 +98,6 @@ def _quantize_linears(root: nn.Module, names: list[str], engine: str) -> None:
     try:
         for name in names:
             linear = modules[name]
-            if linear.bias is not None:
-                # The packed layer keeps the bias tensor it is given: a copy, not a view of the
-                # memory-mapped checkpoint, so the checkpoint can be unmapped afterwards.
-                linear.bias.data = linear.bias.data.clone()
             linear.qconfig = per_channel_dynamic_qconfig
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
