@@ -116,9 +116,7 @@ def main() -> int:
 
         # FP16: LLM and flow in half precision, HiFT stays FP32; guard against NaN / silence.
         if DEVICE == "cpu":  # half-precision matmuls are not the point of a CPU dry run
-            res["total_s"] = round(time.perf_counter() - start, 1)
-            print(json.dumps(res, indent=1))
-            return 0
+            return _report(res, start, args.out)
         llm.half()
         flow.half()
         emb16 = emb.half()
@@ -150,11 +148,15 @@ def main() -> int:
             res["flow_compiled_vs_eager_max_abs"] = float((mel_c - mel_e).abs().max())
     else:
         res["compile_skipped"] = f"only {left():.0f} s left"
+    return _report(res, start, args.out)
+
+
+def _report(res: dict, start: float, out: str | None) -> int:
     res["total_s"] = round(time.perf_counter() - start, 1)
     text = json.dumps(res, indent=1)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,30 @@ def test_full_size_yaml_ships_with_the_package() -> None:
 
     config = load_model_config(bench.full_size_yaml())
     assert config.llm.llm.num_blocks == 14 and config.flow.estimator.num_mid_blocks == 12
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The prepared GPU measurement runs end to end (CPU dry run, tiny model), so it has not
+    rotted when a GPU is finally lent."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "scripts" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--yaml",
+            str(root / "tests" / "data" / "tiny_cosyvoice.yaml"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu"
+    for key in ("llm_fp32_b1_tok_s", "llm_fp32_b16_tok_s", "flow_fp32_s", "hift_fp32_s", "flow16_speedup"):
+        assert res[key] > 0, (key, res)
