@@ -45,6 +45,24 @@ def test_hift_fast_path_relays_weights_in_place(tiny_model_dir) -> None:
     torch.testing.assert_close(hift.inference(mel, phase=noise[0], sine_noise=noise[1])[0], slow)
 
 
+def test_vocoder_allocation_returns_heap_pages_per_residual_block(tiny_model_dir, monkeypatch) -> None:
+    from cosyserve.engine import accel
+    from cosyserve.models.hift import ResBlock
+    from cosyserve.models.loader import load_model_directory
+
+    hift = load_model_directory(tiny_model_dir).hift
+    mel = torch.randn(1, 80, 40, generator=torch.Generator().manual_seed(0))
+    noise = hift.draw_noise(40 * hift.upsample_factor, torch.Generator().manual_seed(1))
+    plain, _ = hift.inference(mel, phase=noise[0], sine_noise=noise[1])
+    trims = []
+    monkeypatch.setattr(accel, "_libc", None)  # the entry trim and the mmap threshold: glibc only
+    monkeypatch.setattr(accel, "release_free_heap_pages", lambda: trims.append(1))
+    accel.install_vocoder_allocation(hift)
+    got, _ = hift.inference(mel, phase=noise[0], sine_noise=noise[1])
+    assert torch.equal(got, plain)  # the allocation policy never changes the audio
+    assert len(trims) == sum(isinstance(m, ResBlock) for m in hift.modules()) > 0
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_allocator_tuning_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COSYSERVE_MALLOC_TUNING", "0")
