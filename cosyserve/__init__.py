@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 __all__ = ["Synthesizer", "AudioChunk", "SynthesisInfo", "PromptAudio", "__version__"]
 
 if TYPE_CHECKING:
-    from cosyserve.engine.types import AudioChunk, PromptAudio, SynthesisInfo
+    from cosyserve.api import AudioChunk, PromptAudio, SynthesisInfo
     from cosyserve.synthesizer import Synthesizer
 
 
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
 
         return Synthesizer
     if name in ("AudioChunk", "SynthesisInfo", "PromptAudio"):
-        from cosyserve.engine import types
+        from cosyserve import api as types
 
         return getattr(types, name)
     raise AttributeError(name)

@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("cosyserve.server.launch", "start the HTTP server (auto-configures for this machine)"),
     "say": ("cosyserve.tools.say", "synthesise text to a WAV file"),
     "make-model": (
-        "cosyserve.models.make_model",
+        "cosyserve.tools.make_model",
         "write a random-weight model directory in the official format",
     ),
     "bench": ("cosyserve.tools.bench", "benchmark RTF, first-chunk latency and per-stage times"),

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
         env_prefix="COSYSERVE_", extra="ignore", validate_default=True, protected_namespaces=()
     )
 
-    # --- model and acceleration (read by cosyserve.engine.factory) ---
+    # --- model and acceleration (read by cosyserve.acceleration.launcher) ---
     model_dir: str | None = Field(
         None, description="CosyVoice model directory or hub id; unset = the embedded default voice"
     )

@@ -19,16 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
-from cosyserve.engine.types import (
-    AudioChunk,
-    Backend,
-    PromptAudio,
-    SynthesisInfo,
-    SynthesisRequest,
-    VoiceInfo,
-)
-from cosyserve.models.hub import resolve_model_dir
+from cosyserve.api import AudioChunk, PromptAudio, SynthesisInfo, SynthesisRequest, VoiceInfo
+from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+from cosyserve.hub import resolve_model_dir
+from cosyserve.interfaces import Backend
 
 PromptSource = PromptAudio | str | os.PathLike | bytes | tuple[np.ndarray, int]
 

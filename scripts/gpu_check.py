@@ -22,9 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cosyserve.engine.token2wav import token2wav  # noqa: E402
-from cosyserve.models.loader import load_model_directory  # noqa: E402
-from cosyserve.models.make_model import make_model  # noqa: E402
+from cosyserve.families.cosyvoice1.loader import load_model_directory  # noqa: E402
+from cosyserve.families.cosyvoice1.token2wav import token2wav  # noqa: E402
+from cosyserve.tools.make_model import make_model  # noqa: E402
 
 FULL_YAML = ROOT / "cosyserve" / "assets" / "cosyvoice-300m-sft.yaml"
 TOKENS = 250

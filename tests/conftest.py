@@ -27,7 +27,7 @@ def tiny_config_path() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cosyserve.models.make_model import make_model
+    from cosyserve.tools.make_model import make_model
 
     out = tmp_path_factory.mktemp("tiny_model") / "CosyVoice-tiny-SFT"
     make_model(TINY_CONFIG, out, seed=TINY_SEED)
@@ -49,6 +49,6 @@ def tiny_model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded_model(tiny_model_dir: Path):  # -> LoadedModel (imported lazily: torch is slow to import)
-    from cosyserve.models.loader import load_model_directory
+    from cosyserve.families.cosyvoice1.loader import load_model_directory
 
     return load_model_directory(tiny_model_dir)

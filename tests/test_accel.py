@@ -17,13 +17,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cosyserve.engine import accel
-from cosyserve.engine.acceleration import jit, quant
-from cosyserve.engine.acceleration import onnx_export as ox
+from cosyserve.acceleration import apply as accel
+from cosyserve.acceleration import fp16, jit, quant
+from cosyserve.acceleration import onnx_export as ox
 from cosyserve.errors import AccelerationMismatchError, BackendUnavailableError
-from cosyserve.models.config import EstimatorConfig
-from cosyserve.models.estimator import ConditionalDecoder
-from cosyserve.models.loader import load_model_directory
+from cosyserve.families.cosyvoice1.loader import load_model_directory
+from cosyserve.nn.config import EstimatorConfig
+from cosyserve.nn.unet import ConditionalDecoder
+from cosyserve.runtime import memory, threads
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def test_ort_hift_matches_eager(tiny_model_copy: Path) -> None:
 
 
 def _build(model_dir: Path, plan_name: str):
-    from cosyserve.engine.factory import PLANS, build_cosyvoice
+    from cosyserve.acceleration.launcher import PLANS, build_cosyvoice
 
     return build_cosyvoice(
         str(model_dir), PLANS[plan_name], SimpleNamespace(voices_dir=None, stream_first_hop=None)
@@ -119,14 +120,14 @@ def test_cpu_onnx_plan_matches_eager(tiny_model_copy: Path) -> None:
     fast = _build(tiny_model_copy, "cpu_onnx")
     with torch.inference_mode():
         _compare_flow_and_vocoder(eager, fast)
-    if accel._libc is not None:  # glibc: the position projections' weights are paged out between steps
-        cold = {id(t) for t in accel._cold_weights}
+    if memory._libc is not None:  # glibc: the position projections' weights are paged out between steps
+        cold = {id(t) for t in memory._cold_weights}
         positions = [m.linear_pos.weight for m in fast.model.llm.modules() if hasattr(m, "linear_pos")]
         assert positions and all(id(w) in cold for w in positions)
 
 
 def test_cpu_int8_plan_serves_close_to_eager(tiny_model_copy: Path) -> None:
-    from cosyserve.engine.factory import warm_up
+    from cosyserve.acceleration.launcher import warm_up
 
     eager = _build(tiny_model_copy, "eager")
     int8 = _build(tiny_model_copy, "cpu_int8")
@@ -419,14 +420,14 @@ def _flat_runner(x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, c
 
 @pytest.mark.parametrize("runner,reason", [(_nan_runner, "NaN"), (_flat_runner, "flat")])
 def test_fp16_guard_recomputes_in_fp32(tiny_model_copy: Path, runner, reason: str) -> None:
-    from cosyserve.engine.factory import warm_up
+    from cosyserve.acceleration.launcher import warm_up
 
     backend = _build(tiny_model_copy, "eager")
     flow = backend.model.flow
     tokens = torch.randint(0, 4096, (1, 50), generator=torch.Generator().manual_seed(0))
     emb = backend.speakers["英文女"]
     ref, _ = flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
-    guard = accel.install_fp16_guard(backend, probe=False)
+    guard = fp16.install_fp16_guard(backend, probe=False)
     flow.decoder.estimator_runner = runner  # the "FP16" estimator misbehaves
     got, _ = flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
     assert guard.tripped and reason in guard.reason
@@ -439,22 +440,22 @@ def test_fp16_guard_recomputes_in_fp32(tiny_model_copy: Path, runner, reason: st
 def test_fp16_guard_probe_trips_at_warm_up(tiny_model_copy: Path) -> None:
     backend = _build(tiny_model_copy, "eager")
     backend.model.flow.decoder.estimator_runner = _nan_runner
-    guard = accel.install_fp16_guard(backend, probe=True)
+    guard = fp16.install_fp16_guard(backend, probe=True)
     assert guard.tripped and "NaN" in guard.reason
 
 
 def test_guard_chunk_hook() -> None:
     audio = np.array([0.1, float("nan"), 0.2], np.float32)
-    assert accel.guard_chunk(SimpleNamespace(), audio) is audio  # no guard installed: a no-op
+    assert fp16.guard_chunk(SimpleNamespace(), audio) is audio  # no guard installed: a no-op
     tripped = []
     fake = SimpleNamespace(fp16_guard=SimpleNamespace(trip=tripped.append))
-    out = accel.guard_chunk(fake, audio)
+    out = fp16.guard_chunk(fake, audio)
     assert np.all(np.isfinite(out)) and out[1] == 0 and tripped == ["NaN/inf audio"]
     silent = np.zeros(22050, np.float32)
-    accel.guard_chunk(fake, silent)
+    fp16.guard_chunk(fake, silent)
     assert tripped[-1] == "silent audio"
     short_pause = np.zeros(1000, np.float32)  # a short silent chunk is legitimate
-    accel.guard_chunk(fake, short_pause)
+    fp16.guard_chunk(fake, short_pause)
     assert len(tripped) == 2
 
 
@@ -462,8 +463,8 @@ def test_guard_chunk_hook() -> None:
 
 
 def test_tensorrt_missing_is_reported_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cosyserve.engine.acceleration import trt
-    from cosyserve.engine.factory import PLANS
+    from cosyserve.acceleration import trt
+    from cosyserve.acceleration.launcher import PLANS
 
     if trt.tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here")
@@ -476,7 +477,7 @@ def test_tensorrt_missing_is_reported_with_advice(monkeypatch: pytest.MonkeyPatc
 
 
 def test_tensorrt_names_and_profile() -> None:
-    from cosyserve.engine.acceleration import trt
+    from cosyserve.acceleration import trt
 
     assert (
         trt.engine_name(True, "NVIDIA H100 80GB HBM3")
@@ -490,7 +491,7 @@ def test_tensorrt_names_and_profile() -> None:
 
 
 def test_preflight_is_cheap_and_clear(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cosyserve.engine.factory import PLANS, AccelPlan
+    from cosyserve.acceleration.launcher import PLANS, AccelPlan
 
     monkeypatch.setattr(accel, "_cuda_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="CUDA is not available"):
@@ -505,9 +506,9 @@ def test_preflight_is_cheap_and_clear(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cpu_threads() -> None:
-    assert accel.physical_cores() >= 1
-    text = accel.configure_cpu_threads()
-    assert "intra-op" in text and torch.get_num_threads() == accel.physical_cores()
+    assert threads.physical_cores() >= 1
+    text = threads.configure_cpu_threads()
+    assert "intra-op" in text and torch.get_num_threads() == threads.physical_cores()
 
 
 # ------------------------------------------------------------------------------------ CUDA
@@ -539,17 +540,17 @@ def _compare_cuda_decode(model, llm, dtype) -> None:  # noqa: ANN001
 
 @needs_cuda
 def test_cuda_fp16_flow_with_guard(tiny_model_copy: Path) -> None:
-    from cosyserve.engine.factory import AccelPlan
+    from cosyserve.acceleration.launcher import AccelPlan
 
     backend = _build(tiny_model_copy, "eager")  # CPU backend object, moved to CUDA FP16 below
     backend.model.flow.to("cuda").half()
-    guard = accel.install_fp16_guard(backend, probe=True)
+    guard = fp16.install_fp16_guard(backend, probe=True)
     logger.info("fp16 guard on CUDA: tripped=%s %s", guard.tripped, guard.reason)
     tokens = torch.randint(0, 4096, (1, 50), generator=torch.Generator().manual_seed(0)).cuda()
     emb = backend.speakers["英文女"].cuda()
     with torch.inference_mode():
         mel, _ = backend.model.flow.inference(tokens, embedding=emb, generator=torch.Generator(device="cuda"))
-    assert accel.mel_problem(mel) is None
+    assert fp16.mel_problem(mel) is None
     assert AccelPlan("x", "cuda", fp16=True).fp16
 
 

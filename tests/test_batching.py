@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cosyserve.api import PromptAudio, SynthesisRequest
 from cosyserve.engine.batching import (
     BatchConfig,
     BatchingPolicy,
@@ -21,10 +22,9 @@ from cosyserve.engine.batching import (
     WholeToken2Wav,
     make_policy,
 )
-from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions, CosyVoiceTask
-from cosyserve.engine.scheduler import EngineLoop, RequestState, RoundRobinPolicy
-from cosyserve.engine.token2wav import StreamingToken2Wav, token2wav
-from cosyserve.engine.types import PromptAudio, SynthesisRequest
+from cosyserve.engine.loop import EngineLoop, RequestState, RoundRobinPolicy
+from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions, CosyVoiceTask
+from cosyserve.families.cosyvoice1.token2wav import StreamingToken2Wav, token2wav
 
 AUDIO_ATOL = 2e-4
 
@@ -133,7 +133,7 @@ def test_whole_token2wav_equals_token2wav(backend) -> None:
 
 def test_solo_task_matches_generate_and_token2wav(backend) -> None:
     """The state machine alone reproduces the plain batch-1 pipeline (llm.generate → token2wav)."""
-    from cosyserve.engine.cosyvoice import request_generators
+    from cosyserve.families.cosyvoice1.backend import request_generators
 
     request = sft("Hello there, batching.", seed=9)
     task, chunks = solo(backend, request)

@@ -11,14 +11,14 @@ import time
 import numpy as np
 import pytest
 
-from cosyserve.engine.embedded import DEFAULT_VOICE_ID, EmbeddedBackend, embedded_available
-from cosyserve.engine.types import AudioChunk, SynthesisRequest
+from cosyserve.api import AudioChunk, SynthesisRequest
 from cosyserve.errors import (
     BackendUnavailableError,
     InvalidRequestError,
     UnknownVoiceError,
     UnsupportedModeError,
 )
+from cosyserve.families.piper.backend import DEFAULT_VOICE_ID, EmbeddedBackend, embedded_available
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def backend() -> EmbeddedBackend:
 
 def test_import_does_not_load_piper() -> None:
     """The core package must not pull in GPL code: only building a backend imports piper."""
-    code = "import sys, cosyserve.engine.embedded; print('piper' in sys.modules)"
+    code = "import sys, cosyserve.families.piper.backend; print('piper' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -133,7 +133,7 @@ def test_nothing_to_speak_fails_at_open(backend: EmbeddedBackend) -> None:
 
 @pytest.mark.parametrize("mode", ["zero_shot", "cross_lingual", "instruct"])
 def test_unsupported_modes_raise(backend: EmbeddedBackend, mode: str) -> None:
-    from cosyserve.engine.types import PromptAudio
+    from cosyserve.api import PromptAudio
 
     prompt = PromptAudio(audio=np.zeros(16000, np.float32), sample_rate=16000, text="hello")
     request = SynthesisRequest(text="Hello.", voice="default", mode=mode, prompt=prompt, instruct="Be happy.")  # type: ignore[arg-type]

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from cosyserve.engine import accel, factory
-from cosyserve.engine.factory import PLANS, AccelPlan, Hardware, create_backend, plan_chain
+from cosyserve.acceleration import apply as accel
+from cosyserve.acceleration import launcher as factory
+from cosyserve.acceleration.launcher import PLANS, AccelPlan, Hardware, create_backend, plan_chain
 from cosyserve.errors import CosyserveError, ModelDirectoryError
 
 NO_AUTO_FLAGS = dict(auto=False, force_config=None, fp16=True, load_jit=True, load_trt=True, trt_concurrent=3)
@@ -104,7 +105,7 @@ def _cuda_oom(backend: Any, plan: AccelPlan) -> None:
 def simulate_gpu(monkeypatch: pytest.MonkeyPatch, behaviours: dict[str, Behaviour]) -> list[str]:
     """A 16 GB "GPU" whose plans run on the CPU; `behaviours[plan]` breaks a plan after its real
     CPU-equivalent accelerations are applied. Returns the plans that were built."""
-    from cosyserve.engine.cosyvoice import CosyVoiceBackend
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
 
     built: list[str] = []
     monkeypatch.setattr(
@@ -134,7 +135,7 @@ def simulate_gpu(monkeypatch: pytest.MonkeyPatch, behaviours: dict[str, Behaviou
 
 
 def test_fallback_chain_takes_each_step(tiny_model_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cosyserve.engine.acceleration.trt import tensorrt_version
+    from cosyserve.acceleration.trt import tensorrt_version
 
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here: its absence cannot be the first fallback")

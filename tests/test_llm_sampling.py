@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyserve.models.config import EncoderConfig, LLMConfig, SamplingConfig
-from cosyserve.models.llm import TokenSampler, TransformerLM, length_limits, nucleus_sample, ras_sampling
+from cosyserve.families.cosyvoice1.config import LLMConfig
+from cosyserve.families.cosyvoice1.llm import TokenSampler, TransformerLM, length_limits
+from cosyserve.nn.config import EncoderConfig, SamplingConfig
+from cosyserve.nn.sampling import nucleus_sample, ras_sampling
 
 VOCAB = 64  # speech tokens of the tiny model; EOS = 64
 
@@ -187,7 +189,7 @@ def test_nucleus_boundary_and_top_k() -> None:
 
 
 def test_top_k_equals_the_stable_sort_even_with_ties() -> None:
-    from cosyserve.models.llm import _top_k_stable
+    from cosyserve.nn.sampling import _top_k_stable
 
     data = torch.Generator().manual_seed(3)
     rows = [torch.randn(4097, generator=data).softmax(0) for _ in range(5)]

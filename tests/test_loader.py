@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from cosyserve import hub
 from cosyserve.errors import DownloadError, ModelConfigError, ModelDirectoryError
-from cosyserve.models import hub
-from cosyserve.models.loader import (
+from cosyserve.families.cosyvoice1.loader import (
     REQUIRED_FILES,
     find_model_files,
     load_model_directory,
     read_checkpoint,
     read_speakers,
 )
-from cosyserve.models.make_model import SFT_SPEAKERS
+from cosyserve.tools.make_model import SFT_SPEAKERS
 
 # ------------------------------------------------------------------------------ loader
 
@@ -270,7 +270,7 @@ def test_bad_source() -> None:
 
 def test_fast_build_keeps_computed_buffers(tiny_model_dir) -> None:
     """Loading skips the random initialisers; computed (non-persistent) buffers must be unaffected."""
-    from cosyserve.models.loader import build_network, load_model_directory
+    from cosyserve.families.cosyvoice1.loader import build_network, load_model_directory
 
     # A fresh load: the shared session model's lazily grown caches depend on earlier tests.
     fresh = load_model_directory(tiny_model_dir)
@@ -286,7 +286,7 @@ def test_fast_build_keeps_computed_buffers(tiny_model_dir) -> None:
 def test_weights_are_adopted_from_the_mapped_checkpoint(tiny_model_dir: Path) -> None:
     """No second copy at load: parameters *are* the memory-mapped checkpoint's tensors, until
     detach_from_checkpoint gives them their own memory (same values)."""
-    from cosyserve.models.loader import detach_from_checkpoint
+    from cosyserve.families.cosyvoice1.loader import detach_from_checkpoint
 
     def in_flow_checkpoint_mapping(tensor: torch.Tensor) -> bool:
         address = tensor.untyped_storage().data_ptr()

@@ -14,7 +14,7 @@ from cosyserve.tools.loadtest import add_concurrency_arguments, configure_parser
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir, tmp_path_factory):
-    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
 
     torch.set_num_threads(1)
     options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))

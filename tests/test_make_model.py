@@ -10,7 +10,7 @@ import torch
 
 from cosyserve.cli import main as cli_main
 from cosyserve.errors import ModelDirectoryError
-from cosyserve.models.make_model import SFT_SPEAKERS, make_model
+from cosyserve.tools.make_model import SFT_SPEAKERS, make_model
 
 
 def test_official_layout(tiny_model_dir: Path) -> None:
@@ -129,6 +129,6 @@ def test_full_size(tmp_path: Path) -> None:
         sd = torch.load(tmp_path / "full" / name, weights_only=True, mmap=True)
         assert {k: list(v.shape) for k, v in sd.items()} == shapes[name], name
         del sd
-    from cosyserve.models.loader import load_model_directory
+    from cosyserve.families.cosyvoice1.loader import load_model_directory
 
     load_model_directory(tmp_path / "full")

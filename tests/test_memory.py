@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosyserve.engine.accel import tune_cpu_allocator
+from cosyserve.runtime.memory import tune_cpu_allocator
 
 
 def test_hift_fast_path_relays_weights_in_place(tiny_model_dir) -> None:
-    from cosyserve.models.loader import load_model_directory
+    from cosyserve.families.cosyvoice1.loader import load_model_directory
 
     hift = load_model_directory(tiny_model_dir).hift
     convs = [  # the decode stack's convolutions (the f0 predictor runs eagerly)
@@ -46,16 +46,17 @@ def test_hift_fast_path_relays_weights_in_place(tiny_model_dir) -> None:
 
 
 def test_vocoder_allocation_returns_heap_pages_per_residual_block(tiny_model_dir, monkeypatch) -> None:
-    from cosyserve.engine import accel
-    from cosyserve.models.hift import ResBlock
-    from cosyserve.models.loader import load_model_directory
+    from cosyserve.acceleration import apply as accel
+    from cosyserve.families.cosyvoice1.loader import load_model_directory
+    from cosyserve.runtime import memory
+    from cosyserve.nn.hift import ResBlock
 
     hift = load_model_directory(tiny_model_dir).hift
     mel = torch.randn(1, 80, 40, generator=torch.Generator().manual_seed(0))
     noise = hift.draw_noise(40 * hift.upsample_factor, torch.Generator().manual_seed(1))
     plain, _ = hift.inference(mel, phase=noise[0], sine_noise=noise[1])
     trims = []
-    monkeypatch.setattr(accel, "_libc", None)  # the entry trim and the mmap threshold: glibc only
+    monkeypatch.setattr(memory, "_libc", None)  # the entry trim and the mmap threshold: glibc only
     monkeypatch.setattr(accel, "release_free_heap_pages", lambda: trims.append(1))
     accel.install_vocoder_allocation(hift)
     got, _ = hift.inference(mel, phase=noise[0], sine_noise=noise[1])
@@ -75,7 +76,7 @@ def test_allocator_tuning_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -
 # chunks earlier tests left in the heap.
 _ALLOCATOR_PROBE = """
 import json, os, sys, torch
-from cosyserve.engine.accel import keep_paged_out, release_free_memory, tune_cpu_allocator, vocoder_allocation
+from cosyserve.runtime.memory import keep_paged_out, release_free_memory, tune_cpu_allocator, vocoder_allocation
 
 def rss_mb():
     with open("/proc/self/status") as status:
@@ -119,7 +120,7 @@ out["cold_returned"] = held - rss_file_mb()
 out["cold_intact"] = float(mapped.sum()) == total and float(anon.sum()) == anon_total
 
 # int8: each memory-mapped FP32 weight leaves RSS once its layer is quantised.
-from cosyserve.engine.acceleration.quant import _quantize_linears
+from cosyserve.acceleration.quant import _quantize_linears
 layers = torch.nn.Sequential(torch.nn.Linear(2048, 4096), torch.nn.Linear(4096, 2048))  # 2 x 32 MB
 path = os.path.join(sys.argv[1], "layers.pt")
 torch.save(layers.state_dict(), path)

@@ -12,18 +12,18 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from cosyserve.api import PromptAudio
 from cosyserve.audio.io import resample
-from cosyserve.engine.types import PromptAudio
 from cosyserve.errors import InvalidRequestError, UnsupportedModeError
-from cosyserve.frontend.features import MelExtractor, campplus_features, whisper_log_mel
-from cosyserve.frontend.prompt import (
+from cosyserve.nn.config import MelConfig
+from cosyserve.nn.features import MelExtractor, campplus_features, whisper_log_mel
+from cosyserve.voices.prompt import (
     CAMPPLUS_FILE,
     SPEECH_TOKENIZER_FILE,
     PromptEncoder,
     PromptFeatures,
     align_prompt_lengths,
 )
-from cosyserve.models.config import MelConfig
 
 K = 64  # stand-in tokenizer vocabulary
 
@@ -187,7 +187,7 @@ def test_align_prompt_lengths():
 
 
 def test_with_generated_model_dir(tiny_model_dir: Path):
-    """The model directories written by cosyserve.models.make_model carry ONNX stand-ins."""
+    """The model directories written by cosyserve.tools.make_model carry ONNX stand-ins."""
     enc = PromptEncoder(tiny_model_dir)
     assert enc.available, enc.missing_files
     out = enc.encode(PromptAudio(audio=_speech_like(16000, 1.5), sample_rate=16000, text="hi"))
@@ -198,7 +198,7 @@ def test_with_generated_model_dir(tiny_model_dir: Path):
 
 def test_with_project_onnx_standins(tmp_path: Path):
     """The stand-ins that `cosyserve make-model` writes go through the same path."""
-    standins = pytest.importorskip("cosyserve.models.onnx_standins")
+    standins = pytest.importorskip("cosyserve.tools.onnx_standins")
     standins.write_standins(tmp_path)
     enc = PromptEncoder(tmp_path)
     out = enc.encode(PromptAudio(audio=_speech_like(22050, 2.0), sample_rate=22050, text="hi"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cosyserve.engine.types import PromptAudio
+from cosyserve.api import PromptAudio
 from cosyserve.errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
 
 SR = 22050
@@ -82,7 +82,7 @@ def _stream_text(tts) -> tuple[str, int]:
 
     The reference's streaming commits 172 mel frames per 100-token hop where the non-stream flow
     makes 172.27, so only some token counts agree to the frame (e.g. 220, 260, 300; not 280)."""
-    from cosyserve.engine.token2wav import stream_num_frames, token_frames
+    from cosyserve.families.cosyvoice1.token2wav import stream_num_frames, token_frames
 
     for text in STREAM_TEXTS:
         n = 20 * len(tts.backend.text.tokenize(text))
@@ -104,7 +104,7 @@ def test_streaming_default_hop_gives_as_many_samples_as_non_streaming(tts):
 
 
 def test_streamed_length_follows_the_reference_chunking(tts):
-    from cosyserve.engine.token2wav import stream_num_frames
+    from cosyserve.families.cosyvoice1.token2wav import stream_num_frames
 
     text = "This sentence is long enough to make several streamed chunks of audio."
     chunks, info = tts.synthesize(text, voice="英文男", seed=3, stream=True)
@@ -114,7 +114,7 @@ def test_streamed_length_follows_the_reference_chunking(tts):
 
 def test_smaller_first_hop_gives_an_earlier_first_chunk(tiny_model_dir, tmp_path):
     from cosyserve import Synthesizer
-    from cosyserve.engine.token2wav import stream_num_frames
+    from cosyserve.families.cosyvoice1.token2wav import stream_num_frames
 
     text = "This sentence is long enough to make several streamed chunks of audio."
     fast = Synthesizer(tiny_model_dir, device="cpu", voices_dir=tmp_path, stream_first_hop=25)

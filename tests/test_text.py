@@ -9,9 +9,9 @@ import re
 import pytest
 
 from cosyserve.errors import InvalidRequestError
-from cosyserve.frontend import text as text_mod
-from cosyserve.frontend.text import TextFrontend, detect_language, split_for_synthesis
-from cosyserve.frontend.tokenizer import get_tokenizer
+from cosyserve.text import frontend as text_mod
+from cosyserve.text.frontend import TextFrontend, detect_language, split_for_synthesis
+from cosyserve.text.tokenizers import get_tokenizer
 
 WORD = re.compile(r"[0-9A-Za-z]+")
 ZH_LONG = (

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cosyserve.engine.token2wav import (
+from cosyserve.families.cosyvoice1.token2wav import (
     MEL_HOP,
     StreamingMelResampler,
     StreamingToken2Wav,
@@ -20,8 +20,8 @@ from cosyserve.engine.token2wav import (
     token2wav,
     token_frames,
 )
-from cosyserve.models.config import F0PredictorConfig, HiFTConfig
-from cosyserve.models.hift import HiFTGenerator
+from cosyserve.nn.config import F0PredictorConfig, HiFTConfig
+from cosyserve.nn.hift import HiFTGenerator
 
 MEL_OVERLAP = token_frames(20)  # 34
 

@@ -20,7 +20,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 
 def _trt_installed() -> bool:
-    from cosyserve.engine.acceleration.trt import tensorrt_version
+    from cosyserve.acceleration.trt import tensorrt_version
 
     return tensorrt_version() is not None
 
@@ -251,7 +251,7 @@ def test_bench_helpers() -> None:
 
 
 def test_full_size_yaml_ships_with_the_package() -> None:
-    from cosyserve.models.yaml_config import load_model_config
+    from cosyserve.families.cosyvoice1.config import load_model_config
 
     config = load_model_config(bench.full_size_yaml())
     assert config.llm.llm.num_blocks == 14 and config.flow.estimator.num_mid_blocks == 12

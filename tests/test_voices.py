@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cosyserve.errors import InvalidRequestError, UnknownVoiceError
-from cosyserve.frontend.prompt import PromptFeatures
-from cosyserve.frontend.voices import VOICE_SUFFIX, SavedVoice, VoiceStore, VoiceStoreError
+from cosyserve.voices.prompt import PromptFeatures
+from cosyserve.voices.store import VOICE_SUFFIX, SavedVoice, VoiceStore, VoiceStoreError
 
 BUILTIN = ["中文女", "中文男", "英文女", "英文男"]
 

@@ -8,26 +8,25 @@ from pathlib import Path
 import pytest
 
 from cosyserve.errors import ModelConfigError
-from cosyserve.models.config import (
+from cosyserve.families.cosyvoice1.config import (
+    FlowConfig,
+    LengthRegulatorConfig,
+    LLMConfig,
+    ModelConfig,
+    TokenizerConfig,
+    load_model_config,
+    parse_model_config,
+)
+from cosyserve.nn.config import (
     CFMConfig,
     EncoderConfig,
     EstimatorConfig,
     F0PredictorConfig,
-    FlowConfig,
     HiFTConfig,
-    LengthRegulatorConfig,
-    LLMConfig,
     MelConfig,
-    ModelConfig,
     SamplingConfig,
-    TokenizerConfig,
 )
-from cosyserve.models.yaml_config import (
-    Tagged,
-    load_model_config,
-    parse_model_config,
-    parse_yaml_tree,
-)
+from cosyserve.nn.yaml_reader import Tagged, parse_yaml_tree
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SET_A_YAML = SHARED / "parity" / "cosyvoice1" / "set_a" / "cosyvoice.yaml"

@@ -1,13 +1,13 @@
 """Continuous batching for CosyVoice: one engine step advances every active request together.
 
-The per-request state machine lives in :class:`cosyserve.engine.cosyvoice.CosyVoiceTask`
+The per-request state machine lives in :class:`cosyserve.families.cosyvoice1.backend.CosyVoiceTask`
 (queued → prompt → llm → token2wav → done). This module drives many of them at once:
 
-* :class:`BatchRunner` owns one ragged :class:`~cosyserve.models.transformer.KVCache` with a row
+* :class:`BatchRunner` owns one ragged :class:`~cosyserve.nn.conformer.KVCache` with a row
   per request that is generating speech tokens. Each step it runs **one** batched LLM decode step
   for all rows, prefills the requests that join (left-padded, in one call) and stacks them in,
   and drops the rows of requests that finished a segment or were cancelled. Sampling stays per
-  request (:class:`~cosyserve.models.llm.TokenSampler`, per-request generators).
+  request (:class:`~cosyserve.families.cosyvoice1.llm.TokenSampler`, per-request generators).
 * Audio work (a streaming chunk, or a whole non-streaming segment) is queued per request.
   Each step runs **one** flow Euler loop: the most urgent item (overdue work first, so nothing
   starves; then streams' first chunks, for time to first audio; other stream chunks; whole
@@ -19,8 +19,8 @@ The per-request state machine lives in :class:`cosyserve.engine.cosyvoice.CosyVo
   requests of one length are the common case under load). One Euler loop per step bounds the
   step, so the LLM keeps going between audio calls.
 * :class:`BatchingPolicy` plugs the runner into the engine loop as a
-  :class:`~cosyserve.engine.scheduler.StepPolicy`; :func:`make_policy` picks it for CosyVoice
-  backends and keeps :class:`~cosyserve.engine.scheduler.RoundRobinPolicy` for the others.
+  :class:`~cosyserve.engine.loop.StepPolicy`; :func:`make_policy` picks it for CosyVoice
+  backends and keeps :class:`~cosyserve.engine.loop.RoundRobinPolicy` for the others.
 
 The library's batch-1 path (``Synthesizer.synthesize``) is the same runner with one task.
 """
@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyserve.engine.accel import page_out_cold_weights, release_free_memory
-from cosyserve.engine.scheduler import RoundRobinPolicy, StepPolicy, StepResult
-from cosyserve.engine.token2wav import (
+from cosyserve.api import AudioChunk
+from cosyserve.engine.loop import RoundRobinPolicy, StepPolicy, StepResult
+from cosyserve.families.cosyvoice1.flow import FlowInputs, MaskedDiffWithXvec
+from cosyserve.families.cosyvoice1.token2wav import (
     TOKEN_HOP_LEN,
     TOKEN_OVERLAP_LEN,
     ChunkCommitter,
@@ -50,14 +51,14 @@ from cosyserve.engine.token2wav import (
     speed_frames,
     token_frames,
 )
-from cosyserve.engine.types import AudioChunk, Backend
-from cosyserve.models.flow import FlowInputs, MaskedDiffWithXvec
-from cosyserve.models.hift import HiFTGenerator
-from cosyserve.models.transformer import KVCache
+from cosyserve.interfaces import Backend
+from cosyserve.nn.conformer import KVCache
+from cosyserve.nn.hift import HiFTGenerator
+from cosyserve.runtime.memory import page_out_cold_weights, release_free_memory
 
 if TYPE_CHECKING:
-    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceTask
-    from cosyserve.engine.scheduler import EngineRequest
+    from cosyserve.engine.loop import EngineRequest
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceTask
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class _SegmentSink:
 class WholeToken2Wav(_SegmentSink):
     """Non-streaming token → waveform for one segment, in two halves around ``flow.decode``.
 
-    ``prepare`` + ``decode([it])`` + ``complete`` is :func:`cosyserve.engine.token2wav.token2wav`
+    ``prepare`` + ``decode([it])`` + ``complete`` is :func:`cosyserve.families.cosyvoice1.token2wav.token2wav`
     call for call (same random draws from ``generator``, in the same order).
     """
 
@@ -119,9 +120,9 @@ class ChunkedToken2Wav(_SegmentSink):
     """Streaming token → waveform for one segment, in two halves around ``flow.decode``.
 
     Same chunking, caches and cross-fades as
-    :class:`cosyserve.engine.token2wav.StreamingToken2Wav` (chunks of ``hop + overlap`` tokens,
+    :class:`cosyserve.families.cosyvoice1.token2wav.StreamingToken2Wav` (chunks of ``hop + overlap`` tokens,
     the first advancing by ``first_hop``; 34-frame flow cache and mel cross-fade; HiFT through
-    :class:`~cosyserve.engine.token2wav.StreamingVocoder`), and the same random draws in the same
+    :class:`~cosyserve.families.cosyvoice1.token2wav.StreamingVocoder`), and the same random draws in the same
     order, but a due chunk is *returned* by :meth:`add` instead of computed at once, so the
     runner can batch its Euler loop with other requests' chunks. Chunks must be completed in
     the order they were returned.
@@ -259,7 +260,7 @@ class StepStats:
 
 
 class BatchRunner:
-    """Steps many :class:`~cosyserve.engine.cosyvoice.CosyVoiceTask` together (engine thread only)."""
+    """Steps many :class:`~cosyserve.families.cosyvoice1.backend.CosyVoiceTask` together (engine thread only)."""
 
     def __init__(
         self,
@@ -655,7 +656,7 @@ class BatchingPolicy(StepPolicy):
 
 def is_batchable(backend: Backend) -> bool:
     """CosyVoice backends can be batched; others (the embedded Piper voice) cannot."""
-    from cosyserve.engine.cosyvoice import CosyVoiceBackend
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
 
     return isinstance(backend, CosyVoiceBackend)
 

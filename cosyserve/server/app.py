@@ -25,9 +25,9 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cosyserve import __version__
-from cosyserve.engine.scheduler import EngineLoop
-from cosyserve.engine.types import Backend
+from cosyserve.engine.loop import EngineLoop
 from cosyserve.errors import BackendUnavailableError, CosyserveError, QueueFullError
+from cosyserve.interfaces import Backend
 from cosyserve.server.metrics import ServerMetrics
 from cosyserve.server.routers import openai as openai_router
 from cosyserve.server.routers import ops, seed, voices
@@ -61,15 +61,15 @@ def build_backend(settings: Settings) -> tuple[Backend, dict[str, Any]]:
     """The backend the settings ask for, through the launcher's factory; without it, the
     embedded default voice."""
     try:
-        from cosyserve.engine.factory import create_backend
+        from cosyserve.acceleration.launcher import create_backend
     except ModuleNotFoundError as exc:
-        if exc.name != "cosyserve.engine.factory":
+        if exc.name != "cosyserve.acceleration.launcher":
             raise
         if settings.model_dir:
             raise BackendUnavailableError(
-                "this installation cannot load CosyVoice models (cosyserve.engine.factory is missing)"
+                "this installation cannot load CosyVoice models (cosyserve.acceleration.launcher is missing)"
             ) from exc
-        from cosyserve.engine.embedded import EmbeddedBackend
+        from cosyserve.families.piper.backend import EmbeddedBackend
 
         return EmbeddedBackend(), {"plan": "embedded", "fallbacks": [], "reason": "no --model_dir given"}
     return create_backend(settings)

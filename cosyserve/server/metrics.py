@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from cosyserve.engine.scheduler import EngineLoop, EngineObserver, EngineRequest, RequestState
-from cosyserve.engine.types import SynthesisRequest
+from cosyserve.api import SynthesisRequest
+from cosyserve.engine.loop import EngineLoop, EngineObserver, EngineRequest, RequestState
 
 _TTFC_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _RTF_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)

@@ -68,9 +68,9 @@ def full_size_yaml() -> Path:
 
 def synthetic_model_dir(cache: Path | None = None) -> Path:
     """The full-size random-weight model directory, written on first use (about 1.7 GB)."""
-    from cosyserve.engine.acceleration.onnx_export import cache_root
-    from cosyserve.models.loader import REQUIRED_FILES
-    from cosyserve.models.make_model import make_model
+    from cosyserve.acceleration.onnx_export import cache_root
+    from cosyserve.families.cosyvoice1.loader import REQUIRED_FILES
+    from cosyserve.tools.make_model import make_model
 
     out = (cache or cache_root() / "bench") / SYNTHETIC_NAME
     if all((out / name).is_file() for name in REQUIRED_FILES):
@@ -89,8 +89,8 @@ def synthetic_model_dir(cache: Path | None = None) -> Path:
 
 def available_configs(test_all: bool, settings: Any = None) -> tuple[list[str], str]:
     """Configurations to measure (eager first) and why."""
-    from cosyserve.engine.accel import preflight
-    from cosyserve.engine.factory import PLANS, detect_hardware, plan_chain
+    from cosyserve.acceleration.apply import preflight
+    from cosyserve.acceleration.launcher import PLANS, detect_hardware, plan_chain
 
     hw = detect_hardware()
     if test_all:
@@ -159,7 +159,7 @@ def _synthesize(
     backend: Any, voice: str, stream: bool, seed: int, tokens: int | None
 ) -> tuple[float, float, float | None, Any]:
     """(audio seconds, wall seconds, first chunk seconds, info) of one synthesis."""
-    from cosyserve.engine.types import SynthesisRequest
+    from cosyserve.api import SynthesisRequest
 
     request = SynthesisRequest(
         text=BENCH_TEXT, voice=voice, stream=stream, seed=seed, enable_smart_split=False
@@ -182,7 +182,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one configuration in this process; returns the result record."""
     import torch
 
-    from cosyserve.engine.factory import PLANS, build_cosyvoice, warm_up
+    from cosyserve.acceleration.launcher import PLANS, build_cosyvoice, warm_up
 
     name = args.config[-1] if isinstance(args.config, list) else args.config
     plan = PLANS[name]
@@ -279,7 +279,7 @@ def int8_report(backend: Any, model_dir: str, voice: str, steps: int = 50) -> di
     """
     import torch
 
-    from cosyserve.engine.acceleration.quant import llm_deviation
+    from cosyserve.acceleration.quant import llm_deviation
 
     text_ids = torch.tensor([backend.text.tokenize(BENCH_TEXT)])
     embedding = backend.speakers[voice]
@@ -321,12 +321,18 @@ def int8_report(backend: Any, model_dir: str, voice: str, steps: int = 50) -> di
 
 
 def _load_fp32(model_dir: str, config: Any, name: str) -> Any:
-    from cosyserve.models.loader import build_network, check_state_dict, find_model_files, read_checkpoint
+    from cosyserve.families.cosyvoice1.loader import (
+        CONFIG_FILE,
+        build_network,
+        check_state_dict,
+        find_model_files,
+        read_checkpoint,
+    )
 
     path = getattr(find_model_files(model_dir), name)
     module = build_network(name, config)
     state = read_checkpoint(path)
-    check_state_dict(module, state, path)
+    check_state_dict(module, state, path, config_name=CONFIG_FILE)
     module.load_state_dict(state)
     return module.eval()
 
@@ -522,7 +528,7 @@ def main(args: argparse.Namespace) -> int:
                 )
                 return 2
             args.model_dir = str(synthetic_model_dir())
-        from cosyserve.models.hub import resolve_model_dir
+        from cosyserve.hub import resolve_model_dir
 
         args.model_dir = str(resolve_model_dir(args.model_dir))
         if args.concurrency:
@@ -530,7 +536,7 @@ def main(args: argparse.Namespace) -> int:
 
             return bench_main(args)
         if args.config:
-            from cosyserve.engine.factory import PLANS
+            from cosyserve.acceleration.launcher import PLANS
 
             unknown = [c for c in args.config if c not in PLANS]
             if unknown:

@@ -152,7 +152,7 @@ def _nvidia_driver() -> str | None:
 
 
 def check_tensorrt(report: Report, torch: Any) -> None:
-    from cosyserve.engine.acceleration.trt import INSTALL_ADVICE, require_tensorrt
+    from cosyserve.acceleration.trt import INSTALL_ADVICE, require_tensorrt
     from cosyserve.errors import BackendUnavailableError
 
     has_cuda = torch is not None and torch.cuda.is_available()
@@ -197,7 +197,7 @@ def check_onnxruntime(report: Report) -> None:
 
 
 def check_cpu(report: Report, torch: Any) -> None:
-    from cosyserve.engine.accel import physical_cores
+    from cosyserve.runtime.threads import physical_cores
 
     model = "unknown"
     flags: set[str] = set()
@@ -267,7 +267,9 @@ def check_model_dir(report: Report, model_dir: str) -> None:
     import torch
 
     from cosyserve.errors import CosyserveError
-    from cosyserve.models.loader import (
+    from cosyserve.families.cosyvoice1.config import load_model_config
+    from cosyserve.families.cosyvoice1.loader import (
+        CONFIG_FILE,
         ZERO_SHOT_FILES,
         build_network,
         check_state_dict,
@@ -275,11 +277,10 @@ def check_model_dir(report: Report, model_dir: str) -> None:
         read_checkpoint,
         read_speakers,
     )
-    from cosyserve.models.yaml_config import load_model_config
 
     area = "model"
     try:
-        from cosyserve.models.hub import resolve_model_dir
+        from cosyserve.hub import resolve_model_dir
 
         root = resolve_model_dir(model_dir)
         files = find_model_files(root)
@@ -299,12 +300,12 @@ def check_model_dir(report: Report, model_dir: str) -> None:
         try:
             state = read_checkpoint(path)
             if name == "hift":
-                from cosyserve.models.hift import convert_hift_state_dict
+                from cosyserve.nn.hift import convert_hift_state_dict
 
                 state = convert_hift_state_dict(state)
             with torch.device("meta"):  # shapes only: nothing is allocated or initialised
                 module = build_network(name, config)
-            check_state_dict(module, state, path)
+            check_state_dict(module, state, path, config_name=CONFIG_FILE)
             count = sum(v.numel() for v in state.values())
             report.add(
                 area, path.name, OK, f"{len(state)} tensors, {count:,} values, shapes match the config"
@@ -365,7 +366,7 @@ def _onnx_problem(path: Path) -> str | None:
 
 def check_artifacts(report: Report, root: Path) -> None:
     """Acceleration files in (or for) the model directory: estimator ONNX, TensorRT plans, TorchScript."""
-    from cosyserve.engine.acceleration.onnx_export import ESTIMATOR_ONNX, artifact_dir
+    from cosyserve.acceleration.onnx_export import ESTIMATOR_ONNX, artifact_dir
 
     found = []
     folders = {root, artifact_dir(root)}
@@ -394,8 +395,8 @@ def check_artifacts(report: Report, root: Path) -> None:
 
 
 def check_plan(report: Report) -> None:
-    from cosyserve.engine.accel import preflight
-    from cosyserve.engine.factory import detect_hardware, plan_chain
+    from cosyserve.acceleration.apply import preflight
+    from cosyserve.acceleration.launcher import detect_hardware, plan_chain
 
     hw = detect_hardware()
     chain, why = plan_chain(hw, SimpleNamespace(auto=True, force_config=None))

@@ -121,7 +121,7 @@ def _percentiles(name: str, values: Sequence[float], digits: int = 4) -> dict[st
 
 
 class _InProcessDriver:
-    """Runs phases against an :class:`~cosyserve.engine.scheduler.EngineLoop` in this process."""
+    """Runs phases against an :class:`~cosyserve.engine.loop.EngineLoop` in this process."""
 
     def __init__(self, backend: Any, batch_settings: SimpleNamespace):
         self.backend = backend
@@ -136,7 +136,7 @@ class _InProcessDriver:
         self, name: str, requests: list[Any], concurrent: bool, first_chunk_only: bool, max_seconds: float
     ) -> PhaseResult:
         from cosyserve.engine.batching import BatchingPolicy, config_from_settings
-        from cosyserve.engine.scheduler import EngineLoop
+        from cosyserve.engine.loop import EngineLoop
 
         n = len(requests)
         policy = BatchingPolicy(self.backend, config_from_settings(self.backend, self.batch_settings))
@@ -356,7 +356,7 @@ class _FirstChunkBarrier:
 
 
 def _requests(n: int, stream: bool, text: str, voice: str, seed0: int) -> list[Any]:
-    from cosyserve.engine.types import SynthesisRequest
+    from cosyserve.api import SynthesisRequest
 
     return [SynthesisRequest(text=text, voice=voice, stream=stream, seed=seed0 + i) for i in range(n)]
 
@@ -365,8 +365,8 @@ def _warm_up(backend: Any, tokens: int, text: str, voice: str) -> float:
     """Fill the position caches to their final size and run the whole pipeline once."""
     import torch
 
+    from cosyserve.api import SynthesisRequest
     from cosyserve.engine.batching import BatchConfig, BatchRunner
-    from cosyserve.engine.types import SynthesisRequest
 
     t0 = time.perf_counter()
     model = backend.model
@@ -392,12 +392,12 @@ def _load_backend(
     num_threads: int | None,
     stream_first_hop: int | None,
 ) -> tuple[Any, str | None]:
-    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
 
     if plan is None:
         options = CosyVoiceOptions(device=device, num_threads=num_threads, stream_first_hop=stream_first_hop)
         return CosyVoiceBackend.from_dir(model_dir, options), None
-    from cosyserve.engine.factory import create_backend
+    from cosyserve.acceleration.launcher import create_backend
 
     settings = SimpleNamespace(
         model_dir=str(model_dir),

@@ -32,16 +32,21 @@ def _say(message: str) -> None:
 
 def _load(files: Any, config: Any, name: str, device: str) -> Any:
     """Build one network and load its checkpoint (strict), in eval mode."""
-    from cosyserve.models.loader import build_network, check_state_dict, read_checkpoint
+    from cosyserve.families.cosyvoice1.loader import (
+        CONFIG_FILE,
+        build_network,
+        check_state_dict,
+        read_checkpoint,
+    )
 
     path = getattr(files, name)
     state = read_checkpoint(path)
     if name == "hift":
-        from cosyserve.models.hift import convert_hift_state_dict
+        from cosyserve.nn.hift import convert_hift_state_dict
 
         state = convert_hift_state_dict(state)
     module = build_network(name, config)
-    check_state_dict(module, state, path)
+    check_state_dict(module, state, path, config_name=CONFIG_FILE)
     module.load_state_dict(state, strict=True)
     return module.to(device).eval()
 
@@ -57,11 +62,11 @@ def precompile(
 ) -> int:
     import torch
 
-    from cosyserve.engine.acceleration import onnx_export as ox
-    from cosyserve.engine.acceleration import trt
-    from cosyserve.models.hub import resolve_model_dir
-    from cosyserve.models.loader import find_model_files
-    from cosyserve.models.yaml_config import load_model_config
+    from cosyserve.acceleration import onnx_export as ox
+    from cosyserve.acceleration import trt
+    from cosyserve.families.cosyvoice1.config import load_model_config
+    from cosyserve.families.cosyvoice1.loader import find_model_files
+    from cosyserve.hub import resolve_model_dir
 
     t_start = time.perf_counter()
     root = resolve_model_dir(model_dir)

@@ -42,7 +42,7 @@ def _backend(args: argparse.Namespace):
         from cosyserve.synthesizer import Synthesizer
 
         return Synthesizer(args.model, device=args.device).backend
-    from cosyserve.engine.embedded import EmbeddedBackend
+    from cosyserve.families.piper.backend import EmbeddedBackend
 
     return EmbeddedBackend()
 

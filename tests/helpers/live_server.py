@@ -61,7 +61,7 @@ class LiveServer:
 def embedded_app(**settings: Any) -> FastAPI:
     """The real app on the embedded default voice, with settings that ignore the developer's
     ``COSYSERVE_*`` environment, and the playground mounted."""
-    from cosyserve.engine.embedded import EmbeddedBackend
+    from cosyserve.families.piper.backend import EmbeddedBackend
     from cosyserve.server.app import create_app
     from cosyserve.settings import Settings
 

@@ -59,7 +59,7 @@ class ParitySet:
 
     @cached_property
     def config(self):
-        from cosyserve.models.yaml_config import load_model_config
+        from cosyserve.families.cosyvoice1.config import load_model_config
 
         return load_model_config(self.path / "cosyvoice.yaml")
 

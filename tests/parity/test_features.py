@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from cosyserve.frontend.features import (
+from cosyserve.nn.config import MelConfig
+from cosyserve.nn.features import (
     MelExtractor,
     campplus_features,
     kaldi_fbank,
     slaney_mel_filterbank,
     whisper_log_mel,
 )
-from cosyserve.models.config import MelConfig
 from tests.parity.conftest import assert_close
 
 pytestmark = pytest.mark.parity

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from cosyserve.models.flow import MaskedDiffWithXvec
+from cosyserve.families.cosyvoice1.flow import MaskedDiffWithXvec
 from tests.parity.conftest import ParitySet, assert_close
 
 pytestmark = pytest.mark.parity

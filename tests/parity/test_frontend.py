@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from cosyserve.errors import CosyserveError
-from cosyserve.frontend.text import TextFrontend
+from cosyserve.text.frontend import TextFrontend
 
 pytestmark = pytest.mark.parity
 

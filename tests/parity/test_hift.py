@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyserve.models.hift import (
+from cosyserve.nn.hift import (
     HiFTGenerator,
     convert_hift_state_dict,
     load_hift,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyserve.models.config import EncoderConfig
-from cosyserve.models.llm import TransformerLM
-from cosyserve.models.transformer import Encoder, KVCache, rel_position_table
+from cosyserve.families.cosyvoice1.llm import TransformerLM
+from cosyserve.nn.config import EncoderConfig
+from cosyserve.nn.conformer import Encoder, KVCache, rel_position_table
 from tests.parity.conftest import ParitySet, assert_close
 
 pytestmark = pytest.mark.parity

@@ -17,18 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from cosyserve.engine.types import (
-    MODES,
-    AudioChunk,
-    Backend,
-    GeneratorJob,
-    PromptAudio,
-    SynthesisInfo,
-    SynthesisJob,
-    SynthesisRequest,
-    VoiceInfo,
-)
+from cosyserve.api import MODES, AudioChunk, PromptAudio, SynthesisInfo, SynthesisRequest, VoiceInfo
 from cosyserve.errors import UnknownVoiceError
+from cosyserve.interfaces import Backend, GeneratorJob, SynthesisJob
 
 SEGMENT_SPLIT = re.compile(r"(?<=[.!?。！？])\s*")
 

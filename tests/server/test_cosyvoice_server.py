@@ -15,7 +15,7 @@ from tests.server.conftest import audio_duration, make_settings, wav_bytes
 
 @pytest.fixture(scope="module")
 def cosyvoice_client(tiny_model_dir, tmp_path_factory) -> Iterator[TestClient]:
-    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
     from cosyserve.server.app import create_app
 
     options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))
@@ -77,8 +77,8 @@ def test_eight_concurrent_streams_on_the_tiny_model(tiny_model_dir, tmp_path, li
     its first audio before any other stream has finished (no one waits for a whole synthesis)."""
     import httpx
 
-    from cosyserve.engine.cosyvoice import CosyVoiceBackend, CosyVoiceOptions
-    from cosyserve.engine.token2wav import stream_num_frames
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.families.cosyvoice1.token2wav import stream_num_frames
     from cosyserve.server.app import create_app
 
     options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path, stream_first_hop=25)

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from cosyserve.engine.scheduler import (
+from cosyserve.api import SynthesisRequest
+from cosyserve.engine.loop import (
     EngineLoop,
     EngineObserver,
     EngineStoppedError,
@@ -17,7 +18,6 @@ from cosyserve.engine.scheduler import (
     RequestTimeoutError,
     SynthesisFailedError,
 )
-from cosyserve.engine.types import SynthesisRequest
 from cosyserve.errors import CancelledError, QueueFullError
 from tests.server.fakes import FakeBackend
 

@@ -64,7 +64,7 @@ def test_voice_errors(client, backend) -> None:
 def test_cloning_unsupported_backend(app_factory) -> None:
     class NoClone(FakeBackend):
         def add_voice(self, name, prompt):  # the Backend default
-            from cosyserve.engine.types import Backend
+            from cosyserve.interfaces import Backend
 
             return Backend.add_voice(self, name, prompt)
 

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from cosyserve.engine.scheduler import EngineLoop, RequestHandle
-from cosyserve.engine.types import AudioChunk, Backend, PromptAudio, SynthesisRequest, VoiceInfo
+from cosyserve.api import AudioChunk, PromptAudio, SynthesisRequest, VoiceInfo
+from cosyserve.engine.loop import EngineLoop, RequestHandle
 from cosyserve.errors import (
     CosyserveError,
     EngineStoppedError,
@@ -31,6 +31,7 @@ from cosyserve.errors import (
     UnknownVoiceError,
     UnsupportedModeError,
 )
+from cosyserve.interfaces import Backend
 from cosyserve.server.metrics import ServerMetrics
 from cosyserve.server.schemas import (
     PayloadTooLargeError,

@@ -12,8 +12,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from cosyserve.engine.types import MAX_SPEED, MIN_SPEED, Backend, SynthesisRequest
+from cosyserve.api import MAX_SPEED, MIN_SPEED, SynthesisRequest
 from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.interfaces import Backend
 from cosyserve.server.routers.common import (
     ServerState,
     file_audio,

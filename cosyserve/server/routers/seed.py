@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from cosyserve.engine.types import Mode, SynthesisRequest
+from cosyserve.api import Mode, SynthesisRequest
 from cosyserve.server.routers.common import (
     ServerState,
     ensure_mode,

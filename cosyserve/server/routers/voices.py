@@ -11,8 +11,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from cosyserve.engine.types import Backend, VoiceInfo
+from cosyserve.api import VoiceInfo
 from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.interfaces import Backend
 from cosyserve.server.routers.common import ServerState, get_state, read_fields, read_prompt, voice_out
 from cosyserve.server.schemas import ERROR_RESPONSES, ConflictError, VoiceDeletedOut, VoiceListOut, VoiceOut
 

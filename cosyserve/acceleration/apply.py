@@ -1,0 +1,224 @@
+"""Acceleration backends applied to a loaded CosyVoice backend according to an AccelPlan.
+
+Each step either succeeds and reports what it did, or raises with a clear reason so the launcher
+falls back to the next plan. What each plan field does:
+
+* ``device="cpu"`` with ``cpu_tuning`` (every CPU plan but the ``eager`` baseline): torch
+  intra-op threads = physical cores, inter-op threads = 1, the allocator policy of
+  :func:`tune_cpu_allocator`, and the position projections' weights paged out between steps
+  (:func:`keep_paged_out`).
+* ``onnx_cpu`` (``cpu_onnx``): the flow estimator runs on ONNX Runtime (the model
+  directory's ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported
+  once); the eager estimator's weights are then released. The vocoder stays eager (see
+  ``CPU_ORT_VOCODER``).
+* ``int8`` (the opt-in ``cpu_int8`` plan): dynamic int8 weights for the linear layers of the LLM
+  and of the flow estimator (torch; each packed for the kernel that suits it, see
+  :mod:`.acceleration.quant`); the estimator is checked against FP32 at load (see
+  ``cosyserve bench`` for the measured deviation of both).
+* ``jit``: the official TorchScript files when present and matching; on CUDA also the LLM decode
+  step as a CUDA graph and (without TensorRT) a torch.compile'd estimator.
+* ``trt``: a TensorRT engine for the estimator (built from the ONNX and cached per GPU/precision),
+  ``trt_concurrent`` execution contexts.
+* ``fp16``: the LLM and flow in half precision (done at load), guarded: every flow output is
+  checked (finite, not flat) and the flow alone goes back to FP32 the first time one is bad
+  (upstream issues #1113/#1114: NaN/silent v1 flow in FP16). :func:`guard_chunk` is the same
+  check on every audio chunk, for the backend to call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cosyserve.acceleration.fp16 import install_fp16_guard
+from cosyserve.errors import BackendUnavailableError
+from cosyserve.families.cosyvoice1.loader import detach_from_checkpoint
+from cosyserve.nn.conformer import RelPositionMultiHeadedAttention
+from cosyserve.nn.hift import ResBlock
+from cosyserve.runtime.memory import (
+    allocator_tuned,
+    keep_paged_out,
+    release_free_heap_pages,
+    vocoder_allocation,
+)
+from cosyserve.runtime.threads import configure_cpu_threads
+
+if TYPE_CHECKING:
+    from cosyserve.acceleration.launcher import AccelPlan
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
+
+logger = logging.getLogger(__name__)
+
+# Measured on the 2-core VM with the full-size model (`cosyserve bench`, warm processes): ONNX
+# Runtime runs the estimator ~1.3-2x faster than eager torch, but the HiFT conv stack slower than
+# the eager channels-last (oneDNN) path (best of 8: 2.2 s vs 1.2 s for 5 s of audio), so the
+# vocoder stays eager unless COSYSERVE_ORT_VOCODER=1.
+CPU_ORT_VOCODER = os.environ.get("COSYSERVE_ORT_VOCODER", "0") == "1"
+
+
+def install_vocoder_allocation(hift: torch.nn.Module) -> None:
+    """Run every ``hift.inference`` call under :func:`vocoder_allocation` (instance attribute),
+    and hand the heap's free pages back after each of its residual blocks: the signal-length
+    tensors they free would otherwise stay resident as reused heap chunks until the step ends
+    (measured: HiFT's peak -50 MB at 5 s of audio, for ~3 % of its time)."""
+    for module in hift.modules():
+        if isinstance(module, ResBlock):
+            module.register_forward_hook(lambda *_: release_free_heap_pages())
+    inference = hift.inference
+
+    @functools.wraps(inference)
+    def allocated(*args: Any, **kwargs: Any) -> Any:
+        with vocoder_allocation():
+            return inference(*args, **kwargs)
+
+    hift.__dict__["inference"] = allocated
+
+
+# ------------------------------------------------------------------------------------ preflight
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def preflight(plan: AccelPlan) -> None:
+    """Fail fast, before loading the model, when the plan cannot work on this machine."""
+    if plan.device == "cuda" and not _cuda_available():
+        raise BackendUnavailableError("CUDA is not available (CPU-only torch build or no GPU)")
+    if plan.fp16 and plan.device != "cuda":
+        raise BackendUnavailableError(
+            "fp16 needs a CUDA device (the CPU path runs FP32, or int8 with cpu_int8)"
+        )
+    if plan.trt:
+        if plan.device != "cuda":
+            raise BackendUnavailableError("TensorRT needs a CUDA device")
+        from cosyserve.acceleration.trt import require_tensorrt
+
+        require_tensorrt()
+    if plan.onnx_cpu:
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)")
+        if plan.device != "cpu":
+            raise BackendUnavailableError("the ONNX Runtime estimator path is the CPU path")
+    if plan.int8:
+        if plan.device != "cpu":
+            raise BackendUnavailableError("int8 dynamic quantisation runs on CPU only")
+        if not torch.backends.quantized.supported_engines or torch.backends.quantized.supported_engines == [
+            "none"
+        ]:
+            raise BackendUnavailableError(
+                "this torch build has no quantized CPU engine (fbgemm/onednn/qnnpack)"
+            )
+
+
+# ------------------------------------------------------------------------------------ apply
+
+
+def _release_estimator_weights(flow: torch.nn.Module) -> None:
+    """Free the eager estimator's weights once a checked runner replaces it (~330 MB full size);
+    its structure stays (on the meta device), so calling it fails loudly instead of silently."""
+    estimator = flow.decoder.estimator
+    estimator.to(device="meta")
+    detach_from_checkpoint(flow)
+    logger.info("eager estimator weights released (the accelerated runner serves the estimator)")
+
+
+def _release_hift_conv_weights(hift: torch.nn.Module) -> None:
+    """Free the HiFT conv stack's torch weights once ONNX Runtime runs it (f0 predictor and
+    source module stay: they still run in torch)."""
+    for name in ("conv_pre", "ups", "source_downs", "source_resblocks", "resblocks", "conv_post"):
+        module = getattr(hift, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.to(device="meta")
+    detach_from_checkpoint(hift)
+
+
+def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
+    """Apply the plan's accelerations to a loaded backend; returns what was applied."""
+    applied: list[str] = []
+    model = backend.model
+    model_dir = model.files.root
+    flow = model.flow
+    if plan.device == "cpu" and plan.cpu_tuning:
+        applied.append(configure_cpu_threads(getattr(backend.options, "num_threads", None)))
+        if allocator_tuned() and not plan.int8:
+            # FP32 plans sit near their memory target; int8 has ~700 MB to spare and keeps HiFT fast.
+            install_vocoder_allocation(model.hift)
+        if allocator_tuned():
+            # The position projections' weights (~80 MB, full size) are read only when a position
+            # cache grows; between requests they need not stay resident.
+            keep_paged_out(
+                m.linear_pos.weight
+                for net in (model.llm, flow)
+                for m in net.modules()
+                if isinstance(m, RelPositionMultiHeadedAttention)
+            )
+    if plan.fp16:
+        applied.append("fp16 (llm, flow)")
+    if plan.jit:
+        from cosyserve.acceleration import jit
+
+        applied += jit.load_torchscript_parts(model_dir, model.llm, flow, plan.fp16)
+        if plan.device == "cuda":
+            jit.install_graphed_decoder(model.llm)
+            applied.append("cuda-graph llm decode step")
+            if not plan.trt:
+                applied.append(jit.compile_estimator(flow))
+    if plan.trt:
+        applied.append(_install_trt(backend, plan))
+    if plan.onnx_cpu:
+        from cosyserve.acceleration.onnx_export import install_ort_hift, load_or_export_estimator
+
+        threads = torch.get_num_threads()
+        runner, desc = load_or_export_estimator(model_dir, flow.decoder.estimator, threads)
+        flow.decoder.estimator_runner = runner
+        _release_estimator_weights(flow)
+        applied.append(desc)
+        if CPU_ORT_VOCODER:
+            _, desc = install_ort_hift(model_dir, model.hift, threads)
+            _release_hift_conv_weights(model.hift)
+            applied.append(desc)
+    if plan.int8:
+        from cosyserve.acceleration.quant import quantize_estimator_int8, quantize_llm_int8
+
+        if flow.decoder.estimator_runner is not None:
+            raise BackendUnavailableError("int8 quantises the torch estimator; this plan replaced it")
+        # The FP32 weights are paged out layer by layer as they are quantised; what stays float
+        # (convolutions, embeddings, norms) stays memory-mapped, resident only where it is read.
+        count, err = quantize_estimator_int8(flow.decoder.estimator)
+        applied.append(f"int8 flow estimator ({count} linear layers, dynamic; error {err:.1e})")
+        count = quantize_llm_int8(model.llm)
+        applied.append(f"int8 llm ({count} linear layers, dynamic)")
+    if plan.fp16:
+        guard = install_fp16_guard(backend)
+        applied.append("fp16 guard" if not guard.tripped else f"fp16 guard: {guard.reason}")
+    return applied
+
+
+def _install_trt(backend: CosyVoiceBackend, plan: AccelPlan) -> str:
+    from cosyserve.acceleration import trt
+    from cosyserve.acceleration.onnx_export import (
+        ESTIMATOR_ONNX,
+        artifact_dir,
+        check_estimator,
+        export_estimator,
+        find_artifact,
+    )
+
+    model_dir = backend.model.files.root
+    estimator = backend.model.flow.decoder.estimator
+    onnx_path = find_artifact(model_dir, ESTIMATOR_ONNX)
+    if onnx_path is None:
+        onnx_path = export_estimator(estimator, artifact_dir(model_dir) / ESTIMATOR_ONNX)
+    runner, desc = trt.load_or_build(
+        onnx_path, artifact_dir(model_dir), fp16=plan.fp16, concurrent=plan.trt_concurrent
+    )
+    # FP16 engines are checked loosely here; the FP16 guard catches NaN/flat output at run time.
+    check_estimator(runner, estimator, runner.path.name, rtol=5e-2 if plan.fp16 else 1e-3)
+    backend.model.flow.decoder.estimator_runner = runner
+    return desc

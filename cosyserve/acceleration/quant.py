@@ -1,0 +1,223 @@
+"""Opt-in dynamic int8 quantisation (CPU, the ``cpu_int8`` plan): the LLM's linear layers and the
+flow estimator's.
+
+Weights become int8 (per output channel), activations are quantised on the fly per call. The LLM
+decode step is memory-bound (every step streams ~176M weights through the caches), so int8
+weights cut its time and the model's RSS by about 4x on those layers. ``linear_pos`` stays float:
+its weight is read directly by the relative-position cache, and it runs once per position anyway.
+
+The two networks want different kernels (measured on the 2-core VM, full-size model): the LLM's
+one-row decode GEMVs are fastest in fbgemm (20.8 ms per step vs 38 ms in oneDNN), the estimator's
+~860-row GEMMs in oneDNN (AMX/VNNI: 0.38 s per 430-frame call vs 0.65 s fbgemm and 0.58-0.72 s for
+ONNX Runtime's int8 graph). The packed weights carry their kernel, so each network is packed with
+its own engine.
+
+Once the weights are int8 the step's fixed costs show (a 1024x1024 int8 GEMV is ~40 us), so the
+attention's q/k/v projections are fused into one layer first (one activation quantisation and one
+call instead of three), and every quantised layer calls the kernel directly
+(:class:`Int8Linear`) rather than through ``torch.ao``'s Python dispatch.
+
+:func:`llm_deviation` measures what int8 changes: log-probs on a teacher-forced sequence, and the
+tokens a seeded sampling run picks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cosyserve.errors import AccelerationMismatchError, BackendUnavailableError
+from cosyserve.nn.conformer import RelPositionMultiHeadedAttention
+from cosyserve.runtime.memory import page_out
+
+logger = logging.getLogger(__name__)
+
+# Linear layers of TransformerLM that are quantised (suffixes of module names).
+_SKIP = ("linear_pos", "spk_embed_affine_layer")
+
+# The int8 estimator's accepted error against FP32: max |int8 - fp32| / max |fp32| on the load-time
+# check (measured ~1.5 % on the full-size model, ~1-3 % on the tiny test models).
+ESTIMATOR_INT8_RTOL = 5e-2
+
+
+def quantizable_linears(llm: nn.Module) -> list[str]:
+    """Names of the nn.Linear modules that int8 replaces (all but the position projections)."""
+    return [
+        name for name, module in llm.named_modules() if type(module) is nn.Linear and not name.endswith(_SKIP)
+    ]
+
+
+class Int8Linear(nn.Module):
+    """A dynamic int8 linear layer: the packed weights of a ``torch.ao`` dynamic ``Linear``,
+    called through the resolved operator (same kernel, same numerics, less per-call overhead)."""
+
+    def __init__(self, packed: Any, in_features: int, out_features: int, reduce_range: bool = True):
+        super().__init__()
+        self.packed = packed
+        self.in_features = in_features
+        self.out_features = out_features
+        # True (7-bit activations) is what torch.ao's dynamic Linear passes: fbgemm's VNNI-less
+        # kernels can overflow with 8 bits. oneDNN has no such limit, and 8 bits halve its error.
+        self.reduce_range = reduce_range
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic.default(x, self.packed, self.reduce_range)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=qint8"
+
+
+def _quantize_linears(root: nn.Module, names: list[str], engine: str) -> None:
+    """Replace the named nn.Linear modules of `root` with :class:`Int8Linear`, in place, packed for
+    `engine`'s kernels.
+
+    One layer at a time, with torch.ao's own conversion (same numerics as ``quantize_dynamic``):
+    each FP32 weight is paged out once its int8 copy exists, so loading the int8 plan never holds
+    the whole FP32 model and its int8 copy at once (the weights are memory-mapped from the
+    checkpoint: the pages just leave RSS)."""
+    _check_cpu(root)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+            from torch.ao.quantization import per_channel_dynamic_qconfig
+    except ImportError as exc:  # a torch build without the quantisation package
+        raise BackendUnavailableError(f"this torch build has no dynamic quantisation ({exc})") from exc
+    engines = torch.backends.quantized.supported_engines
+    if engine not in engines:
+        engine = "x86" if "x86" in engines else torch.backends.quantized.engine
+    modules = dict(root.named_modules())
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine  # chooses the packing (and so the kernel) of each layer
+    try:
+        for name in names:
+            linear = modules[name]
+            linear.qconfig = per_channel_dynamic_qconfig
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                packed = DynamicLinear.from_float(linear)._packed_params._packed_params
+            parent, _, attr = name.rpartition(".")
+            int8 = Int8Linear(packed, linear.in_features, linear.out_features, engine != "onednn")
+            setattr(modules[parent] if parent else root, attr, int8)
+            page_out(linear.weight)
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def quantize_llm_int8(llm: nn.Module) -> int:
+    """Replace the LLM's linear layers (in place) with dynamic int8 ones; returns how many.
+
+    The attention q/k/v projections are fused first (see the module docstring). CPU only: the
+    quantised kernels are fbgemm/oneDNN (x86) or qnnpack (Arm).
+    """
+    _check_cpu(llm)
+    for module in llm.modules():
+        if isinstance(module, RelPositionMultiHeadedAttention) and module.linear_qkv is None:
+            module.fuse_qkv()
+    names = quantizable_linears(llm)
+    _quantize_linears(llm, names, engine="x86")  # fbgemm: the fastest one-row GEMV
+    logger.info("int8: %d linear layers of the LLM quantised (dynamic, per channel)", len(names))
+    return len(names)
+
+
+@torch.inference_mode()
+def quantize_estimator_int8(estimator: nn.Module) -> tuple[int, float]:
+    """Replace the flow estimator's linear layers (attention and feed-forward projections, time
+    MLP; convolutions stay float) with dynamic int8 ones, in place; returns how many and the
+    relative error measured against the FP32 estimator on random inputs (raises
+    AccelerationMismatchError above ``ESTIMATOR_INT8_RTOL``)."""
+    from cosyserve.acceleration.onnx_export import estimator_example
+
+    _check_cpu(estimator)
+    examples = [estimator_example(2, frames, seed=i) for i, frames in enumerate((37, 8))]
+    references = [estimator(*args) for args in examples]
+    names = [name for name, module in estimator.named_modules() if type(module) is nn.Linear]
+    _quantize_linears(estimator, names, engine="onednn")  # oneDNN: the fastest many-row GEMM
+    err = max(
+        float((estimator(*args) - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+        for args, ref in zip(examples, references)
+    )
+    if not err <= ESTIMATOR_INT8_RTOL:  # also catches NaN
+        raise AccelerationMismatchError(
+            f"the int8 estimator deviates from FP32 by {err:.2e} (max relative; accepted {ESTIMATOR_INT8_RTOL:g})"
+        )
+    logger.info("int8: %d linear layers of the flow estimator quantised (error %.1e)", len(names), err)
+    return len(names), err
+
+
+def _check_cpu(module: nn.Module) -> None:
+    device = next(module.parameters()).device
+    if device.type != "cpu":
+        raise BackendUnavailableError(
+            f"int8 dynamic quantisation runs on CPU only (the model is on {device})"
+        )
+
+
+@dataclass
+class Int8Deviation:
+    """How far the int8 LLM is from FP32 (see :func:`llm_deviation`)."""
+
+    logp_max_abs: float  # max |logp_int8 - logp_fp32| over all steps and vocab
+    logp_mean_abs: float  # mean |.| over all steps and vocab
+    kl_mean: float  # mean KL(p_fp32 || p_int8) per step, nats
+    top1_agreement: float  # fraction of steps whose argmax token is the same
+    sampled_agreement: float  # fraction of positions where seeded sampling picked the same token
+    steps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@torch.inference_mode()
+def teacher_forced_logp(llm: nn.Module, prefix: Tensor, tokens: list[int]) -> Tensor:
+    """Log-probs `[len(tokens) + 1, V]` of the LLM fed `tokens` one by one after `prefix`."""
+    logp, cache = llm.prefill(prefix, capacity=prefix.shape[1] + len(tokens) + 1)
+    rows = [logp[0].float()]
+    for tok in tokens:
+        rows.append(llm.decode_step(torch.tensor([tok]), cache)[0].float())
+    return torch.stack(rows)
+
+
+@torch.inference_mode()
+def llm_deviation(
+    llm_fp32: nn.Module,
+    llm_int8: nn.Module,
+    text_ids: Tensor,
+    embedding: Tensor | None,
+    steps: int = 50,
+    seed: int = 0,
+) -> Int8Deviation:
+    """Compare an int8 LLM with its FP32 original on one input.
+
+    Tokens are sampled by the FP32 model (seeded), then both models are teacher-forced on them;
+    the int8 model's own seeded sampling is compared position by position.
+    """
+    ref_tokens = list(llm_fp32.generate(text_ids, embedding=embedding, generator=seed, num_tokens=steps))
+    q_tokens = list(llm_int8.generate(text_ids, embedding=embedding, generator=seed, num_tokens=steps))
+    prefix = llm_fp32.build_prefix(text_ids, embedding=embedding)
+    a = teacher_forced_logp(llm_fp32, prefix, ref_tokens)
+    b = teacher_forced_logp(llm_int8, llm_int8.build_prefix(text_ids, embedding=embedding), ref_tokens)
+    diff = (a - b).abs()
+    kl = (a.exp() * (a - b)).sum(dim=-1)
+    same = sum(1 for x, y in zip(ref_tokens, q_tokens) if x == y)
+    return Int8Deviation(
+        logp_max_abs=float(diff.max()),
+        logp_mean_abs=float(diff.mean()),
+        kl_mean=float(kl.mean()),
+        top1_agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        sampled_agreement=same / max(1, len(ref_tokens)),
+        steps=len(ref_tokens),
+    )
+
+
+def quantized_copy(llm: nn.Module) -> nn.Module:
+    """An int8 copy of a CPU FP32 LLM (the original is left as it is)."""
+    clone = copy.deepcopy(llm)
+    quantize_llm_int8(clone)
+    return clone

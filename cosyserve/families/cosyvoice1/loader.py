@@ -1,0 +1,288 @@
+"""Open a CosyVoice v1 model directory: check its files, read its config, load its weights.
+
+The official layout (CosyVoice-300M, -SFT, -Instruct)::
+
+    cosyvoice.yaml            architecture (read safely by yaml_config, nothing executed)
+    llm.pt flow.pt hift.pt    torch.save(state_dict); hift.pt with weight-norm g/v tensors
+    spk2info.pt               {speaker: {'embedding': FloatTensor[1, 192]}}
+    campplus.onnx             speaker-embedding model   } zero-shot / cross-lingual only:
+    speech_tokenizer_v1.onnx  speech tokenizer          } presence recorded, opened lazily
+
+Every problem becomes ONE :class:`ModelDirectoryError` (or :class:`ModelConfigError`) that names
+the file and what is wrong with it, never a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from cosyserve.errors import ModelConfigError, ModelDirectoryError
+from cosyserve.families.cosyvoice1.config import ModelConfig, load_model_config
+from cosyserve.nn.checkpoint import (
+    check_state_dict,
+    checkpoint_error,
+    detach_from_checkpoint,
+    load_into,
+    read_checkpoint,
+    skip_random_init,
+)
+
+if TYPE_CHECKING:
+    pass
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_FILE",
+    "REQUIRED_FILES",
+    "ZERO_SHOT_FILES",
+    "LoadedModel",
+    "ModelFiles",
+    "build_network",
+    "build_networks",
+    "check_state_dict",
+    "find_model_files",
+    "load_model_directory",
+    "load_networks",
+    "read_checkpoint",
+    "read_speakers",
+]
+
+CONFIG_FILE = "cosyvoice.yaml"
+REQUIRED_FILES = (CONFIG_FILE, "llm.pt", "flow.pt", "hift.pt", "spk2info.pt")
+CAMPPLUS_FILE = "campplus.onnx"
+SPEECH_TOKENIZER_FILE = "speech_tokenizer_v1.onnx"
+ZERO_SHOT_FILES = (CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE)
+
+# Files that identify a directory of a later family (so "cosyvoice.yaml missing" is not the message).
+_OTHER_FAMILY_FILES = {
+    "cosyvoice3.yaml": "CosyVoice3",
+    "cosyvoice2.yaml": "CosyVoice2",
+    "speech_tokenizer_v3.onnx": "CosyVoice3",
+    "speech_tokenizer_v2.onnx": "CosyVoice2",
+}
+
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files of a checked model directory. The ONNX models are None when absent."""
+
+    root: Path
+    config: Path
+    llm: Path
+    flow: Path
+    hift: Path
+    spk2info: Path
+    campplus: Path | None
+    speech_tokenizer: Path | None
+
+    @property
+    def supports_zero_shot(self) -> bool:
+        """Zero-shot / cross-lingual cloning needs both ONNX front-end models."""
+        return self.campplus is not None and self.speech_tokenizer is not None
+
+
+def find_model_files(model_dir: str | os.PathLike[str]) -> ModelFiles:
+    """Check that `model_dir` has the files of a CosyVoice v1 model directory."""
+    root = Path(model_dir).expanduser()
+    if not root.exists():
+        raise ModelDirectoryError(f"{root}: model directory not found")
+    if not root.is_dir():
+        raise ModelDirectoryError(f"{root}: is not a directory")
+    root = root.resolve()
+    if not (root / CONFIG_FILE).is_file():
+        for name, family in _OTHER_FAMILY_FILES.items():
+            if (root / name).exists():
+                raise ModelConfigError(
+                    f"{root}: this is a {family} model directory ({name}); {family} is not supported yet - "
+                    "cosyserve currently runs CosyVoice v1 models (CosyVoice-300M, -SFT, -Instruct)"
+                )
+    missing = [name for name in REQUIRED_FILES if not (root / name).is_file()]
+    if missing:
+        raise ModelDirectoryError(
+            f"{root}: missing {', '.join(missing)} (a CosyVoice v1 model directory needs "
+            f"{', '.join(REQUIRED_FILES)}; {', '.join(ZERO_SHOT_FILES)} for zero-shot)"
+        )
+
+    def optional(name: str) -> Path | None:
+        path = root / name
+        return path if path.is_file() else None
+
+    files = ModelFiles(
+        root=root,
+        config=root / CONFIG_FILE,
+        llm=root / "llm.pt",
+        flow=root / "flow.pt",
+        hift=root / "hift.pt",
+        spk2info=root / "spk2info.pt",
+        campplus=optional(CAMPPLUS_FILE),
+        speech_tokenizer=optional(SPEECH_TOKENIZER_FILE),
+    )
+    if not files.supports_zero_shot:
+        absent = [
+            n
+            for n, p in ((CAMPPLUS_FILE, files.campplus), (SPEECH_TOKENIZER_FILE, files.speech_tokenizer))
+            if p is None
+        ]
+        logger.info(
+            "%s: no %s: zero-shot / cross-lingual voice cloning is unavailable", root, ", ".join(absent)
+        )
+    return files
+
+
+def read_speakers(path: str | os.PathLike[str], embed_dim: int = 192) -> dict[str, torch.Tensor]:
+    """`spk2info.pt` -> {speaker name: embedding FloatTensor[1, embed_dim]}."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ModelDirectoryError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise checkpoint_error(path, exc) from exc
+    if not isinstance(obj, Mapping):
+        raise ModelDirectoryError(
+            f"{path}: expected {{speaker: {{'embedding': tensor[1, {embed_dim}]}}}}, got {type(obj).__name__}"
+        )
+    speakers: dict[str, torch.Tensor] = {}
+    for name, info in obj.items():
+        emb = info.get("embedding") if isinstance(info, Mapping) else None
+        if not isinstance(emb, torch.Tensor):
+            raise ModelDirectoryError(
+                f"{path}: speaker {name!r} has no 'embedding' tensor "
+                f"(expected {{speaker: {{'embedding': tensor[1, {embed_dim}]}}}})"
+            )
+        if emb.numel() != embed_dim or not emb.is_floating_point():
+            raise ModelDirectoryError(
+                f"{path}: speaker {name!r}: embedding has shape {list(emb.shape)} / {emb.dtype}, "
+                f"expected a float tensor [1, {embed_dim}]"
+            )
+        speakers[str(name)] = emb.detach().reshape(1, embed_dim).to(torch.float32).clone()
+    if not speakers:
+        logger.warning("%s: no speakers; only zero-shot / instruct voices are available", path)
+    return speakers
+
+
+# ------------------------------------------------------------------------------------ networks
+
+
+NETWORK_NAMES = ("llm", "flow", "hift")
+
+
+def build_network(name: str, config: ModelConfig) -> nn.Module:
+    """Instantiate one network ("llm", "flow" or "hift") from a config, randomly initialised."""
+    # Imported here: the network modules are large and loader users often need only the files.
+    if name == "llm":
+        from cosyserve.families.cosyvoice1.llm import TransformerLM
+
+        cls: type[nn.Module] = TransformerLM
+    elif name == "flow":
+        from cosyserve.families.cosyvoice1.flow import MaskedDiffWithXvec
+
+        cls = MaskedDiffWithXvec
+    elif name == "hift":
+        from cosyserve.nn.hift import HiFTGenerator
+
+        cls = HiFTGenerator
+    else:
+        raise ValueError(f"unknown network {name!r} (expected one of {NETWORK_NAMES})")
+    try:
+        return cls(getattr(config, name))
+    except (ValueError, NotImplementedError, KeyError) as exc:
+        # The network code refused an option the yaml reader let through.
+        raise ModelConfigError(f"{CONFIG_FILE}: '{name}' cannot be built: {exc}") from exc
+
+
+def build_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Instantiate (llm, flow, hift) from a config, with their default (random) initialisation."""
+    llm, flow, hift = (build_network(name, config) for name in NETWORK_NAMES)
+    return llm, flow, hift
+
+
+def load_networks(
+    files: ModelFiles, config: ModelConfig, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Build the three networks and load their checkpoints (strict), in eval mode on `device`."""
+    from cosyserve.nn.hift import convert_hift_state_dict
+
+    nets: list[nn.Module] = []
+    # One network at a time: build, load (mmap'd checkpoint, pages only read while copying), move.
+    for name, path in (("llm", files.llm), ("flow", files.flow), ("hift", files.hift)):
+        state_dict = read_checkpoint(path)
+        note = ""
+        if name == "hift":
+            try:
+                # Strips `generator.` and folds weight norm (weight_g/weight_v or parametrizations.*).
+                state_dict = convert_hift_state_dict(state_dict)
+            except (KeyError, RuntimeError) as exc:
+                raise ModelDirectoryError(f"{path}: broken weight-norm tensors: {exc}") from exc
+            note = " (after folding weight_g/weight_v)"
+        with skip_random_init():
+            module = build_network(name, config)
+        load_into(module, state_dict, path, note, CONFIG_FILE)  # strict: every parameter is overwritten
+        del state_dict
+        if name == "hift":
+            # Folding made new tensors for most weights; copy the rest too, so the checkpoint
+            # (whose weight_v pages the folding read) is unmapped instead of staying resident.
+            detach_from_checkpoint(module)
+            if torch.device(device).type == "cpu":
+                module.prepare_fast_path()  # type: ignore[operator]
+        nets.append(module.to(device).eval())
+    return nets[0], nets[1], nets[2]
+
+
+# ------------------------------------------------------------------------------------ ONNX
+
+
+@dataclass
+class LoadedModel:
+    """A model directory, loaded: config, networks (eval mode), speaker table. The zero-shot ONNX
+    models are opened on demand by :class:`cosyserve.voices.prompt.PromptEncoder`."""
+
+    files: ModelFiles
+    config: ModelConfig
+    llm: nn.Module
+    flow: nn.Module
+    hift: nn.Module
+    speakers: dict[str, torch.Tensor]
+
+    @property
+    def supports_zero_shot(self) -> bool:
+        return self.files.supports_zero_shot
+
+
+def load_model_directory(
+    model_dir: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Check, read and load a CosyVoice v1 model directory (see the module docstring).
+
+    Raises ModelDirectoryError / ModelConfigError naming the file and the problem.
+    """
+    files = find_model_files(model_dir)
+    config = load_model_config(files.config)
+    speakers = read_speakers(files.spk2info, config.llm.spk_embed_dim)  # cheap checks first
+    llm, flow, hift = load_networks(files, config, device)
+    logger.info(
+        "loaded %s: %d speakers, zero-shot %s",
+        files.root,
+        len(speakers),
+        "available" if files.supports_zero_shot else "unavailable",
+    )
+    return LoadedModel(
+        files=files,
+        config=config,
+        llm=llm,
+        flow=flow,
+        hift=hift,
+        speakers=speakers,
+    )

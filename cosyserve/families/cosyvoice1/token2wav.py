@@ -1,0 +1,468 @@
+"""Speech tokens -> waveform (flow + HiFT), non-streaming and streaming, with speed control.
+
+Equivalent to upstream ``CosyVoiceModel.token2wav`` / ``tts(stream=...)`` for CosyVoice v1:
+
+* non-stream: ``mel = flow(tokens)``; with ``speed != 1`` the mel is linearly interpolated
+  (align_corners False) to ``int(T / speed)`` frames; ``speech = hift(mel)``.
+* stream: chunks of ``hop + overlap`` tokens (100 + 20), advancing by ``hop``; the flow cache
+  keeps the noise/mu of the 34 overlap frames, the mel overlap is cross-faded with a
+  ``hamming(68)`` window, HiFT gets 20 frames of mel context plus the last 5120 source samples,
+  and its speech is cross-faded over 5120 samples with ``hamming(10240)``. The last chunk
+  (``finish``) runs the remaining tokens and withholds nothing.
+
+Beyond upstream: a smaller first hop (lower first-chunk latency; the default hop reproduces
+upstream exactly) and speed control while streaming. The latter resamples the stream of
+committed mel frames (after the mel cross-fade, before HiFT) with the same linear
+interpolation as the non-stream path, incrementally, so the chunking does not change the result
+(see :class:`StreamingMelResampler`).
+
+Note: like upstream, streaming makes ``172`` mel frames per 100-token hop while the non-stream
+flow makes ``int(n * 1.7227)`` for ``n`` tokens, so a long stream is a few frames shorter than
+the non-stream output (see :func:`stream_num_frames`).
+
+All randomness comes from a per-request ``torch.Generator`` or is injected (tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cosyserve.nn.hift import HiFTGenerator
+
+logger = logging.getLogger(__name__)
+
+MEL_SAMPLE_RATE = 22050  # upstream hard-codes the v1 rate and hop in these constants
+MEL_HOP = 256
+TOKEN_HOP_LEN = 100  # 2 * input_frame_rate; stream_scale_factor = 1, so it never grows
+TOKEN_OVERLAP_LEN = 20
+MEL_CACHE_LEN = 20  # HiFT mel context frames
+SOURCE_CACHE_LEN = MEL_CACHE_LEN * MEL_HOP  # 5120 samples of source / speech cross-fade
+
+
+class FlowModel(Protocol):
+    """What token2wav needs from the flow (``cosyserve.families.cosyvoice1.flow.MaskedDiffWithXvec``)."""
+
+    input_frame_rate: int
+
+    def inference(
+        self,
+        tokens: Tensor,
+        prompt_tokens: Tensor | None = None,
+        prompt_feat: Tensor | None = None,
+        embedding: Tensor | None = None,
+        flow_cache: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+def token_frames(n_tokens: int, input_frame_rate: int = 50) -> int:
+    """Mel frames the flow makes for ``n_tokens`` tokens: ``int(n / rate * 22050 / 256)``."""
+    return int(n_tokens / input_frame_rate * MEL_SAMPLE_RATE / MEL_HOP)
+
+
+def speed_frames(frames: int, speed: float) -> int:
+    """Frames after speed change: ``int(T / speed)`` (upstream's ``F.interpolate`` size)."""
+    return int(frames / speed)
+
+
+def apply_speed(mel: Tensor, speed: float) -> Tensor:
+    """Non-stream speed change: ``F.interpolate(mel, size=int(T / speed), mode='linear')``."""
+    if speed == 1.0:
+        return mel
+    return F.interpolate(mel, size=speed_frames(mel.shape[2], speed), mode="linear")
+
+
+def stream_num_frames(
+    n_tokens: int,
+    hop: int = TOKEN_HOP_LEN,
+    first_hop: int | None = None,
+    overlap: int = TOKEN_OVERLAP_LEN,
+    input_frame_rate: int = 50,
+) -> int:
+    """Mel frames (samples / 256) a stream of ``n_tokens`` tokens produces at speed 1.
+
+    Each non-final chunk of ``h + overlap`` tokens commits ``token_frames(h + overlap) - 34``
+    frames; the final chunk commits all of its frames.
+    """
+    mel_overlap = token_frames(overlap, input_frame_rate)
+    frames, remaining, h = 0, n_tokens, first_hop or hop
+    while remaining >= h + overlap:
+        frames += token_frames(h + overlap, input_frame_rate) - mel_overlap
+        remaining -= h
+        h = hop
+    return frames + token_frames(remaining, input_frame_rate)
+
+
+def _hamming(n: int) -> np.ndarray:
+    return np.hamming(n)  # float64, as upstream's windows
+
+
+def fade_in_out(fade_in: Tensor, fade_out: Tensor, window: np.ndarray) -> Tensor:
+    """Cross-fade the head of ``fade_in`` with the tail of ``fade_out`` over ``len(window)/2``.
+
+    Computed in float64 (upstream multiplies float32 tensors by a float64 numpy window) and
+    stored back in the tensor's dtype.
+    """
+    n = window.shape[0] // 2
+    w = torch.from_numpy(window).to(fade_in.device)
+    out = fade_in.clone()
+    out[..., :n] = (fade_in[..., :n].double() * w[:n] + fade_out[..., -n:].double() * w[n:]).to(fade_in.dtype)
+    return out
+
+
+def speech_to_numpy(speech: Tensor) -> np.ndarray:
+    return speech[0].detach().float().cpu().numpy()
+
+
+def _module_device(module: object) -> torch.device:
+    params = getattr(module, "parameters", None)
+    if params is not None:
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------- non-stream
+@torch.inference_mode()
+def token2wav(
+    flow: FlowModel,
+    hift: HiFTGenerator,
+    tokens: Tensor,
+    prompt_tokens: Tensor | None = None,
+    prompt_feat: Tensor | None = None,
+    embedding: Tensor | None = None,
+    speed: float = 1.0,
+    generator: torch.Generator | None = None,
+    flow_noise: Tensor | None = None,
+    hift_noise: tuple[Tensor, Tensor] | None = None,
+) -> np.ndarray:
+    """Non-stream token -> waveform: float32 samples at 22050 Hz, ``256 * int(T / speed)`` long.
+
+    tokens ``[1, N]``; ``flow_noise`` ``[1, 80, P + T]`` and ``hift_noise`` ``(phase [1, 9, 1],
+    sine_noise [1, 9, L])`` are injected when given, else drawn from ``generator``.
+    """
+    if tokens.shape[-1] == 0:
+        return np.zeros(0, dtype=np.float32)
+    mel, _ = flow.inference(
+        tokens, prompt_tokens, prompt_feat, embedding, flow_cache=None, noise=flow_noise, generator=generator
+    )
+    if speed_frames(mel.shape[2], speed) == 0:
+        return np.zeros(0, dtype=np.float32)  # too few frames to survive the speed change
+    mel = apply_speed(mel, speed)
+    phase, sine_noise = hift_noise if hift_noise is not None else (None, None)
+    speech, _ = hift.inference(mel, generator=generator, phase=phase, sine_noise=sine_noise)
+    return speech_to_numpy(speech)
+
+
+# ------------------------------------------------------------------------------- streaming
+class StreamingMelResampler:
+    """Incremental ``F.interpolate(mode='linear', align_corners=False)`` with scale ``speed``.
+
+    Output frame ``j`` reads input position ``max(0, (j + 0.5) * speed - 0.5)``, interpolating
+    the two neighbouring frames; it is emitted as soon as both exist, so chunk boundaries do
+    not change the result. ``finish`` emits up to ``int(T_in / speed)`` frames in total (the
+    non-stream frame count), clamping at the last input frame.
+    """
+
+    def __init__(self, speed: float):
+        if not (speed > 0 and math.isfinite(speed)):
+            raise ValueError(f"speed must be a positive number, got {speed!r}")
+        self.speed = float(speed)
+        self._buf: Tensor | None = None  # the input frames still needed, [1, C, n]
+        self._buf_start = 0  # absolute index of _buf[..., 0]
+        self._n_in = 0
+        self._n_out = 0
+
+    def _src(self, j: int) -> float:
+        return max(0.0, (j + 0.5) * self.speed - 0.5)
+
+    def _emit(self, stop: int) -> Tensor | None:
+        """Frames ``_n_out .. stop-1`` (all of whose inputs are buffered)."""
+        if stop <= self._n_out:
+            return None
+        assert self._buf is not None
+        pos = torch.tensor([self._src(j) for j in range(self._n_out, stop)], dtype=torch.float64)
+        i0 = pos.floor().long()
+        lam = (pos - i0).to(self._buf.device)
+        i1 = torch.clamp(i0 + 1, max=self._n_in - 1)
+        x = self._buf.double()
+        idx0, idx1 = (i0 - self._buf_start).to(x.device), (i1 - self._buf_start).to(x.device)
+        out = x[..., idx0] * (1 - lam) + x[..., idx1] * lam
+        self._n_out = stop
+        # Drop input frames no later output needs.
+        keep_from = min(int(math.floor(self._src(stop))) - self._buf_start, self._buf.shape[-1])
+        if keep_from > 0:
+            self._buf = self._buf[..., keep_from:]
+            self._buf_start += keep_from
+        return out.to(self._buf.dtype)
+
+    def push(self, mel: Tensor) -> Tensor | None:
+        """Add input frames ``[1, C, n]``; returns the output frames now complete (or None)."""
+        self._buf = mel if self._buf is None else torch.cat([self._buf, mel], dim=-1)
+        self._n_in += mel.shape[-1]
+        stop = self._n_out
+        # Output j is complete once floor(src(j)) + 1 < n_in.
+        while math.floor(self._src(stop)) + 1 < self._n_in:
+            stop += 1
+        return self._emit(stop)
+
+    def finish(self, mel: Tensor | None = None) -> Tensor | None:
+        """Add the last input frames and emit the remaining output frames."""
+        if mel is not None and mel.shape[-1] > 0:
+            self._buf = mel if self._buf is None else torch.cat([self._buf, mel], dim=-1)
+            self._n_in += mel.shape[-1]
+        if self._n_in == 0:
+            return None
+        return self._emit(speed_frames(self._n_in, self.speed))
+
+
+@dataclass
+class VocoderStep:
+    """One HiFT call of a stream (tensors as upstream names them; for tests and tracing)."""
+
+    hift_mel: Tensor  # mel given to HiFT (cache frames prepended)
+    hift_cache_source: Tensor  # [1, 1, 0 or 5120]
+    hift_source: Tensor  # source used (head replaced by the cache)
+    hift_speech: Tensor  # raw HiFT output, before the speech cross-fade
+    out: Tensor  # samples released by this step [1, n]
+
+
+class StreamingVocoder:
+    """The HiFT half of streaming: committed mel frames in, speech out.
+
+    Keeps upstream's HiFT cache (last 20 mel frames, last 5120 source and speech samples): every
+    call sees 20 frames of left context, continues the source, and cross-fades its first 5120
+    samples with the withheld tail of the previous call.
+    """
+
+    def __init__(
+        self,
+        hift: HiFTGenerator,
+        generator: torch.Generator | None = None,
+        hift_noises: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ):
+        self.hift = hift
+        self.generator = generator
+        self._noises = list(hift_noises or [])
+        self.mel_cache_len = MEL_CACHE_LEN
+        self.source_cache_len = SOURCE_CACHE_LEN
+        self.speech_window = _hamming(2 * SOURCE_CACHE_LEN)
+        self._cache: tuple[Tensor, Tensor, Tensor] | None = None  # (mel, source, speech)
+        self._pending: Tensor | None = None
+        self.finished = False
+
+    def _run(self, mel: Tensor, finalize: bool) -> VocoderStep:
+        if self._cache is not None:
+            cache_mel, cache_source, cache_speech = self._cache
+            mel = torch.cat([cache_mel, mel], dim=2)
+        else:
+            cache_source = torch.zeros(1, 1, 0, device=mel.device)
+        phase, sine_noise = self._noises.pop(0) if self._noises else (None, None)
+        speech, source = self.hift.inference(
+            mel, cache_source=cache_source, generator=self.generator, phase=phase, sine_noise=sine_noise
+        )
+        raw = speech
+        if self._cache is not None:
+            speech = fade_in_out(speech, cache_speech, self.speech_window)
+        if finalize:
+            self._cache, out = None, speech
+        else:
+            n = self.source_cache_len
+            self._cache = (mel[:, :, -self.mel_cache_len :], source[:, :, -n:], speech[:, -n:])
+            out = speech[:, :-n]
+        return VocoderStep(mel, cache_source, source, raw, out)
+
+    def push(self, mel: Tensor | None, finalize: bool = False) -> VocoderStep | None:
+        """Vocode newly committed frames ``[1, 80, n]``; None while waiting for more frames."""
+        if self.finished:
+            raise RuntimeError("the stream is already finished")
+        if mel is not None and mel.shape[-1] > 0:
+            self._pending = mel if self._pending is None else torch.cat([self._pending, mel], dim=2)
+        pending = self._pending
+        n = 0 if pending is None else pending.shape[-1]
+        if finalize:
+            self.finished = True
+            if n == 0:
+                # Nothing new (possible with speed change): release the withheld tail as is.
+                if self._cache is None:
+                    return None
+                tail = self._cache[2]
+                self._cache = None
+                empty = tail.new_zeros(1, 80, 0)
+                return VocoderStep(empty, tail.new_zeros(1, 1, 0), tail.new_zeros(1, 1, 0), tail, tail)
+        elif n == 0 or (self._cache is None and n < self.mel_cache_len):
+            # The first call must be long enough to fill the 5120-sample caches.
+            return None
+        assert pending is not None
+        self._pending = None
+        return self._run(pending, finalize)
+
+
+@dataclass
+class ChunkRecord:
+    """What one flow chunk of a stream did (kept only with ``record=True``)."""
+
+    tokens: Tensor
+    flow_cache_in: Tensor | None
+    flow_mel: Tensor
+    flow_cache_out: Tensor
+    vocoder: VocoderStep | None
+
+
+def check_stream_hops(hop: int, first_hop: int, overlap: int, frame_rate: int) -> None:
+    """Refuse hops the streaming chunker cannot use.
+
+    hop > overlap: a chunk of more than 2 * overlap tokens is length-regulated as head / middle /
+    tail, so its last `overlap` tokens map exactly onto the 34 mel frames the flow cache hands to
+    the next chunk; and each chunk must commit >= 20 frames, the HiFT mel cache."""
+    for name, h in (("hop", hop), ("first_hop", first_hop)):
+        if (
+            h <= overlap
+            or token_frames(h + overlap, frame_rate) - token_frames(overlap, frame_rate) < MEL_CACHE_LEN
+        ):
+            raise ValueError(
+                f"{name}={h} tokens is too small for streaming: it must exceed the overlap ({overlap})"
+            )
+
+
+class ChunkCommitter:
+    """What follows the flow for each streamed chunk: cross-fade its mel with the previous
+    chunk's held-back overlap, hold back its own tail (unless final), apply speed, vocode.
+
+    Shared by the batch-1 streamer below and the batching runner's chunked sink, so both give
+    the same audio for the same flow output."""
+
+    def __init__(
+        self,
+        hift: HiFTGenerator,
+        overlap_frames: int,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+        hift_noises: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ):
+        self.overlap_frames = overlap_frames
+        self.window = _hamming(2 * overlap_frames)
+        self.resampler = StreamingMelResampler(speed) if speed != 1.0 else None
+        self.vocoder = StreamingVocoder(hift, generator, hift_noises)
+        self._mel_overlap: Tensor | None = None
+
+    def commit(self, mel: Tensor, finalize: bool) -> VocoderStep | None:
+        if self._mel_overlap is not None:
+            mel = fade_in_out(mel, self._mel_overlap, self.window)
+        if not finalize:
+            self._mel_overlap = mel[:, :, -self.overlap_frames :]
+            mel = mel[:, :, : -self.overlap_frames]
+        if self.resampler is not None:
+            mel = self.resampler.finish(mel) if finalize else self.resampler.push(mel)
+        return self.vocoder.push(mel, finalize)
+
+
+class StreamingToken2Wav:
+    """Per-request streaming token -> waveform state machine.
+
+    ``push(tokens)`` buffers tokens and returns the audio chunks that became ready (float32
+    numpy arrays); ``finish()`` vocodes what is left and returns the last chunk. With the
+    default ``hop`` / no ``first_hop`` / ``speed=1`` the output equals upstream's streaming
+    ``tts`` chunk for chunk.
+
+    ``first_hop``: tokens advanced by the first chunk (e.g. 25-50; more than ``overlap``) for
+    lower first-chunk latency; later chunks use ``hop``. ``speed``: tempo change applied to the committed mel
+    stream (upstream refuses speed with streaming). ``flow_noises`` / ``hift_noises``: per-call
+    noises to inject (tests); once used up, noise comes from ``generator``.
+    """
+
+    def __init__(
+        self,
+        flow: FlowModel,
+        hift: HiFTGenerator,
+        prompt_tokens: Tensor | None = None,
+        prompt_feat: Tensor | None = None,
+        embedding: Tensor | None = None,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+        hop: int = TOKEN_HOP_LEN,
+        first_hop: int | None = None,
+        overlap: int = TOKEN_OVERLAP_LEN,
+        flow_noises: Sequence[Tensor] | None = None,
+        hift_noises: Sequence[tuple[Tensor, Tensor]] | None = None,
+        device: torch.device | str | None = None,
+        record: bool = False,
+    ):
+        self.flow = flow
+        self.prompt_tokens = prompt_tokens
+        self.prompt_feat = prompt_feat
+        self.embedding = embedding
+        self.generator = generator
+        self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
+        self.overlap = overlap
+        self.hop = hop
+        self.first_hop = first_hop or hop
+        check_stream_hops(self.hop, self.first_hop, overlap, self.frame_rate)
+        self.device = torch.device(device) if device is not None else _module_device(flow)
+        self.speed = float(speed)
+        self.tail = ChunkCommitter(
+            hift, token_frames(overlap, self.frame_rate), self.speed, generator, hift_noises
+        )
+        self._flow_noises = list(flow_noises or [])
+        self._tokens: list[int] = []
+        self._flow_cache: Tensor | None = None
+        self._next_hop = self.first_hop
+        self.chunks_done = 0
+        self.finished = False
+        self.trace: list[ChunkRecord] | None = [] if record else None
+
+    @torch.inference_mode()
+    def _chunk(self, tokens: list[int], finalize: bool) -> np.ndarray | None:
+        token_tensor = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        noise = self._flow_noises.pop(0) if self._flow_noises else None
+        cache_in = self._flow_cache
+        mel, self._flow_cache = self.flow.inference(
+            token_tensor,
+            self.prompt_tokens,
+            self.prompt_feat,
+            self.embedding,
+            flow_cache=cache_in,
+            noise=noise,
+            generator=self.generator,
+        )
+        step = self.tail.commit(mel, finalize)
+        self.chunks_done += 1
+        if self.trace is not None:
+            self.trace.append(ChunkRecord(token_tensor, cache_in, mel, self._flow_cache, step))
+        return None if step is None else speech_to_numpy(step.out)
+
+    def push(self, tokens: Sequence[int]) -> list[np.ndarray]:
+        """Add speech tokens; returns the audio chunks that are ready (possibly none)."""
+        if self.finished:
+            raise RuntimeError("the stream is already finished")
+        self._tokens.extend(int(t) for t in tokens)
+        ready: list[np.ndarray] = []
+        while len(self._tokens) >= self._next_hop + self.overlap:
+            out = self._chunk(self._tokens[: self._next_hop + self.overlap], finalize=False)
+            self._tokens = self._tokens[self._next_hop :]
+            self._next_hop = self.hop
+            if out is not None and out.size:
+                ready.append(out)
+        return ready
+
+    def finish(self) -> np.ndarray:
+        """Vocode the remaining tokens (withholding nothing); returns the last audio chunk."""
+        if self.finished:
+            raise RuntimeError("the stream is already finished")
+        self.finished = True
+        if not self._tokens:
+            # Only possible before any chunk ran (later chunks keep `overlap` tokens back).
+            return np.zeros(0, dtype=np.float32)
+        out = self._chunk(self._tokens, finalize=True)
+        self._tokens = []
+        return out if out is not None else np.zeros(0, dtype=np.float32)

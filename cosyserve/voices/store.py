@@ -1,0 +1,300 @@
+"""Saved (cloned) voices on disk.
+
+A voice is registered once: its prompt recording is encoded (speaker embedding, prompt speech
+tokens, prompt mel features) and stored with its transcript, so later requests skip the ONNX
+models and the upload entirely (upstream's ``add_zero_shot_spk`` + ``save_spkinfo``, but one file
+per voice instead of rewriting one pickle of all voices).
+
+Layout: ``<root>/<name>.voice.npz``, a plain ``numpy.savez`` archive (no pickle: loaded with
+``allow_pickle=False``) holding ``embedding`` [1,192] float32, ``speech_tokens`` [1,N] int64,
+``speech_feat`` [1,T,80] float32 and ``meta``, a JSON string (name, transcript, created-at,
+source info, format version). Each save writes a temporary file in the same directory, fsyncs
+it and renames it over the target, so a crash at any point leaves either the old voice or the new
+one, never a partial file. Stale temporary files are removed when a store is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cosyserve.api import VoiceInfo
+from cosyserve.errors import CosyserveError, InvalidRequestError, UnknownVoiceError
+from cosyserve.voices.prompt import PromptFeatures
+
+logger = logging.getLogger(__name__)
+
+VOICE_SUFFIX = ".voice.npz"
+FORMAT_VERSION = 1
+MAX_NAME_LENGTH = 64
+# Letters/digits/underscore of any script, then also '.' and '-'; the first character is a word
+# character, so no hidden files, no '.', '..', no separators: nothing can leave the directory.
+_NAME_RE = re.compile(r"\w[\w.\-]*")  # used with fullmatch (no "$": it allows a final newline)
+_STALE_TMP_SECONDS = 3600.0
+_TMP_PREFIX = ".tmp-"
+
+
+class VoiceStoreError(CosyserveError):
+    """A stored voice file that cannot be read (disk corruption, foreign file)."""
+
+    status_code = 500
+    code = "voice_store_error"
+
+
+@dataclass
+class SavedVoice:
+    name: str
+    features: PromptFeatures  # CPU tensors, shared with the store's cache: do not modify in place
+    created_at: float  # unix time
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str | None:
+        return self.features.text
+
+    def info(self) -> VoiceInfo:
+        return VoiceInfo(id=self.name, kind="saved", description=_describe(self.features.text, self.source))
+
+
+def _describe(text: str | None, source: dict[str, Any]) -> str:
+    parts = ["cloned voice"]
+    duration = source.get("duration_s")
+    if isinstance(duration, (int, float)):
+        parts.append(f"{duration:.1f} s prompt")
+    if text:
+        parts.append(f"transcript: {text[:80]}")
+    return ", ".join(parts)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not possible (nor needed) on every platform.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class VoiceStore:
+    """Saved voices under ``root``; a new store over the same directory sees them all.
+
+    ``reserved_names``: built-in speaker ids (e.g. the SFT speakers) that saved voices must not
+    shadow. Safe to use from several threads of one process.
+    """
+
+    def __init__(self, root: str | Path, reserved_names: Iterable[str] = ()):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._reserved = {n.casefold() for n in reserved_names}
+        self._lock = threading.RLock()
+        self._cache: dict[str, tuple[tuple[int, int, int], SavedVoice]] = {}
+        self._remove_stale_temporaries()
+
+    # ---------------------------------------------------------------- names
+
+    def set_reserved_names(self, names: Iterable[str]) -> None:
+        self._reserved = {n.casefold() for n in names}
+
+    def validate_name(self, name: str) -> str:
+        """Return the canonical (NFC) form of a new voice name or raise InvalidRequestError."""
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequestError("a voice name is required")
+        canonical = unicodedata.normalize("NFC", name)
+        if len(canonical) > MAX_NAME_LENGTH:
+            raise InvalidRequestError(
+                f"voice name is too long ({len(canonical)} characters; at most {MAX_NAME_LENGTH})"
+            )
+        if not _NAME_RE.fullmatch(canonical) or canonical.endswith("."):
+            raise InvalidRequestError(
+                f"invalid voice name {name!r}: use letters, digits, '_', '-' and '.', "
+                "starting with a letter or digit and not ending with '.'"
+            )
+        if canonical.casefold() in self._reserved:
+            raise InvalidRequestError(f"voice name {canonical!r} is taken by a built-in speaker")
+        return canonical
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}{VOICE_SUFFIX}"
+
+    def _lookup_name(self, name: str) -> str:
+        """Map a requested name to a stored one; UnknownVoiceError if there is none."""
+        if isinstance(name, str):
+            canonical = unicodedata.normalize("NFC", name)
+            if _NAME_RE.fullmatch(canonical) and self._path(canonical).is_file():
+                return canonical
+        raise UnknownVoiceError(f"no saved voice named {name!r}")
+
+    # ---------------------------------------------------------------- queries
+
+    def names(self) -> list[str]:
+        return sorted(
+            p.name[: -len(VOICE_SUFFIX)]
+            for p in self.root.glob(f"*{VOICE_SUFFIX}")
+            if not p.name.startswith(".") and p.is_file()
+        )
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self._lookup_name(name)  # type: ignore[arg-type]
+        except UnknownVoiceError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def list(self) -> list[VoiceInfo]:
+        """Every readable saved voice (unreadable files are logged and skipped)."""
+        infos = []
+        for name in self.names():
+            try:
+                infos.append(self.get(name).info())
+            except (VoiceStoreError, UnknownVoiceError) as exc:  # deleted meanwhile or corrupt
+                logger.warning("skipping saved voice %r: %s", name, exc.message)
+        return infos
+
+    def get(self, name: str) -> SavedVoice:
+        """The saved voice ``name`` (cached; reloaded if the file changed on disk)."""
+        canonical = self._lookup_name(name)
+        path = self._path(canonical)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise UnknownVoiceError(f"no saved voice named {name!r}") from None
+        # every save is a new file (rename), so the inode changes even within one mtime tick
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._cache.get(canonical)
+            if cached is not None and cached[0] == signature:
+                return cached[1]
+        voice = self._load(canonical, path)
+        with self._lock:
+            self._cache[canonical] = (signature, voice)
+        return voice
+
+    def _load(self, name: str, path: Path) -> SavedVoice:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(str(npz["meta"][()]))
+                embedding = torch.from_numpy(np.array(npz["embedding"], dtype=np.float32))
+                tokens = torch.from_numpy(np.array(npz["speech_tokens"], dtype=np.int64))
+                feat = torch.from_numpy(np.array(npz["speech_feat"], dtype=np.float32))
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"unknown format version {meta.get('format')!r}")
+            features = PromptFeatures(
+                embedding=embedding, speech_tokens=tokens, speech_feat=feat, text=meta.get("text")
+            )
+        except FileNotFoundError:
+            raise UnknownVoiceError(f"no saved voice named {name!r}") from None
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise VoiceStoreError(f"saved voice {name!r} ({path}) is unreadable: {exc}") from exc
+        return SavedVoice(
+            name=name,
+            features=features,
+            created_at=float(meta.get("created_at", 0.0)),
+            source=meta.get("source") or {},
+        )
+
+    # ---------------------------------------------------------------- changes
+
+    def save(
+        self,
+        name: str,
+        features: PromptFeatures,
+        source: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> SavedVoice:
+        """Store ``features`` under ``name`` atomically. An existing voice of that name is an
+        InvalidRequestError unless ``overwrite``; names are compared case-insensitively so that
+        stores on case-insensitive file systems stay unambiguous."""
+        name = self.validate_name(name)
+        created_at = time.time()
+        meta = {
+            "format": FORMAT_VERSION,
+            "name": name,
+            "text": features.text,
+            "created_at": created_at,
+            "source": dict(source or {}),
+            "embedding_dim": int(features.embedding.shape[1]),
+            "num_tokens": int(features.speech_tokens.shape[1]),
+            "num_frames": int(features.speech_feat.shape[1]),
+        }
+        arrays = {
+            "embedding": features.embedding.detach().to("cpu", torch.float32).numpy(),
+            "speech_tokens": features.speech_tokens.detach().to("cpu", torch.int64).numpy(),
+            "speech_feat": features.speech_feat.detach().to("cpu", torch.float32).numpy(),
+            # A unicode scalar array: stored and loaded without pickle.
+            "meta": np.array(json.dumps(meta, ensure_ascii=False, default=str)),
+        }
+        with self._lock:
+            folded = name.casefold()
+            for existing in self.names():
+                if existing.casefold() == folded and (existing != name or not overwrite):
+                    raise InvalidRequestError(
+                        f"a saved voice named {existing!r} already exists"
+                        + ("" if existing != name else "; delete it first or overwrite it")
+                    )
+            self._write_atomic(self._path(name), arrays)
+            self._cache.pop(name, None)
+        logger.info("saved voice %r (%d prompt tokens)", name, meta["num_tokens"])
+        return self.get(name)
+
+    def _write_atomic(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".npz", dir=self.root)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self._write_payload(f, arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX and Windows
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        _fsync_dir(self.root)
+
+    @staticmethod
+    def _write_payload(f, arrays: dict[str, np.ndarray]) -> None:
+        np.savez(f, **arrays)
+
+    def delete(self, name: str) -> None:
+        canonical = self._lookup_name(name)
+        with self._lock:
+            try:
+                self._path(canonical).unlink()
+            except FileNotFoundError:
+                raise UnknownVoiceError(f"no saved voice named {name!r}") from None
+            self._cache.pop(canonical, None)
+        _fsync_dir(self.root)
+        logger.info("deleted saved voice %r", canonical)
+
+    def _remove_stale_temporaries(self) -> None:
+        # Leftovers of a crash mid-save; recent ones may belong to another live process.
+        now = time.time()
+        for tmp in self.root.glob(f"{_TMP_PREFIX}*"):
+            try:
+                if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                    tmp.unlink()
+                    logger.info("removed stale temporary file %s", tmp)
+            except OSError:
+                pass
