@@ -48,8 +48,8 @@ def test_hift_fast_path_relays_weights_in_place(tiny_model_dir) -> None:
 def test_vocoder_allocation_returns_heap_pages_per_residual_block(tiny_model_dir, monkeypatch) -> None:
     from cosyserve.acceleration import apply as accel
     from cosyserve.families.cosyvoice1.loader import load_model_directory
-    from cosyserve.runtime import memory
     from cosyserve.nn.hift import ResBlock
+    from cosyserve.runtime import memory
 
     hift = load_model_directory(tiny_model_dir).hift
     mel = torch.randn(1, 80, 40, generator=torch.Generator().manual_seed(0))

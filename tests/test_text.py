@@ -1,5 +1,5 @@
 """Text frontend: tokenizer, smart split (limits, never cutting words / numbers), the lazy
-iterator on 50,000 characters, errors. Upstream parity is in tests/parity/test_frontend.py."""
+iterator on 50,000 characters, errors. Upstream parity is in tests/families/cosyvoice1/parity/test_frontend.py."""
 
 from __future__ import annotations
 

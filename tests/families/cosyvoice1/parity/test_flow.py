@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cosyserve.families.cosyvoice1.flow import MaskedDiffWithXvec
-from tests.parity.conftest import ParitySet, assert_close
+from tests.helpers.parity import ParitySet, assert_close
 
 pytestmark = pytest.mark.parity
 

@@ -12,7 +12,7 @@ from cosyserve.nn.hift import (
     load_hift,
     to_legacy_weight_norm_state_dict,
 )
-from tests.parity.conftest import ParitySet, assert_close
+from tests.helpers.parity import ParitySet, assert_close
 
 pytestmark = pytest.mark.parity
 

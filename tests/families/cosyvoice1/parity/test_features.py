@@ -16,7 +16,7 @@ from cosyserve.nn.features import (
     slaney_mel_filterbank,
     whisper_log_mel,
 )
-from tests.parity.conftest import assert_close
+from tests.helpers.parity import assert_close
 
 pytestmark = pytest.mark.parity
 

@@ -9,7 +9,7 @@ import torch
 from cosyserve.families.cosyvoice1.llm import TransformerLM
 from cosyserve.nn.config import EncoderConfig
 from cosyserve.nn.conformer import Encoder, KVCache, rel_position_table
-from tests.parity.conftest import ParitySet, assert_close
+from tests.helpers.parity import ParitySet, assert_close
 
 pytestmark = pytest.mark.parity
 

@@ -15,8 +15,14 @@ import torch
 
 from cosyserve.families.cosyvoice1.flow import MaskedDiffWithXvec
 from cosyserve.families.cosyvoice1.token2wav import StreamingToken2Wav, apply_speed, speed_frames, token2wav
-from tests.parity.conftest import ParitySet, assert_close
-from tests.parity.test_hift import ATOL_DECODE, ATOL_END_TO_END, ATOL_F0, RTOL_F0, load_set_hift
+from tests.families.cosyvoice1.parity.test_hift import (
+    ATOL_DECODE,
+    ATOL_END_TO_END,
+    ATOL_F0,
+    RTOL_F0,
+    load_set_hift,
+)
+from tests.helpers.parity import ParitySet, assert_close
 
 pytestmark = pytest.mark.parity
 

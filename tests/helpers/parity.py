@@ -1,7 +1,9 @@
-"""Parity fixtures: every ``set_*`` directory under ``$COSYSERVE_PARITY_DIR`` (default: the
-``shared/parity/cosyvoice1`` directory beside the repository) is a test parameter, so a new set in
-the same format is picked up without code changes. ``assert_close`` records the max abs error of
-every stage; the table is printed at the end of the run."""
+"""Parity fixtures: ``$COSYSERVE_PARITY_DIR`` (default: ``shared/parity`` beside the repository) holds a
+folder per family (``cosyvoice1/``, ``cosyvoice2/``, ...), each with ``set_*`` directories recorded
+with the reference implementation. Every set of a family is a parameter of that family's parity
+tests (see ``tests/families/conftest.py``), so a new set in the same format is picked up without
+code changes. :func:`assert_close` records the max abs error of every stage; the table is printed
+at the end of the run."""
 
 from __future__ import annotations
 
@@ -16,17 +18,18 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PARITY_DIR = REPO_ROOT.parent / "shared" / "parity" / "cosyvoice1"
+DEFAULT_PARITY_DIR = REPO_ROOT.parent / "shared" / "parity"
 
-_ERRORS: list[tuple[str, str, float, float]] = []  # (set, stage, max abs error, atol)
+_ERRORS: list[tuple[str, str, float, float]] = []  # (family/set, stage, max abs error, atol)
 
 
 def parity_root() -> Path:
     return Path(os.environ.get("COSYSERVE_PARITY_DIR", DEFAULT_PARITY_DIR))
 
 
-def discover_sets() -> list[Path]:
-    root = parity_root()
+def discover_sets(family: str) -> list[Path]:
+    """The ``set_*`` directories of one family's fixtures."""
+    root = parity_root() / family
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("set_"))
@@ -36,9 +39,11 @@ def discover_sets() -> list[Path]:
 class ParitySet:
     path: Path
     name: str = field(init=False)
+    family: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = self.path.name
+        self.family = self.path.parent.name
 
     @cached_property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -59,29 +64,22 @@ class ParitySet:
 
     @cached_property
     def config(self):
-        from cosyserve.families.cosyvoice1.config import load_model_config
+        """The set's model config, read by its family's own loader."""
+        from cosyserve.families import import_family
 
-        return load_model_config(self.path / "cosyvoice.yaml")
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "parity_set" in metafunc.fixturenames:
-        sets = discover_sets()
-        metafunc.parametrize(
-            "parity_set",
-            [ParitySet(p) for p in sets] or [pytest.param(None, marks=pytest.mark.skip("no parity sets"))],
-            ids=[p.name for p in sets] or ["none"],
-            scope="session",
-        )
+        return import_family(self.family).load_config(self.path)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _deterministic_threads():
-    # Fixtures were recorded with 2 threads; other counts change float summation order slightly.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+def parametrize_sets(metafunc: pytest.Metafunc, family: str) -> None:
+    """Make every set of ``family`` a parameter of the test's ``parity_set`` argument."""
+    sets = discover_sets(family)
+    metafunc.parametrize(
+        "parity_set",
+        [ParitySet(p) for p in sets]
+        or [pytest.param(None, marks=pytest.mark.skip(f"no {family} parity sets"))],
+        ids=[p.name for p in sets] or ["none"],
+        scope="session",
+    )
 
 
 def assert_close(
@@ -105,14 +103,15 @@ def assert_close(
     )
     assert a.shape == e.shape, f"{stage}: shape {a.shape} != fixture {e.shape}"
     err = float(np.max(np.abs(a - e))) if a.size else 0.0
-    _ERRORS.append((parity_set.name, stage, err, atol))
+    _ERRORS.append((f"{parity_set.family}/{parity_set.name}", stage, err, atol))
     bound = atol + rtol * np.abs(e)
     worst = np.max(np.abs(a - e) - bound) if a.size else -1.0
     assert worst <= 0, f"{stage}: max abs error {err:.3g} exceeds atol {atol:g} (rtol {rtol:g})"
     return err
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def report_errors(terminalreporter) -> None:
+    """The table of max abs errors per stage, for the end of the run."""
     if not _ERRORS:
         return
     terminalreporter.section("parity: max abs error per stage")
