@@ -16,8 +16,11 @@ import numpy as np
 
 from cosyserve.errors import InvalidRequestError
 
-Mode = Literal["sft", "zero_shot", "cross_lingual", "instruct"]
-MODES: tuple[str, ...] = ("sft", "zero_shot", "cross_lingual", "instruct")
+# sft: a built-in or saved voice; zero_shot: clone a recording (+ its transcript); cross_lingual: a
+# recording's voice for text in another language; instruct: a built-in speaker + an instruction
+# (CosyVoice v1); instruct2: any voice (a recording or a saved voice) + an instruction (CosyVoice2/3).
+Mode = Literal["sft", "zero_shot", "cross_lingual", "instruct", "instruct2"]
+MODES: tuple[str, ...] = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2")
 
 MIN_SPEED, MAX_SPEED = 0.5, 2.0
 MAX_TEXT_CHARS = 50_000
@@ -81,10 +84,14 @@ class SynthesisRequest:
             raise InvalidRequestError(f"{self.mode} needs a prompt recording")
         if self.mode == "zero_shot" and (self.prompt is None or not (self.prompt.text or "").strip()):
             raise InvalidRequestError("zero_shot needs the transcript of the prompt recording (prompt_text)")
-        if self.mode == "instruct" and not (self.instruct or "").strip():
-            raise InvalidRequestError("instruct mode needs an instruction text (instruct_text)")
+        if self.mode in ("instruct", "instruct2") and not (self.instruct or "").strip():
+            raise InvalidRequestError(f"{self.mode} mode needs an instruction text (instruct_text)")
         if self.mode in ("sft", "instruct") and not self.voice:
             raise InvalidRequestError(f"{self.mode} needs a voice (spk_id)")
+        if self.mode == "instruct2" and not self.voice and self.prompt is None:
+            raise InvalidRequestError(
+                "instruct2 needs a voice: a prompt recording (prompt_wav) or a saved voice"
+            )
 
 
 @dataclass

@@ -22,17 +22,19 @@ __all__ = ["DOWNLOAD_PATTERNS", "KNOWN_MODELS", "hub_ids", "resolve_model_dir"]
 HF_ORG = "FunAudioLLM"
 MS_ORG = "iic"
 
-# Short name -> (Hugging Face id, ModelScope id). CosyVoice2 is listed so that its name resolves
-# and the loader can then say clearly that the family is not supported yet.
+# Short name -> (Hugging Face id, ModelScope id).
 KNOWN_MODELS: dict[str, tuple[str, str]] = {
     "CosyVoice-300M-SFT": (f"{HF_ORG}/CosyVoice-300M-SFT", f"{MS_ORG}/CosyVoice-300M-SFT"),
     "CosyVoice-300M": (f"{HF_ORG}/CosyVoice-300M", f"{MS_ORG}/CosyVoice-300M"),
     "CosyVoice-300M-Instruct": (f"{HF_ORG}/CosyVoice-300M-Instruct", f"{MS_ORG}/CosyVoice-300M-Instruct"),
     "CosyVoice-300M-25Hz": (f"{HF_ORG}/CosyVoice-300M-25Hz", f"{MS_ORG}/CosyVoice-300M-25Hz"),
     "CosyVoice2-0.5B": (f"{HF_ORG}/CosyVoice2-0.5B", f"{MS_ORG}/CosyVoice2-0.5B"),
+    "Fun-CosyVoice3-0.5B-2512": (f"{HF_ORG}/Fun-CosyVoice3-0.5B-2512", f"{HF_ORG}/Fun-CosyVoice3-0.5B-2512"),
 }
 
-# What inference reads; the repos also hold JIT/TensorRT/ONNX exports we do not use (~GBs).
+# What inference reads; the repos also hold JIT/TensorRT exports we do not use (~GBs), and the
+# CosyVoice2/3 `CosyVoice-BlankEN/model.safetensors` (~1 GB) that `llm.pt` supersedes: only the
+# backbone's config and tokenizer files are fetched from that folder.
 DOWNLOAD_PATTERNS: list[str] = [
     "*.yaml",
     "llm.pt",
@@ -41,6 +43,9 @@ DOWNLOAD_PATTERNS: list[str] = [
     "spk2info.pt",
     "campplus.onnx",
     "speech_tokenizer_v*.onnx",
+    "flow.decoder.estimator.fp32.onnx",
+    "CosyVoice-BlankEN/*.json",
+    "CosyVoice-BlankEN/merges.txt",
     "configuration.json",
     "README.md",
 ]

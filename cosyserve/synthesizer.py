@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cosyserve.api import AudioChunk, PromptAudio, SynthesisInfo, SynthesisRequest, VoiceInfo
-from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+from cosyserve.engine.batching import run_alone
 from cosyserve.hub import resolve_model_dir
 from cosyserve.interfaces import Backend
 
@@ -72,14 +72,17 @@ class Synthesizer:
             model_dir = resolve_model_dir(
                 str(model), cache_dir=download_root, local_files_only=local_files_only
             )
-            options = CosyVoiceOptions(
+            from cosyserve.acceleration.launcher import open_family
+            from cosyserve.families.base import FamilyOptions
+
+            options = FamilyOptions(
                 device=device,
                 fp16=fp16,
                 voices_dir=voices_dir,
                 stream_first_hop=stream_first_hop,
                 num_threads=num_threads or None,
             )
-            backend = CosyVoiceBackend.from_dir(model_dir, options)
+            backend = open_family(model_dir).open_backend(model_dir, options)
         self.backend = backend
 
     @property
@@ -136,7 +139,7 @@ class Synthesizer:
             enable_smart_split=enable_smart_split,
         )
         job = self.backend.open(request)
-        return (chunk for chunk in job if chunk is not None), job.info
+        return (chunk for chunk in run_alone(job) if chunk is not None), job.info
 
     def synthesize_to_array(self, text: str, **kwargs) -> tuple[np.ndarray, SynthesisInfo]:
         """Convenience: the whole utterance as one float32 array."""

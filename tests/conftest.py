@@ -7,6 +7,8 @@
   change or damage files use `tiny_model_copy`.
 * `tiny_model_copy`: a fresh per-test copy of it (in tmp_path) that a test may modify.
 * `tiny_loaded_model`: session-scoped `LoadedModel` of `tiny_model_dir` (do not mutate it).
+* `tiny_backend`: session-scoped CPU backend of `tiny_model_dir` with its own voice store (tests
+  that change options or the networks build their own).
 """
 
 from __future__ import annotations
@@ -52,3 +54,12 @@ def tiny_loaded_model(tiny_model_dir: Path):  # -> LoadedModel (imported lazily:
     from cosyserve.families.cosyvoice1.loader import load_model_directory
 
     return load_model_directory(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # -> CosyVoiceBackend
+    from cosyserve.families.base import FamilyOptions
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
+
+    options = FamilyOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))
+    return CosyVoiceBackend.from_dir(tiny_model_dir, options)

@@ -108,10 +108,13 @@ def test_ort_hift_matches_eager(tiny_model_copy: Path) -> None:
 
 
 def _build(model_dir: Path, plan_name: str):
-    from cosyserve.acceleration.launcher import PLANS, build_cosyvoice
+    from cosyserve.acceleration.launcher import PLANS, build_backend, open_family
 
-    return build_cosyvoice(
-        str(model_dir), PLANS[plan_name], SimpleNamespace(voices_dir=None, stream_first_hop=None)
+    return build_backend(
+        open_family(model_dir),
+        str(model_dir),
+        PLANS[plan_name],
+        SimpleNamespace(voices_dir=None, stream_first_hop=None),
     )
 
 
@@ -427,7 +430,7 @@ def test_fp16_guard_recomputes_in_fp32(tiny_model_copy: Path, runner, reason: st
     tokens = torch.randint(0, 4096, (1, 50), generator=torch.Generator().manual_seed(0))
     emb = backend.speakers["英文女"]
     ref, _ = flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
-    guard = fp16.install_fp16_guard(backend, probe=False)
+    guard = fp16.install_fp16_guard(backend, backend.accel_targets(), probe=False)
     flow.decoder.estimator_runner = runner  # the "FP16" estimator misbehaves
     got, _ = flow.inference(tokens, embedding=emb, generator=torch.Generator().manual_seed(1))
     assert guard.tripped and reason in guard.reason
@@ -440,23 +443,22 @@ def test_fp16_guard_recomputes_in_fp32(tiny_model_copy: Path, runner, reason: st
 def test_fp16_guard_probe_trips_at_warm_up(tiny_model_copy: Path) -> None:
     backend = _build(tiny_model_copy, "eager")
     backend.model.flow.decoder.estimator_runner = _nan_runner
-    guard = fp16.install_fp16_guard(backend, probe=True)
+    guard = fp16.install_fp16_guard(backend, backend.accel_targets(), probe=True)
     assert guard.tripped and "NaN" in guard.reason
 
 
-def test_guard_chunk_hook() -> None:
-    audio = np.array([0.1, float("nan"), 0.2], np.float32)
-    assert fp16.guard_chunk(SimpleNamespace(), audio) is audio  # no guard installed: a no-op
-    tripped = []
-    fake = SimpleNamespace(fp16_guard=SimpleNamespace(trip=tripped.append))
-    out = fp16.guard_chunk(fake, audio)
-    assert np.all(np.isfinite(out)) and out[1] == 0 and tripped == ["NaN/inf audio"]
-    silent = np.zeros(22050, np.float32)
-    fp16.guard_chunk(fake, silent)
-    assert tripped[-1] == "silent audio"
+def test_fp16_guard_checks_every_chunk(tiny_model_copy: Path) -> None:
+    backend = _build(tiny_model_copy, "eager")
+    assert backend.audio_guard is None  # FP32 plans: no per-chunk check
+    guard = fp16.install_fp16_guard(backend, backend.accel_targets(), probe=False)
+    assert backend.audio_guard == guard.check_chunk
     short_pause = np.zeros(1000, np.float32)  # a short silent chunk is legitimate
-    fp16.guard_chunk(fake, short_pause)
-    assert len(tripped) == 2
+    assert guard.check_chunk(short_pause) is short_pause and not guard.tripped
+    audio = np.array([0.1, float("nan"), 0.2], np.float32)
+    out = guard.check_chunk(audio)
+    assert np.all(np.isfinite(out)) and out[1] == 0
+    assert guard.tripped and "NaN/inf audio" in guard.reason
+    assert backend.model.flow.decoder.estimator_runner is None
 
 
 # ------------------------------------------------------------------------------------ TensorRT
@@ -544,7 +546,7 @@ def test_cuda_fp16_flow_with_guard(tiny_model_copy: Path) -> None:
 
     backend = _build(tiny_model_copy, "eager")  # CPU backend object, moved to CUDA FP16 below
     backend.model.flow.to("cuda").half()
-    guard = fp16.install_fp16_guard(backend, probe=True)
+    guard = fp16.install_fp16_guard(backend, backend.accel_targets(), probe=True)
     logger.info("fp16 guard on CUDA: tripped=%s %s", guard.tripped, guard.reason)
     tokens = torch.randint(0, 4096, (1, 50), generator=torch.Generator().manual_seed(0)).cuda()
     emb = backend.speakers["英文女"].cuda()
@@ -560,7 +562,7 @@ def test_cuda_compiled_estimator_matches_eager(tiny_loaded_model) -> None:
 
     flow = copy.deepcopy(tiny_loaded_model.flow).cuda()
     est = flow.decoder.estimator
-    jit.compile_estimator(flow)
+    jit.compile_estimator(flow.decoder)
     with torch.inference_mode():
         _compare_compiled(flow, est)
 

@@ -17,23 +17,27 @@ from cosyserve.engine.batching import (
     BatchConfig,
     BatchingPolicy,
     BatchRunner,
-    ChunkedToken2Wav,
     StepStats,
-    WholeToken2Wav,
     make_policy,
+    run_alone,
 )
 from cosyserve.engine.loop import EngineLoop, RequestState, RoundRobinPolicy
-from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions, CosyVoiceTask
-from cosyserve.families.cosyvoice1.token2wav import StreamingToken2Wav, token2wav
+from cosyserve.families.base import SpeechTask
+from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
+from cosyserve.families.cosyvoice1.token2wav import (
+    ChunkedToken2Wav,
+    StreamingToken2Wav,
+    WholeToken2Wav,
+    token2wav,
+)
 
 AUDIO_ATOL = 2e-4
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir, tmp_path_factory) -> CosyVoiceBackend:
+def backend(tiny_backend) -> CosyVoiceBackend:
     torch.set_num_threads(1)
-    options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))
-    return CosyVoiceBackend.from_dir(tiny_model_dir, options)
+    return tiny_backend
 
 
 def sft(text: str, seed: int, voice: str = "英文女", **kwargs) -> SynthesisRequest:
@@ -43,7 +47,7 @@ def sft(text: str, seed: int, voice: str = "英文女", **kwargs) -> SynthesisRe
 def solo(backend: CosyVoiceBackend, request: SynthesisRequest, num_tokens: int | None = None):
     """The library's batch-1 path: iterate the task."""
     task = backend.open(request, num_tokens=num_tokens)
-    chunks = [c for c in task if c is not None]
+    chunks = [c for c in run_alone(task) if c is not None]
     return task, chunks
 
 
@@ -54,8 +58,8 @@ def audio_of(chunks) -> np.ndarray:
 
 def drive(
     runner: BatchRunner,
-    joins: dict[int, list[CosyVoiceTask]],
-    cancel_at: dict[int, CosyVoiceTask] | None = None,
+    joins: dict[int, list[SpeechTask]],
+    cancel_at: dict[int, SpeechTask] | None = None,
     max_steps: int = 5000,
 ) -> dict[int, list]:
     """Step the runner; tasks in ``joins[k]`` join before step k; ``cancel_at[k]`` leaves then."""
@@ -78,7 +82,7 @@ def drive(
     raise AssertionError("the runner did not finish")
 
 
-def assert_same(task: CosyVoiceTask, chunks, ref_task: CosyVoiceTask, ref_chunks) -> None:
+def assert_same(task: SpeechTask, chunks, ref_task: SpeechTask, ref_chunks) -> None:
     assert task.segment_tokens == ref_task.segment_tokens  # same seeds → the same tokens
     assert [c.audio.size for c in chunks] == [c.audio.size for c in ref_chunks]
     assert [c.final for c in chunks] == [c.final for c in ref_chunks]
@@ -133,7 +137,7 @@ def test_whole_token2wav_equals_token2wav(backend) -> None:
 
 def test_solo_task_matches_generate_and_token2wav(backend) -> None:
     """The state machine alone reproduces the plain batch-1 pipeline (llm.generate → token2wav)."""
-    from cosyserve.families.cosyvoice1.backend import request_generators
+    from cosyserve.families.base import request_generators
 
     request = sft("Hello there, batching.", seed=9)
     task, chunks = solo(backend, request)
@@ -244,7 +248,7 @@ def test_stream_first_chunk_goes_before_whole_segments(backend) -> None:
     backend.options.stream_first_hop = 25  # the first chunk is due at token 25 + 20
     try:
         stream = backend.open(sft("A stream.", seed=9, stream=True), num_tokens=200)
-        order: list[CosyVoiceTask] = []
+        order: list[SpeechTask] = []
         runner = BatchRunner(backend, BatchConfig(token_budget=0))
         for task in [*tasks, stream]:
             runner.add(task)
@@ -267,7 +271,7 @@ def test_overdue_work_is_not_starved(backend) -> None:
         runner = BatchRunner(backend, BatchConfig(token_budget=0, starvation_s=0.0))
         for task in [*tasks, stream]:
             runner.add(task)
-        order: list[CosyVoiceTask] = []
+        order: list[SpeechTask] = []
         while len(runner):
             for event in runner.step():
                 if event.chunk is not None and event.chunk.audio.size:

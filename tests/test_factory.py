@@ -149,7 +149,7 @@ def test_fallback_chain_takes_each_step(tiny_model_copy: Path, monkeypatch: pyte
     )
     assert "OutOfMemoryError" in reasons["jit_fp16"]
     assert "NaN" in reasons["jit"]
-    assert "silence" in reasons["cuda_eager"]
+    assert "silent" in reasons["cuda_eager"]
     assert report["plan"] == "cpu_fast"
     assert built == ["jit_fp16", "jit", "cuda_eager", "cpu_fast"]  # TensorRT failed before any load
     assert backend.options.extra["plan"] == "cpu_fast"
@@ -176,7 +176,7 @@ def test_fp16_guard_keeps_the_plan(tiny_model_copy: Path, monkeypatch: pytest.Mo
     assert built == ["jit_fp16"]
     applied = backend.options.extra["accelerations"]
     assert any(a.startswith("fp16 guard: flow switched to FP32 (NaN") for a in applied)
-    assert backend.fp16_guard.tripped
+    assert backend.audio_guard is not None and "fp16_guard" in backend.options.extra
 
 
 def test_broken_model_dir_fails_every_plan_at_once(
@@ -202,15 +202,28 @@ def test_every_plan_failing_is_one_clear_error(
         create_backend(settings(tiny_model_copy))
 
 
-def test_check_audio() -> None:
-    factory.check_audio(np.full(1000, 0.1, np.float32))
+def test_warm_up_refuses_bad_audio() -> None:
+    from cosyserve.api import AudioChunk, SynthesisInfo, VoiceInfo
+    from cosyserve.interfaces import Backend, GeneratorJob
+
+    class OneChunk(Backend):
+        def __init__(self, audio: np.ndarray):
+            self.audio = audio
+
+        def voices(self) -> list[VoiceInfo]:
+            return [VoiceInfo("v", "sft")]
+
+        def open(self, request):
+            return GeneratorJob(iter([AudioChunk(self.audio, 22050, final=True)]), SynthesisInfo())
+
+    assert factory.warm_up(OneChunk(np.full(1000, 0.1, np.float32))) >= 0
     for bad, why in (
         (np.zeros(0, np.float32), "no audio"),
-        (np.zeros(100, np.float32), "silence"),
+        (np.zeros(100, np.float32), "silent"),
         (np.array([0.1, np.nan], np.float32), "NaN"),
     ):
         with pytest.raises(CosyserveError, match=why):
-            factory.check_audio(bad)
+            factory.warm_up(OneChunk(bad))
 
 
 def test_cpu_plans_are_known() -> None:

@@ -147,13 +147,13 @@ def test_hift_parametrizations_format_and_generator_prefix(tiny_model_copy: Path
 def test_other_family_yaml(tiny_model_copy: Path) -> None:
     cfg = tiny_model_copy / "cosyvoice.yaml"
     cfg.write_text(cfg.read_text().replace("cosyvoice.llm.llm.TransformerLM", "cosyvoice.llm.llm.Qwen2LM"))
-    with pytest.raises(ModelConfigError, match="CosyVoice2.*not supported yet"):
+    with pytest.raises(ModelConfigError, match="describes a CosyVoice2 model"):
         load_model_directory(tiny_model_copy)
 
 
 def test_cosyvoice2_directory(tiny_model_copy: Path) -> None:
     (tiny_model_copy / "cosyvoice.yaml").rename(tiny_model_copy / "cosyvoice2.yaml")
-    with pytest.raises(ModelConfigError, match="CosyVoice2 model directory"):
+    with pytest.raises(ModelConfigError, match="CosyVoice2 model directory.*not a CosyVoice v1"):
         find_model_files(tiny_model_copy)
 
 
@@ -317,3 +317,29 @@ def test_half_precision_checkpoint_loads_as_float32(tiny_model_copy: Path, tiny_
     loaded = model.llm.llm_decoder.weight
     assert loaded.dtype == torch.float32
     torch.testing.assert_close(loaded, tiny_loaded_model.llm.llm_decoder.weight, atol=1e-3, rtol=1e-3)
+
+
+def test_download_patterns_take_the_tokenizer_and_skip_the_backbone_weights() -> None:
+    from fnmatch import fnmatch
+
+    def fetched(path: str) -> bool:
+        return any(fnmatch(path, pattern) for pattern in hub.DOWNLOAD_PATTERNS)
+
+    for path in (
+        "cosyvoice2.yaml",
+        "llm.pt",
+        "speech_tokenizer_v2.onnx",
+        "flow.decoder.estimator.fp32.onnx",
+        "CosyVoice-BlankEN/config.json",
+        "CosyVoice-BlankEN/vocab.json",
+        "CosyVoice-BlankEN/merges.txt",
+        "CosyVoice-BlankEN/tokenizer_config.json",
+    ):
+        assert fetched(path), path
+    for path in (
+        "CosyVoice-BlankEN/model.safetensors",
+        "llm.llm.fp16.zip",
+        "flow.decoder.estimator.fp16.plan",
+    ):
+        assert not fetched(path), path
+    assert "Fun-CosyVoice3-0.5B-2512" in hub.KNOWN_MODELS

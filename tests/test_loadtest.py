@@ -13,12 +13,9 @@ from cosyserve.tools.loadtest import add_concurrency_arguments, configure_parser
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir, tmp_path_factory):
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
-
+def backend(tiny_backend):
     torch.set_num_threads(1)
-    options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))
-    return CosyVoiceBackend.from_dir(tiny_model_dir, options)
+    return tiny_backend
 
 
 def _check_phase(phase: dict, n: int) -> None:

@@ -58,7 +58,7 @@ def test_vocoder_allocation_returns_heap_pages_per_residual_block(tiny_model_dir
     trims = []
     monkeypatch.setattr(memory, "_libc", None)  # the entry trim and the mmap threshold: glibc only
     monkeypatch.setattr(accel, "release_free_heap_pages", lambda: trims.append(1))
-    accel.install_vocoder_allocation(hift)
+    accel.install_vocoder_allocation(hift, (ResBlock,))
     got, _ = hift.inference(mel, phase=noise[0], sine_noise=noise[1])
     assert torch.equal(got, plain)  # the allocation policy never changes the audio
     assert len(trims) == sum(isinstance(m, ResBlock) for m in hift.modules()) > 0

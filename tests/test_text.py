@@ -9,7 +9,7 @@ import re
 import pytest
 
 from cosyserve.errors import InvalidRequestError
-from cosyserve.text import frontend as text_mod
+from cosyserve.text import segment
 from cosyserve.text.frontend import TextFrontend, detect_language, split_for_synthesis
 from cosyserve.text.tokenizers import get_tokenizer
 
@@ -211,7 +211,7 @@ def test_unbreakable_run_stays_whole(plain: TextFrontend) -> None:
 
 def test_split_for_synthesis_plain_english() -> None:
     segments = split_for_synthesis(EN_LONG + " It costs 12 dollars.")
-    assert max(len(s) for s in segments) <= text_mod.DEFAULT_MAX_TEXT_LENGTH
+    assert max(len(s) for s in segments) <= segment.DEFAULT_MAX_TEXT_LENGTH
     assert segments[-1].endswith("twelve dollars.")
     assert split_for_synthesis("Hello there") == ["Hello there."]
 
@@ -250,7 +250,7 @@ def test_iter_segments_is_lazy(plain: TextFrontend, monkeypatch: pytest.MonkeyPa
     next(segments)
     # only the first blocks were normalised, each bounded
     assert len(calls) <= 3
-    assert max(calls) <= text_mod.BLOCK_CHARS
+    assert max(calls) <= segment.BLOCK_CHARS
 
 
 def test_iter_segments_reference_mode_matches_normalize(plain: TextFrontend) -> None:

@@ -5,6 +5,7 @@ real frame arithmetic) and a tiny random HiFT, so it runs in seconds."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -52,6 +53,13 @@ class FakeFlow:
         mel = -6.0 + 0.3 * z + torch.sin(t / 7.0)[None, None, :]
         cache = torch.stack([z[:, :, -MEL_OVERLAP:], mel[:, :, -MEL_OVERLAP:]], dim=-1)
         return mel, cache
+
+    def prepare(self, tokens, prompt_tokens=None, prompt_feat=None, embedding=None, **kwargs):
+        mel, cache = self.inference(tokens, prompt_tokens, prompt_feat, embedding, **kwargs)
+        return SimpleNamespace(mel=mel, cache=cache)
+
+    def decode(self, items):
+        return [item.mel for item in items]
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +197,7 @@ def test_stream_with_speed_length(hift: HiFTGenerator, speed: float, n: int, fir
 
 def test_stream_speed_one_has_no_resampler(hift: HiFTGenerator) -> None:
     streamer = StreamingToken2Wav(FakeFlow(), hift, speed=1.0)
-    assert streamer.tail.resampler is None
+    assert streamer.sink.tail.resampler is None
 
 
 @pytest.mark.parametrize("speed", [0.5, 0.8, 1.25, 1.5, 2.0, 3.7])

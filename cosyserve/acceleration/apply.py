@@ -37,9 +37,8 @@ import torch
 
 from cosyserve.acceleration.fp16 import install_fp16_guard
 from cosyserve.errors import BackendUnavailableError
-from cosyserve.families.cosyvoice1.loader import detach_from_checkpoint
-from cosyserve.nn.conformer import RelPositionMultiHeadedAttention
-from cosyserve.nn.hift import ResBlock
+from cosyserve.interfaces import AccelTargets
+from cosyserve.nn.checkpoint import detach_from_checkpoint
 from cosyserve.runtime.memory import (
     allocator_tuned,
     keep_paged_out,
@@ -50,7 +49,6 @@ from cosyserve.runtime.threads import configure_cpu_threads
 
 if TYPE_CHECKING:
     from cosyserve.acceleration.launcher import AccelPlan
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +59,13 @@ logger = logging.getLogger(__name__)
 CPU_ORT_VOCODER = os.environ.get("COSYSERVE_ORT_VOCODER", "0") == "1"
 
 
-def install_vocoder_allocation(hift: torch.nn.Module) -> None:
+def install_vocoder_allocation(hift: torch.nn.Module, blocks: tuple[type, ...] = ()) -> None:
     """Run every ``hift.inference`` call under :func:`vocoder_allocation` (instance attribute),
-    and hand the heap's free pages back after each of its residual blocks: the signal-length
+    and hand the heap's free pages back after each of its residual ``blocks``: the signal-length
     tensors they free would otherwise stay resident as reused heap chunks until the step ends
     (measured: HiFT's peak -50 MB at 5 s of audio, for ~3 % of its time)."""
     for module in hift.modules():
-        if isinstance(module, ResBlock):
+        if blocks and isinstance(module, blocks):
             module.register_forward_hook(lambda *_: release_free_heap_pages())
     inference = hift.inference
 
@@ -119,88 +117,81 @@ def preflight(plan: AccelPlan) -> None:
 # ------------------------------------------------------------------------------------ apply
 
 
-def _release_estimator_weights(flow: torch.nn.Module) -> None:
+def _release_estimator_weights(targets: AccelTargets) -> None:
     """Free the eager estimator's weights once a checked runner replaces it (~330 MB full size);
     its structure stays (on the meta device), so calling it fails loudly instead of silently."""
-    estimator = flow.decoder.estimator
-    estimator.to(device="meta")
-    detach_from_checkpoint(flow)
+    targets.cfm.estimator.to(device="meta")
+    detach_from_checkpoint(targets.flow)
     logger.info("eager estimator weights released (the accelerated runner serves the estimator)")
 
 
-def _release_hift_conv_weights(hift: torch.nn.Module) -> None:
+def _release_vocoder_conv_weights(vocoder: torch.nn.Module) -> None:
     """Free the HiFT conv stack's torch weights once ONNX Runtime runs it (f0 predictor and
     source module stay: they still run in torch)."""
     for name in ("conv_pre", "ups", "source_downs", "source_resblocks", "resblocks", "conv_post"):
-        module = getattr(hift, name, None)
+        module = getattr(vocoder, name, None)
         if isinstance(module, torch.nn.Module):
             module.to(device="meta")
-    detach_from_checkpoint(hift)
+    detach_from_checkpoint(vocoder)
 
 
-def apply_plan(backend: CosyVoiceBackend, plan: AccelPlan) -> list[str]:
-    """Apply the plan's accelerations to a loaded backend; returns what was applied."""
+def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
+    """Apply the plan's accelerations to a loaded backend (through the parts its family names in
+    ``backend.accel_targets()``); returns what was applied."""
     applied: list[str] = []
-    model = backend.model
-    model_dir = model.files.root
-    flow = model.flow
+    targets: AccelTargets = backend.accel_targets()
+    model_dir, cfm = targets.model_dir, targets.cfm
     if plan.device == "cpu" and plan.cpu_tuning:
         applied.append(configure_cpu_threads(getattr(backend.options, "num_threads", None)))
         if allocator_tuned() and not plan.int8:
             # FP32 plans sit near their memory target; int8 has ~700 MB to spare and keeps HiFT fast.
-            install_vocoder_allocation(model.hift)
+            install_vocoder_allocation(targets.vocoder, targets.vocoder_blocks)
         if allocator_tuned():
-            # The position projections' weights (~80 MB, full size) are read only when a position
-            # cache grows; between requests they need not stay resident.
-            keep_paged_out(
-                m.linear_pos.weight
-                for net in (model.llm, flow)
-                for m in net.modules()
-                if isinstance(m, RelPositionMultiHeadedAttention)
-            )
+            keep_paged_out(targets.cold_weights)
     if plan.fp16:
         applied.append("fp16 (llm, flow)")
     if plan.jit:
         from cosyserve.acceleration import jit
 
-        applied += jit.load_torchscript_parts(model_dir, model.llm, flow, plan.fp16)
+        if targets.torchscript:
+            applied += jit.load_torchscript_parts(model_dir, targets.llm, targets.flow, plan.fp16)
         if plan.device == "cuda":
-            jit.install_graphed_decoder(model.llm)
+            jit.install_graphed_decoder(targets.llm)
             applied.append("cuda-graph llm decode step")
             if not plan.trt:
-                applied.append(jit.compile_estimator(flow))
+                applied.append(jit.compile_estimator(cfm))
     if plan.trt:
-        applied.append(_install_trt(backend, plan))
+        applied.append(_install_trt(targets, plan))
     if plan.onnx_cpu:
         from cosyserve.acceleration.onnx_export import install_ort_hift, load_or_export_estimator
 
         threads = torch.get_num_threads()
-        runner, desc = load_or_export_estimator(model_dir, flow.decoder.estimator, threads)
-        flow.decoder.estimator_runner = runner
-        _release_estimator_weights(flow)
+        runner, desc = load_or_export_estimator(model_dir, cfm.estimator, threads)
+        cfm.estimator_runner = runner
+        _release_estimator_weights(targets)
         applied.append(desc)
         if CPU_ORT_VOCODER:
-            _, desc = install_ort_hift(model_dir, model.hift, threads)
-            _release_hift_conv_weights(model.hift)
+            _, desc = install_ort_hift(model_dir, targets.vocoder, threads)
+            _release_vocoder_conv_weights(targets.vocoder)
             applied.append(desc)
     if plan.int8:
         from cosyserve.acceleration.quant import quantize_estimator_int8, quantize_llm_int8
 
-        if flow.decoder.estimator_runner is not None:
+        if cfm.estimator_runner is not None:
             raise BackendUnavailableError("int8 quantises the torch estimator; this plan replaced it")
         # The FP32 weights are paged out layer by layer as they are quantised; what stays float
         # (convolutions, embeddings, norms) stays memory-mapped, resident only where it is read.
-        count, err = quantize_estimator_int8(flow.decoder.estimator)
+        count, err = quantize_estimator_int8(cfm.estimator)
         applied.append(f"int8 flow estimator ({count} linear layers, dynamic; error {err:.1e})")
-        count = quantize_llm_int8(model.llm)
+        count = quantize_llm_int8(targets.llm)
         applied.append(f"int8 llm ({count} linear layers, dynamic)")
     if plan.fp16:
-        guard = install_fp16_guard(backend)
+        guard = install_fp16_guard(backend, targets)
         applied.append("fp16 guard" if not guard.tripped else f"fp16 guard: {guard.reason}")
     return applied
 
 
-def _install_trt(backend: CosyVoiceBackend, plan: AccelPlan) -> str:
+def _install_trt(targets: AccelTargets, plan: AccelPlan) -> str:
     from cosyserve.acceleration import trt
     from cosyserve.acceleration.onnx_export import (
         ESTIMATOR_ONNX,
@@ -210,8 +201,8 @@ def _install_trt(backend: CosyVoiceBackend, plan: AccelPlan) -> str:
         find_artifact,
     )
 
-    model_dir = backend.model.files.root
-    estimator = backend.model.flow.decoder.estimator
+    model_dir = targets.model_dir
+    estimator = targets.cfm.estimator
     onnx_path = find_artifact(model_dir, ESTIMATOR_ONNX)
     if onnx_path is None:
         onnx_path = export_estimator(estimator, artifact_dir(model_dir) / ESTIMATOR_ONNX)
@@ -220,5 +211,5 @@ def _install_trt(backend: CosyVoiceBackend, plan: AccelPlan) -> str:
     )
     # FP16 engines are checked loosely here; the FP16 guard catches NaN/flat output at run time.
     check_estimator(runner, estimator, runner.path.name, rtol=5e-2 if plan.fp16 else 1e-3)
-    backend.model.flow.decoder.estimator_runner = runner
+    targets.cfm.estimator_runner = runner
     return desc

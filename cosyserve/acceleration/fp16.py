@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
+    from cosyserve.interfaces import AccelTargets
+
+from cosyserve.audio.checks import audio_problem
 
 logger = logging.getLogger(__name__)
 
@@ -30,25 +32,16 @@ def mel_problem(mel: Tensor, min_std: float = 1e-3) -> str | None:
     return None
 
 
-def audio_problem(audio: np.ndarray, min_rms: float = 1e-5, min_samples: int = 11025) -> str | None:
-    """Why an audio chunk is unusable: NaN/inf, or digital silence over half a second or more."""
-    if audio.size == 0:
-        return None
-    if not np.all(np.isfinite(audio)):
-        return "NaN/inf audio"
-    if audio.size >= min_samples and float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) < min_rms:
-        return "silent audio"
-    return None
-
-
 class FlowPrecisionGuard:
     """Wraps the CFM's ``solve_euler``: each output is checked; the first bad one switches the flow
-    to FP32 for good (LLM unchanged) and that chunk is recomputed in FP32 from the same inputs."""
+    to FP32 for good (LLM unchanged) and that chunk is recomputed in FP32 from the same inputs.
+    As the backend's ``audio_guard`` it also checks every audio chunk (:meth:`check_chunk`)."""
 
-    def __init__(self, backend: CosyVoiceBackend, fp32_runner: Callable[..., Tensor] | None = None):
-        self.backend = backend
-        self.flow = backend.model.flow
-        self.solve = self.flow.decoder.solve_euler  # the bound method, before we shadow it
+    def __init__(self, targets: AccelTargets, fp32_runner: Callable[..., Tensor] | None = None):
+        self.targets = targets
+        self.flow = targets.flow
+        self.cfm = targets.cfm
+        self.solve = self.cfm.solve_euler  # the bound method, before we shadow it
         self.fp32_runner = fp32_runner  # estimator runner for FP32 (None: the eager estimator)
         self.tripped = False
         self.reason = ""
@@ -74,52 +67,35 @@ class FlowPrecisionGuard:
             self.reason = f"flow switched to FP32 ({reason})"
             logger.warning("FP16 guard: %s; the LLM stays in FP16", self.reason)
             self.flow.float()
-            self.flow.decoder.estimator_runner = self.fp32_runner
-            self.backend.options.extra["fp16_guard"] = self.reason
+            self.cfm.estimator_runner = self.fp32_runner
+            self.targets.extra["fp16_guard"] = self.reason
 
     @torch.inference_mode()
-    def probe(self, tokens: int = 60) -> str | None:
-        """Warm-up check: one short flow run on random tokens; trips the guard when it is bad."""
-        flow = self.flow
-        device = next(flow.parameters()).device
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, flow.cfg.vocab_size, (1, tokens), generator=gen).to(device)
-        speakers = getattr(self.backend, "speakers", None) or {}
-        embedding = (
-            next(iter(speakers.values()))
-            if speakers
-            else torch.randn(1, flow.cfg.spk_embed_dim, generator=gen)
-        )
-        flow.inference(ids, embedding=embedding.to(device), generator=gen)
+    def probe(self) -> str | None:
+        """Warm-up check: one short flow run; trips the guard when it is bad."""
+        if self.targets.probe_flow is not None:
+            self.targets.probe_flow()
         return self.reason or None
 
+    def check_chunk(self, audio: np.ndarray) -> np.ndarray:
+        """Every audio chunk, made safe: a NaN/inf or digitally silent chunk switches the flow to
+        FP32 for the following chunks and NaN/inf samples become 0 (one isfinite pass)."""
+        problem = audio_problem(audio)
+        if problem is None:
+            return audio
+        self.trip(problem)
+        return np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
 
-def install_fp16_guard(backend: CosyVoiceBackend, probe: bool = True) -> FlowPrecisionGuard:
-    """Install the FP16 guard on the backend's flow (idempotent) and, by default, probe once."""
-    decoder = backend.model.flow.decoder
-    existing = decoder.__dict__.get("solve_euler")
+
+def install_fp16_guard(backend: Any, targets: AccelTargets, probe: bool = True) -> FlowPrecisionGuard:
+    """Install the FP16 guard on the flow's sampler and as the backend's per-chunk ``audio_guard``
+    (idempotent) and, by default, probe once."""
+    existing = targets.cfm.__dict__.get("solve_euler")
     if isinstance(existing, FlowPrecisionGuard):
         return existing
-    guard = FlowPrecisionGuard(backend)
-    decoder.__dict__["solve_euler"] = guard  # instance attribute shadows the method
-    backend.__dict__["fp16_guard"] = guard
+    guard = FlowPrecisionGuard(targets)
+    targets.cfm.__dict__["solve_euler"] = guard  # instance attribute shadows the method
+    backend.audio_guard = guard.check_chunk
     if probe:
         guard.probe()
     return guard
-
-
-def guard_chunk(backend: Any, audio: np.ndarray) -> np.ndarray:
-    """Per-chunk hook for the backend: returns the chunk, made safe.
-
-    With an FP16 guard installed, a NaN/inf or digitally silent chunk switches the flow to FP32
-    for the following chunks and NaN/inf samples become 0. Without one (FP32 plans) this is a
-    no-op. Cost: one isfinite pass over the chunk.
-    """
-    guard: FlowPrecisionGuard | None = getattr(backend, "fp16_guard", None)
-    if guard is None:
-        return audio
-    problem = audio_problem(audio)
-    if problem is None:
-        return audio
-    guard.trip(problem)
-    return np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)

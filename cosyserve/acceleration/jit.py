@@ -342,13 +342,14 @@ def install_graphed_decoder(llm: nn.Module, use_graphs: bool | None = None) -> G
 # ------------------------------------------------------------------------------ torch.compile
 
 
-def compile_estimator(flow: nn.Module) -> str:
-    """torch.compile the estimator (CUDA): dynamic frame axis, so requests of new lengths reuse
-    the compiled kernels instead of recompiling (CUDA graphs would re-record per length)."""
-    estimator = flow.decoder.estimator
+def compile_estimator(cfm: Any) -> str:
+    """torch.compile the flow sampler's estimator (CUDA): dynamic frame axis, so requests of new
+    lengths reuse the compiled kernels instead of recompiling (CUDA graphs would re-record per
+    length)."""
+    estimator = cfm.estimator
     device = next(estimator.parameters()).device
     if device.type != "cuda":
         raise BackendUnavailableError("torch.compile of the estimator is used on CUDA only")
     compiled = torch.compile(estimator, dynamic=True)
-    flow.decoder.estimator_runner = compiled
+    cfm.estimator_runner = compiled
     return "torch.compile estimator (dynamic frames)"

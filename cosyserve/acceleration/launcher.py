@@ -12,12 +12,12 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import numpy as np
-
-from cosyserve.api import SynthesisRequest
-from cosyserve.errors import CosyserveError, ModelDirectoryError
+from cosyserve.audio.checks import audio_problem
+from cosyserve.errors import CosyserveError, ModelConfigError, ModelDirectoryError
 from cosyserve.interfaces import Backend
 
 logger = logging.getLogger(__name__)
@@ -121,42 +121,51 @@ def plan_chain(hw: Hardware, settings: Any) -> tuple[list[AccelPlan], str]:
     return chain, f"{hw.gpu_name}: {why}"
 
 
-def check_audio(audio: np.ndarray) -> None:
-    """Warm-up / per-chunk guard: NaN, inf or silence means the configuration is broken."""
-    if audio.size == 0:
-        raise CosyserveError("warm-up produced no audio")
-    if not np.all(np.isfinite(audio)):
-        raise CosyserveError("warm-up produced NaN/inf audio")
-    if float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) < 1e-4:
-        raise CosyserveError("warm-up produced silence")
-
-
 def warm_up(backend: Backend) -> float:
-    """One short real synthesis through the backend; returns seconds. Raises when output is bad."""
+    """One short real synthesis through the backend (its own warm-up request); returns seconds.
+    Raises when the output is missing, NaN/inf or silent: the configuration is broken."""
+    from cosyserve.engine.batching import synthesize_alone
+
     t0 = time.perf_counter()
-    voice = backend.voices()[0].id
-    job = backend.open(SynthesisRequest(text="Hello, this is a warm-up.", voice=voice, seed=0))
-    parts = [c.audio for c in job if c is not None]
-    check_audio(np.concatenate(parts) if parts else np.zeros(0, np.float32))
+    audio = synthesize_alone(backend, backend.warmup_request())
+    problem = "no audio" if audio.size == 0 else audio_problem(audio, min_rms=1e-4, min_samples=0)
+    if problem is not None:
+        raise CosyserveError(f"warm-up produced {problem}")
     return time.perf_counter() - t0
 
 
-def build_cosyvoice(model_dir: str, plan: AccelPlan, settings: Any) -> Backend:
+def open_family(model_dir: str | Path) -> ModuleType:
+    """The family package of a model directory, its config checked once (a bad config is the
+    directory's fault, not a plan's: it fails the launch at once, with the file named)."""
+    from cosyserve import families
+
+    entry = families.detect(model_dir)
+    module = entry.load()
+    if not hasattr(module, "open_backend"):
+        raise ModelConfigError(
+            f"{model_dir}: this is a {entry.title} model directory ({entry.config_file}); cosyserve "
+            f"recognises {entry.title} but does not support it yet"
+        )
+    module.load_config(model_dir)
+    return module
+
+
+def build_backend(family: ModuleType, model_dir: str, plan: AccelPlan, settings: Any) -> Backend:
     from cosyserve.acceleration.apply import apply_plan, preflight
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.families.base import FamilyOptions
     from cosyserve.runtime.memory import release_free_memory, tune_cpu_allocator
 
     preflight(plan)  # cheap checks (packages, devices) before the model is loaded
     # Before loading, so the load's own allocations already follow the CPU allocator policy.
     allocator = tune_cpu_allocator() if plan.device == "cpu" and plan.cpu_tuning else None
 
-    options = CosyVoiceOptions(
+    options = FamilyOptions(
         device=plan.device,
         fp16=plan.fp16,
         voices_dir=getattr(settings, "voices_dir", None),
         stream_first_hop=getattr(settings, "stream_first_hop", None),
     )
-    backend = CosyVoiceBackend.from_dir(model_dir, options)
+    backend = family.open_backend(model_dir, options)
     applied = apply_plan(backend, plan) + ([allocator] if allocator else [])
     release_free_memory()  # what loading and quantising freed
     backend.options.extra.update({"plan": plan.name, "accelerations": applied})
@@ -171,13 +180,18 @@ def create_backend(settings: Any) -> tuple[Backend, dict[str, Any]]:
         from cosyserve.families.piper.backend import EmbeddedBackend
 
         backend = EmbeddedBackend()
-        report.update(plan="embedded", reason="no --model_dir: the embedded default voice")
+        report.update(
+            plan="embedded",
+            reason="no --model_dir: the embedded default voice",
+            warmup_s=round(warm_up(backend), 3),
+        )
         logger.info("no --model_dir given: serving the embedded default voice")
         return backend, report
 
     from cosyserve.hub import resolve_model_dir
 
     local_dir = str(resolve_model_dir(model_dir))
+    family = open_family(local_dir)
     hw = detect_hardware()
     chain, why = plan_chain(hw, settings)
     report["hardware"] = asdict(hw)
@@ -187,7 +201,7 @@ def create_backend(settings: Any) -> tuple[Backend, dict[str, Any]]:
     for plan in chain:
         try:
             t0 = time.perf_counter()
-            backend = build_cosyvoice(local_dir, plan, settings)
+            backend = build_backend(family, local_dir, plan, settings)
             warm_s = warm_up(backend)
             report.update(plan=plan.name, plan_detail=asdict(plan), warmup_s=round(warm_s, 3))
             logger.info(

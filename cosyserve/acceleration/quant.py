@@ -38,11 +38,11 @@ from cosyserve.runtime.memory import page_out
 
 logger = logging.getLogger(__name__)
 
-# Linear layers of TransformerLM that are quantised (suffixes of module names).
+# Linear layers of the LLM that stay float (suffixes of module names).
 _SKIP = ("linear_pos", "spk_embed_affine_layer")
 
 # The int8 estimator's accepted error against FP32: max |int8 - fp32| / max |fp32| on the load-time
-# check (measured ~1.5 % on the full-size model, ~1-3 % on the tiny test models).
+# check (measured figures: README, Performance).
 ESTIMATOR_INT8_RTOL = 5e-2
 
 

@@ -1,28 +1,27 @@
-"""Continuous batching for CosyVoice: one engine step advances every active request together.
+"""Continuous batching: one engine step advances every active request together.
 
-The per-request state machine lives in :class:`cosyserve.families.cosyvoice1.backend.CosyVoiceTask`
-(queued → prompt → llm → token2wav → done). This module drives many of them at once:
+Each request is a family's :class:`~cosyserve.interfaces.BatchTask` (a state machine: queued ->
+prompt -> llm -> token2wav -> done). This module drives many of them at once, through the
+protocols of :mod:`cosyserve.interfaces` only (it imports no family):
 
-* :class:`BatchRunner` owns one ragged :class:`~cosyserve.nn.conformer.KVCache` with a row
-  per request that is generating speech tokens. Each step it runs **one** batched LLM decode step
-  for all rows, prefills the requests that join (left-padded, in one call) and stacks them in,
-  and drops the rows of requests that finished a segment or were cancelled. Sampling stays per
-  request (:class:`~cosyserve.families.cosyvoice1.llm.TokenSampler`, per-request generators).
-* Audio work (a streaming chunk, or a whole non-streaming segment) is queued per request.
-  Each step runs **one** flow Euler loop: the most urgent item (overdue work first, so nothing
-  starves; then streams' first chunks, for time to first audio; other stream chunks; whole
-  segments; oldest request first within a class) together with the other due items of the same
-  frame count, within a token budget and ``flow_batch``. Each item runs ``flow.prepare`` on its
-  own, the group shares ``flow.decode``, then each gets its own mel cross-fade and HiFT. Only
-  equal lengths share an estimator call: its GroupNorm statistics would include padded frames,
-  and each request's mel must equal its solo run (streams' chunks all have the same length;
-  requests of one length are the common case under load). One Euler loop per step bounds the
-  step, so the LLM keeps going between audio calls.
+* :class:`BatchRunner` owns one ragged KV cache with a row per request that is generating speech
+  tokens. Each step it runs **one** batched LLM decode step for all rows, prefills the requests
+  that join (left-padded, in one call) and stacks them in, and drops the rows of requests that
+  finished a segment or were cancelled. Sampling stays per request (per-request generators).
+* Audio work (a streaming chunk, or a whole non-streaming segment) is queued per request. Each
+  step runs **one** flow Euler loop: the most urgent item (overdue work first, so nothing starves;
+  then streams' first chunks, for time to first audio; other stream chunks; whole segments; oldest
+  request first within a class) together with the other due items of the same batch key, within a
+  token budget and ``flow_batch``. Each item prepares its flow inputs on its own, the group shares
+  the flow's ``decode``, then each completes its own cross-fades and vocoder. Only items with equal
+  keys (equal frame counts, same attention mode) share an estimator call, so that each request's
+  mel equals its solo run. One Euler loop per step bounds the step, so the LLM keeps going between
+  audio calls.
 * :class:`BatchingPolicy` plugs the runner into the engine loop as a
-  :class:`~cosyserve.engine.loop.StepPolicy`; :func:`make_policy` picks it for CosyVoice
-  backends and keeps :class:`~cosyserve.engine.loop.RoundRobinPolicy` for the others.
+  :class:`~cosyserve.engine.loop.StepPolicy`; :func:`make_policy` picks it for backends that
+  declare ``batchable`` and keeps :class:`~cosyserve.engine.loop.RoundRobinPolicy` for the others.
 
-The library's batch-1 path (``Synthesizer.synthesize``) is the same runner with one task.
+The library's batch-1 path (iterating a task) is the same runner with one task.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,179 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyserve.api import AudioChunk
+from cosyserve.api import AudioChunk, SynthesisRequest
 from cosyserve.engine.loop import RoundRobinPolicy, StepPolicy, StepResult
-from cosyserve.families.cosyvoice1.flow import FlowInputs, MaskedDiffWithXvec
-from cosyserve.families.cosyvoice1.token2wav import (
-    TOKEN_HOP_LEN,
-    TOKEN_OVERLAP_LEN,
-    ChunkCommitter,
-    apply_speed,
-    check_stream_hops,
-    speech_to_numpy,
-    speed_frames,
-    token_frames,
-)
-from cosyserve.interfaces import Backend
-from cosyserve.nn.conformer import KVCache
-from cosyserve.nn.hift import HiFTGenerator
+from cosyserve.interfaces import AudioWork, Backend, BatchTask, KVCache, SpeechLM, SynthesisJob
 from cosyserve.runtime.memory import page_out_cold_weights, release_free_memory
 
 if TYPE_CHECKING:
     from cosyserve.engine.loop import EngineRequest
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceTask
 
 logger = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, dtype=np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# token → wav, split around the flow's Euler loop so several requests can share it
-# --------------------------------------------------------------------------------------------
-
-
-class _SegmentSink:
-    """What both sinks know of one segment: the networks, its prompt and speaker, its RNG."""
-
-    def __init__(
-        self,
-        flow: MaskedDiffWithXvec,
-        hift: HiFTGenerator,
-        prompt_tokens: Tensor | None,
-        prompt_feat: Tensor | None,
-        embedding: Tensor,
-        speed: float = 1.0,
-        generator: torch.Generator | None = None,
-    ):
-        self.flow, self.hift = flow, hift
-        self.prompt_tokens, self.prompt_feat, self.embedding = prompt_tokens, prompt_feat, embedding
-        self.speed = float(speed)
-        self.generator = generator
-        self.device = next(flow.parameters()).device
-        self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
-        self.prompt_frames = 0 if prompt_feat is None else int(prompt_feat.shape[1])
-
-
-class WholeToken2Wav(_SegmentSink):
-    """Non-streaming token → waveform for one segment, in two halves around ``flow.decode``.
-
-    ``prepare`` + ``decode([it])`` + ``complete`` is :func:`cosyserve.families.cosyvoice1.token2wav.token2wav`
-    call for call (same random draws from ``generator``, in the same order).
-    """
-
-    streaming = False
-
-    @torch.inference_mode()
-    def prepare(self, tokens: Sequence[int]) -> FlowInputs:
-        token_tensor = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        return self.flow.prepare(
-            token_tensor, self.prompt_tokens, self.prompt_feat, self.embedding, generator=self.generator
-        )
-
-    @torch.inference_mode()
-    def complete(self, mel: Tensor, finalize: bool = True) -> np.ndarray:
-        if speed_frames(mel.shape[2], self.speed) == 0:
-            return _EMPTY  # too few frames to survive the speed change
-        speech, _ = self.hift.inference(apply_speed(mel, self.speed), generator=self.generator)
-        return speech_to_numpy(speech)
-
-
-class ChunkedToken2Wav(_SegmentSink):
-    """Streaming token → waveform for one segment, in two halves around ``flow.decode``.
-
-    Same chunking, caches and cross-fades as
-    :class:`cosyserve.families.cosyvoice1.token2wav.StreamingToken2Wav` (chunks of ``hop + overlap`` tokens,
-    the first advancing by ``first_hop``; 34-frame flow cache and mel cross-fade; HiFT through
-    :class:`~cosyserve.families.cosyvoice1.token2wav.StreamingVocoder`), and the same random draws in the same
-    order, but a due chunk is *returned* by :meth:`add` instead of computed at once, so the
-    runner can batch its Euler loop with other requests' chunks. Chunks must be completed in
-    the order they were returned.
-    """
-
-    streaming = True
-
-    def __init__(
-        self,
-        flow: MaskedDiffWithXvec,
-        hift: HiFTGenerator,
-        prompt_tokens: Tensor | None,
-        prompt_feat: Tensor | None,
-        embedding: Tensor,
-        speed: float = 1.0,
-        generator: torch.Generator | None = None,
-        hop: int = TOKEN_HOP_LEN,
-        first_hop: int | None = None,
-        overlap: int = TOKEN_OVERLAP_LEN,
-    ):
-        super().__init__(flow, hift, prompt_tokens, prompt_feat, embedding, speed, generator)
-        self.overlap = overlap
-        self.hop = hop
-        self.first_hop = first_hop or hop
-        check_stream_hops(self.hop, self.first_hop, overlap, self.frame_rate)
-        self.tail = ChunkCommitter(hift, token_frames(overlap, self.frame_rate), self.speed, generator)
-        self._tokens: list[int] = []
-        self._next_hop = self.first_hop
-        self._flow_cache: Tensor | None = None
-
-    def add(self, token: int) -> list[int] | None:
-        """Buffer one token; returns the tokens of the chunk that became due, if any."""
-        self._tokens.append(int(token))
-        if len(self._tokens) < self._next_hop + self.overlap:
-            return None
-        chunk = self._tokens[: self._next_hop + self.overlap]
-        self._tokens = self._tokens[self._next_hop :]
-        self._next_hop = self.hop
-        return chunk
-
-    def remainder(self) -> list[int]:
-        """The tokens of the final chunk (those not yet committed); empties the buffer."""
-        tokens, self._tokens = self._tokens, []
-        return tokens
-
-    @torch.inference_mode()
-    def prepare(self, tokens: Sequence[int]) -> FlowInputs:
-        token_tensor = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        item = self.flow.prepare(
-            token_tensor,
-            self.prompt_tokens,
-            self.prompt_feat,
-            self.embedding,
-            flow_cache=self._flow_cache,
-            generator=self.generator,
-        )
-        self._flow_cache = item.cache
-        return item
-
-    @torch.inference_mode()
-    def complete(self, mel: Tensor, finalize: bool) -> np.ndarray:
-        step = self.tail.commit(mel, finalize)
-        return _EMPTY if step is None else speech_to_numpy(step.out)
-
-
-AudioSink = WholeToken2Wav | ChunkedToken2Wav
-
-
-@dataclass(eq=False)
-class AudioWork:
-    """One flow + vocoder call a request waits for: a stream chunk or a whole segment."""
-
-    sink: AudioSink
-    tokens: list[int]
-    finalize: bool  # the segment's last call (the sink flushes everything)
-    last: bool  # the request's last audio
-    segment: int
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    prepared: FlowInputs | None = None
-
-    @property
-    def streaming(self) -> bool:
-        return self.sink.streaming
-
-    @property
-    def frames(self) -> int:
-        """Mel frames of this item's Euler loop (prompt included): equal frames batch exactly."""
-        return self.sink.prompt_frames + token_frames(len(self.tokens), self.sink.frame_rate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +77,7 @@ class BatchConfig:
 class TaskEvent:
     """What a step did for one task: a chunk (None: work without audio), the end, or an error."""
 
-    task: CosyVoiceTask
+    task: BatchTask
     chunk: AudioChunk | None = None
     done: bool = False
     error: BaseException | None = None
@@ -260,21 +97,22 @@ class StepStats:
 
 
 class BatchRunner:
-    """Steps many :class:`~cosyserve.families.cosyvoice1.backend.CosyVoiceTask` together (engine thread only)."""
+    """Steps many :class:`~cosyserve.interfaces.BatchTask` of one backend together (engine thread
+    only). The backend declares ``batchable`` and exposes its :class:`~cosyserve.interfaces.SpeechLM`
+    as ``backend.llm``."""
 
     def __init__(
         self,
-        backend: CosyVoiceBackend,
+        backend: Backend,
         config: BatchConfig | None = None,
         on_step: Callable[[StepStats], None] | None = None,
     ):
         self.backend = backend
         self.config = config or BatchConfig()
         self.on_step = on_step
-        self.llm = backend.model.llm
-        self.flow = backend.model.flow
-        self._tasks: list[CosyVoiceTask] = []  # admission order
-        self._rows: list[CosyVoiceTask] = []  # row i of the KV cache
+        self.llm: SpeechLM = backend.llm  # type: ignore[attr-defined]
+        self._tasks: list[BatchTask] = []  # admission order
+        self._rows: list[BatchTask] = []  # row i of the KV cache
         self._cache: KVCache | None = None
 
     # ---- membership ----------------------------------------------------------------------
@@ -286,17 +124,17 @@ class BatchRunner:
     def llm_rows(self) -> int:
         return len(self._rows)
 
-    def add(self, task: CosyVoiceTask) -> None:
+    def add(self, task: BatchTask) -> None:
         self._tasks.append(task)
 
-    def remove(self, task: CosyVoiceTask) -> None:
+    def remove(self, task: BatchTask) -> None:
         """Forget a task now (finished, cancelled, failed); its KV row is freed at once."""
         if task in self._tasks:
             self._tasks.remove(task)
         if task in self._rows:
             self._keep_rows([t for t in self._rows if t is not task])
 
-    def _keep_rows(self, keep: list[CosyVoiceTask]) -> None:
+    def _keep_rows(self, keep: list[BatchTask]) -> None:
         if len(keep) == len(self._rows):
             return
         if not keep or self._cache is None:
@@ -333,7 +171,7 @@ class BatchRunner:
             except Exception:  # noqa: BLE001 - metrics must not break synthesis
                 logger.warning("batching metrics hook failed", exc_info=True)
 
-    def _fail(self, task: CosyVoiceTask, exc: BaseException) -> TaskEvent:
+    def _fail(self, task: BatchTask, exc: BaseException) -> TaskEvent:
         self.remove(task)
         return TaskEvent(task, error=exc)
 
@@ -347,13 +185,11 @@ class BatchRunner:
         if not rows and not joiners:
             return
         t0 = time.perf_counter()
-        sampled: list[tuple[CosyVoiceTask, Tensor]] = []
+        sampled: list[tuple[BatchTask, Tensor]] = []
         if rows:
             assert self._cache is not None  # noqa: S101 - runner invariant
             try:
-                device = self.llm.speech_embedding.weight.device
-                last = torch.tensor([t.last_token for t in rows], dtype=torch.long, device=device)
-                logp = self.llm.decode_step(last, self._cache).float().cpu()
+                logp = self._decode(rows).float().cpu()
             except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests, not the loop
                 logger.exception("batched LLM decode failed for %d requests", len(rows))
                 failed, rows = rows, []
@@ -374,14 +210,14 @@ class BatchRunner:
                 if self._cache is None:
                     self._cache = cache
                 else:
-                    self._cache = KVCache.stack(
+                    self._cache = type(self._cache).stack(
                         [self._cache, cache], extra_capacity=self.config.cache_headroom
                     )
                 self._rows = rows + joiners
         llm_seconds = time.perf_counter() - t0
         stats.llm_batch, stats.prefilled, stats.llm_seconds = len(sampled), len(joiners), llm_seconds
 
-        keep: list[CosyVoiceTask] = []
+        keep: list[BatchTask] = []
         failed: list[TaskEvent] = []
         for task, row in sampled:
             task.info.add_stage("llm", llm_seconds)  # wall time this request waited for its token
@@ -399,27 +235,39 @@ class BatchRunner:
             if task in self._tasks:
                 yield TaskEvent(task)
 
-    def _prefill(self, tasks: list[CosyVoiceTask]) -> tuple[Tensor, KVCache]:
+    def _prefill(self, tasks: list[BatchTask]) -> tuple[Tensor, KVCache]:
         """Left-padded batched prefill of the joining tasks' prefixes → (log-probs, cache)."""
         prefixes = [t.take_prefix() for t in tasks]
         longest = max(p.shape[1] for p in prefixes)
         pad = [longest - p.shape[1] for p in prefixes]
         lm_input = torch.cat([F.pad(p, (0, 0, n, 0)) for p, n in zip(prefixes, pad)])
         cache = self.llm.new_cache(len(tasks), longest + self.config.cache_headroom, pad=pad)
-        logp = self.llm.log_probs(self.llm.prefill_hidden(lm_input, cache)).float().cpu()
+        logp = self.llm.prefill_logp(lm_input, cache).float().cpu()
         return logp, cache
+
+    def _decode(self, rows: list[BatchTask]) -> Tensor:
+        """One decode step: speech tokens for every row (the common case, the model's fast step),
+        or input embeddings where some row feeds something else (text streamed in)."""
+        inputs = [t.next_input() for t in rows]
+        if all(isinstance(x, int) for x in inputs):
+            return self.llm.decode_step(torch.tensor(inputs, dtype=torch.long), self._cache)  # type: ignore[arg-type]
+        embedded = [
+            self.llm.embed_tokens(torch.tensor([x], dtype=torch.long))[0, 0] if isinstance(x, int) else x
+            for x in inputs
+        ]
+        return self.llm.decode_embeddings(torch.stack(embedded).unsqueeze(1), self._cache)  # type: ignore[arg-type]
 
     # ---- audio ---------------------------------------------------------------------------
 
-    def _pick_audio(self) -> list[tuple[CosyVoiceTask, AudioWork]]:
+    def _pick_audio(self) -> list[tuple[BatchTask, AudioWork]]:
         """This step's audio work: the most urgent item, plus the other due items of the same
-        frame count (one Euler loop) within the token budget and ``flow_batch``. Empty items
+        batch key (one Euler loop) within the token budget and ``flow_batch``. Empty items
         (nothing to vocode) always go along: they cost nothing."""
         now = time.perf_counter()
         cfg = self.config
         heads = [(t, t.work[0]) for t in self._tasks if t.work and not t.done]
 
-        def priority(entry: tuple[CosyVoiceTask, AudioWork]) -> tuple[int, int, float]:
+        def priority(entry: tuple[BatchTask, AudioWork]) -> tuple[int, int, float]:
             task, work = entry
             if now - work.enqueued_at > cfg.starvation_s:
                 return (0, 0, task.info.started_at)  # overdue: oldest request first, whatever kind
@@ -433,13 +281,13 @@ class BatchRunner:
         if not real:
             return picked
         lead = real[0][1]
-        frames = lead.frames
+        key = lead.batch_key
         group = [real[0]]
         tokens = len(lead.tokens)
         for task, work in real[1:]:
             if len(group) >= cfg.flow_batch:
                 break
-            if work.frames == frames and tokens + len(work.tokens) <= cfg.token_budget:
+            if tokens + len(work.tokens) <= cfg.token_budget and work.batch_key == key:
                 group.append((task, work))
                 tokens += len(work.tokens)
         return picked + group
@@ -450,14 +298,14 @@ class BatchRunner:
             return
         t0 = time.perf_counter()
         page_out_cold_weights()  # what the LLM steps just read to grow caches, before the flow's peak
-        group: list[tuple[CosyVoiceTask, AudioWork]] = []
+        group: list[tuple[BatchTask, AudioWork]] = []
         for task, work in picked:
             if not work.tokens:  # nothing to vocode (an empty segment)
                 yield from self._finish_work(task, work, None)
                 continue
             t_prep = time.perf_counter()
             try:
-                work.prepared = work.sink.prepare(work.tokens)
+                work.prepared = work.sink.prepare(work.tokens, work.finalize)
             except Exception as exc:  # noqa: BLE001
                 yield self._fail(task, exc)
                 continue
@@ -471,13 +319,11 @@ class BatchRunner:
         stats.audio_items = len(picked)
         stats.audio_seconds = time.perf_counter() - t0
 
-    def _decode_group(self, group: list[tuple[CosyVoiceTask, AudioWork]]) -> Iterator[TaskEvent]:
-        """One Euler loop for equal-length items (no padding: each mel equals its solo run)."""
+    def _decode_group(self, group: list[tuple[BatchTask, AudioWork]]) -> Iterator[TaskEvent]:
+        """One Euler loop for items of equal batch key (no padding: each mel equals its solo run)."""
         t0 = time.perf_counter()
-        if len({w.prepared.frames for _, w in group}) > 1:  # type: ignore[union-attr]
-            logger.warning("flow batch of unequal lengths: padded, so only approximately equal to solo")
         try:
-            mels = self.flow.decode([w.prepared for _, w in group])  # type: ignore[misc]
+            mels = group[0][1].sink.flow.decode([w.prepared for _, w in group])
         except Exception as exc:  # noqa: BLE001
             logger.exception("batched flow decode failed for %d requests", len(group))
             for task, _ in group:
@@ -488,7 +334,7 @@ class BatchRunner:
             task.info.add_stage("token2wav", flow_seconds)
             yield from self._finish_work(task, work, mel)
 
-    def _finish_work(self, task: CosyVoiceTask, work: AudioWork, mel: Tensor | None) -> Iterator[TaskEvent]:
+    def _finish_work(self, task: BatchTask, work: AudioWork, mel: Tensor | None) -> Iterator[TaskEvent]:
         t0 = time.perf_counter()
         try:
             audio = _EMPTY if mel is None else work.sink.complete(mel, work.finalize)
@@ -497,6 +343,37 @@ class BatchRunner:
             yield self._fail(task, exc)
             return
         yield TaskEvent(task, chunk=chunk)
+
+
+def run_alone(job: SynthesisJob | BatchTask) -> Iterator[AudioChunk | None]:
+    """Run one job on the calling thread, one unit of work per item: a batch task through a private
+    one-task runner (the code path of batched serving), any other job as it iterates. Closing the
+    iterator early cancels the job."""
+    if not isinstance(job, BatchTask):
+        yield from job
+        return
+    runner = BatchRunner(job.backend, BatchConfig(max_batch=1, token_budget=0, flow_batch=1))
+    runner.add(job)
+    try:
+        while len(runner):
+            chunk: AudioChunk | None = None
+            for event in runner.step():
+                if event.error is not None:
+                    raise event.error
+                if event.chunk is not None:
+                    chunk = event.chunk
+            if chunk is None:
+                job.info.processing_seconds = time.perf_counter() - job.info.started_at
+            yield chunk
+    finally:
+        if not job.done:
+            job.cancel()
+
+
+def synthesize_alone(backend: Backend, request: SynthesisRequest) -> np.ndarray:
+    """The whole audio of one request, run alone on the calling thread."""
+    parts = [chunk.audio for chunk in run_alone(backend.open(request)) if chunk is not None]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +445,7 @@ class BatchingPolicy(StepPolicy):
 
     def __init__(
         self,
-        backend: CosyVoiceBackend,
+        backend: Backend,
         config: BatchConfig | None = None,
         on_step: Callable[[StepStats], None] | None = None,
     ):
@@ -654,13 +531,6 @@ class BatchingPolicy(StepPolicy):
         }
 
 
-def is_batchable(backend: Backend) -> bool:
-    """CosyVoice backends can be batched; others (the embedded Piper voice) cannot."""
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
-
-    return isinstance(backend, CosyVoiceBackend)
-
-
 def config_from_settings(backend: Backend, settings: Any = None) -> BatchConfig:
     """Limits from settings (``max_batch``, ``token_budget``, ``flow_batch``,
     ``batch_starvation_s``); unset ones get device-aware defaults."""
@@ -673,10 +543,9 @@ def config_from_settings(backend: Backend, settings: Any = None) -> BatchConfig:
 
     return BatchConfig(
         max_batch=setting("max_batch", max_active),
-        # GPU: every due item of one length in one estimator call (H200, full-size model: 4.9x
-        # throughput at 8 requests). CPU (2 cores, full-size model): the Euler loop costs the
-        # same per item at batch 1, 2 or 4 (eager and ONNX Runtime; -15% at 206 frames), so
-        # batching only delays the first items: one item per step, most urgent first.
+        # GPU: every due item of one key in one estimator call. CPU: the Euler loop costs the same
+        # per item at batch 1, 2 or 4 (README, Performance), so batching would only delay the
+        # first items: one item per step, most urgent first.
         token_budget=setting("token_budget", 4096 if cuda else 1024),
         flow_batch=setting("flow_batch", max_active if cuda else 1),
         starvation_s=float(setting("batch_starvation_s", 15.0)),
@@ -684,9 +553,9 @@ def config_from_settings(backend: Backend, settings: Any = None) -> BatchConfig:
 
 
 def make_policy(backend: Backend, settings: Any = None) -> StepPolicy:
-    """The engine policy for ``backend``: batching for CosyVoice (unless ``settings.batching`` is
-    False), round-robin for everything else."""
-    if is_batchable(backend) and getattr(settings, "batching", True) is not False:
+    """The engine policy for ``backend``: batching for backends that declare ``batchable`` (unless
+    ``settings.batching`` is False), round-robin for everything else."""
+    if backend.batchable and getattr(settings, "batching", True) is not False:
         config = config_from_settings(backend, settings)
         logger.info(
             "continuous batching: max_batch %d, token budget %d, flow batch %d",
@@ -698,64 +567,12 @@ def make_policy(backend: Backend, settings: Any = None) -> StepPolicy:
     return RoundRobinPolicy(backend)
 
 
-def register_prometheus(policy: StepPolicy, registry: Any) -> None:
-    """Export a :class:`BatchingPolicy`'s per-step numbers into a prometheus ``registry``
-    (no-op for other policies)."""
-    if not isinstance(policy, BatchingPolicy):
-        return
-    from prometheus_client import Counter, Histogram
-
-    batch = Histogram(
-        "cosyserve_llm_batch_size",
-        "requests in each batched LLM decode step",
-        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
-        registry=registry,
-    )
-    step_seconds = Histogram(
-        "cosyserve_engine_step_seconds",
-        "duration of one engine step (LLM decode + audio work)",
-        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-        registry=registry,
-    )
-    flow_batch = Histogram(
-        "cosyserve_flow_batch_size",
-        "requests in each flow Euler loop",
-        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
-        registry=registry,
-    )
-    prefilled = Counter("cosyserve_llm_prefills", "requests that joined the LLM batch", registry=registry)
-    waits = Histogram(
-        "cosyserve_engine_wait_seconds",
-        "queue: submit to engine admission; join: admission to the first speech token",
-        ["stage"],
-        buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
-        registry=registry,
-    )
-
-    def observe(step: StepStats) -> None:
-        if step.llm_batch:
-            batch.observe(step.llm_batch)
-        if step.prefilled:
-            prefilled.inc(step.prefilled)
-        if step.flow_calls:
-            flow_batch.observe(step.audio_items / step.flow_calls)
-        step_seconds.observe(step.seconds)
-
-    policy.add_hook(observe)
-    policy.add_wait_hook(lambda stage, seconds: waits.labels(stage=stage).observe(seconds))
-
-
 __all__ = [
-    "AudioWork",
     "BatchConfig",
     "BatchRunner",
     "BatchingPolicy",
-    "ChunkedToken2Wav",
     "StepStats",
     "TaskEvent",
-    "WholeToken2Wav",
     "config_from_settings",
-    "is_batchable",
     "make_policy",
-    "register_prometheus",
 ]

@@ -3,9 +3,10 @@
 The HTTP layer sees only :meth:`EngineLoop.submit` (→ :class:`RequestHandle`, an async
 iterator of :class:`AudioChunk`), :meth:`EngineLoop.call` (run a function on the engine thread,
 e.g. ``backend.add_voice``) and :meth:`EngineLoop.shutdown`. Everything about *how* requests
-are advanced lives in a :class:`StepPolicy`: today :class:`RoundRobinPolicy` calls ``next()``
-once on every active job per step; a batching policy (one batched LLM decode step across all
-active requests) replaces it without touching the loop or the server.
+are advanced lives in a :class:`StepPolicy`: :class:`RoundRobinPolicy` calls ``next()`` once on
+every active job per step (the embedded voice); the batching policy of
+:mod:`cosyserve.engine.batching` runs one batched LLM decode step across all active requests of a
+``batchable`` backend.
 
 Life of a request::
 

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cosyserve import __version__
 from cosyserve.engine.loop import EngineLoop
-from cosyserve.errors import BackendUnavailableError, CosyserveError, QueueFullError
+from cosyserve.errors import CosyserveError, QueueFullError
 from cosyserve.interfaces import Backend
 from cosyserve.server.metrics import ServerMetrics
 from cosyserve.server.routers import openai as openai_router
@@ -58,20 +58,10 @@ _BODY_SLACK_BYTES = 256 * 1024
 
 
 def build_backend(settings: Settings) -> tuple[Backend, dict[str, Any]]:
-    """The backend the settings ask for, through the launcher's factory; without it, the
-    embedded default voice."""
-    try:
-        from cosyserve.acceleration.launcher import create_backend
-    except ModuleNotFoundError as exc:
-        if exc.name != "cosyserve.acceleration.launcher":
-            raise
-        if settings.model_dir:
-            raise BackendUnavailableError(
-                "this installation cannot load CosyVoice models (cosyserve.acceleration.launcher is missing)"
-            ) from exc
-        from cosyserve.families.piper.backend import EmbeddedBackend
+    """The backend the settings ask for (the launcher picks the plan and falls back); without a
+    model directory, the embedded default voice."""
+    from cosyserve.acceleration.launcher import create_backend
 
-        return EmbeddedBackend(), {"plan": "embedded", "fallbacks": [], "reason": "no --model_dir given"}
     return create_backend(settings)
 
 
@@ -276,11 +266,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _engine_policy(backend: Backend, settings: Settings, metrics: ServerMetrics) -> Any:
-    """Continuous batching for CosyVoice backends, round-robin (None) for the others; the
+    """Continuous batching for backends that declare it, round-robin (None) for the others; the
     batching module (and torch) is imported only when it is used."""
-    if backend.name != "cosyvoice" or not settings.batching:
+    if not backend.batchable or not settings.batching:
         return None
-    from cosyserve.engine.batching import make_policy, register_prometheus
+    from cosyserve.engine.batching import make_policy
+    from cosyserve.server.metrics import register_prometheus
 
     policy = make_policy(backend, settings)
     register_prometheus(policy, metrics.registry)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from cosyserve.api import SynthesisRequest
-from cosyserve.engine.loop import EngineLoop, EngineObserver, EngineRequest, RequestState
+from cosyserve.engine.loop import EngineLoop, EngineObserver, EngineRequest, RequestState, StepPolicy
 
 _TTFC_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _RTF_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -91,3 +93,51 @@ class ServerMetrics(EngineObserver):
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def register_prometheus(policy: StepPolicy, registry: Any) -> None:
+    """Export a batching policy's per-step numbers into a prometheus ``registry``
+    (no-op for other policies)."""
+    from cosyserve.engine.batching import BatchingPolicy
+
+    if not isinstance(policy, BatchingPolicy):
+        return
+
+    batch = Histogram(
+        "cosyserve_llm_batch_size",
+        "requests in each batched LLM decode step",
+        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+        registry=registry,
+    )
+    step_seconds = Histogram(
+        "cosyserve_engine_step_seconds",
+        "duration of one engine step (LLM decode + audio work)",
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        registry=registry,
+    )
+    flow_batch = Histogram(
+        "cosyserve_flow_batch_size",
+        "requests in each flow Euler loop",
+        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+        registry=registry,
+    )
+    prefilled = Counter("cosyserve_llm_prefills", "requests that joined the LLM batch", registry=registry)
+    waits = Histogram(
+        "cosyserve_engine_wait_seconds",
+        "queue: submit to engine admission; join: admission to the first speech token",
+        ["stage"],
+        buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+        registry=registry,
+    )
+
+    def observe(step: Any) -> None:  # a StepStats
+        if step.llm_batch:
+            batch.observe(step.llm_batch)
+        if step.prefilled:
+            prefilled.inc(step.prefilled)
+        if step.flow_calls:
+            flow_batch.observe(step.audio_items / step.flow_calls)
+        step_seconds.observe(step.seconds)
+
+    policy.add_hook(observe)
+    policy.add_wait_hook(lambda stage, seconds: waits.labels(stage=stage).observe(seconds))

@@ -160,6 +160,7 @@ def _synthesize(
 ) -> tuple[float, float, float | None, Any]:
     """(audio seconds, wall seconds, first chunk seconds, info) of one synthesis."""
     from cosyserve.api import SynthesisRequest
+    from cosyserve.engine.batching import run_alone
 
     request = SynthesisRequest(
         text=BENCH_TEXT, voice=voice, stream=stream, seed=seed, enable_smart_split=False
@@ -169,7 +170,7 @@ def _synthesize(
     job = backend.open(request, num_tokens=tokens) if tokens else backend.open(request)
     first = None
     samples = 0
-    for chunk in job:
+    for chunk in run_alone(job):
         if chunk is not None and len(chunk.audio):
             if first is None:
                 first = time.perf_counter() - t0
@@ -182,13 +183,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one configuration in this process; returns the result record."""
     import torch
 
-    from cosyserve.acceleration.launcher import PLANS, build_cosyvoice, warm_up
+    from cosyserve.acceleration.launcher import PLANS, build_backend, open_family, warm_up
 
     name = args.config[-1] if isinstance(args.config, list) else args.config
     plan = PLANS[name]
     settings = SimpleNamespace(voices_dir=None, stream_first_hop=args.stream_first_hop)
     t0 = time.perf_counter()
-    backend = build_cosyvoice(str(args.model_dir), plan, settings)
+    backend = build_backend(open_family(args.model_dir), str(args.model_dir), plan, settings)
     warm_up(backend)  # the server's start-up check: one short synthesis before serving
     load_s = time.perf_counter() - t0
     rss_loaded = _peak_rss_mb()
@@ -321,20 +322,9 @@ def int8_report(backend: Any, model_dir: str, voice: str, steps: int = 50) -> di
 
 
 def _load_fp32(model_dir: str, config: Any, name: str) -> Any:
-    from cosyserve.families.cosyvoice1.loader import (
-        CONFIG_FILE,
-        build_network,
-        check_state_dict,
-        find_model_files,
-        read_checkpoint,
-    )
+    from cosyserve.families.cosyvoice1.loader import find_model_files, load_network
 
-    path = getattr(find_model_files(model_dir), name)
-    module = build_network(name, config)
-    state = read_checkpoint(path)
-    check_state_dict(module, state, path, config_name=CONFIG_FILE)
-    module.load_state_dict(state)
-    return module.eval()
+    return load_network(name, find_model_files(model_dir), config)
 
 
 # ------------------------------------------------------------------------------------ parent

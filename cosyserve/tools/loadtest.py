@@ -204,8 +204,9 @@ class _HttpDriver:
     def __init__(self, backend: Any, batch_settings: SimpleNamespace, concurrency: int, max_seconds: float):
         import uvicorn
 
-        from cosyserve.engine.batching import BatchingPolicy, config_from_settings, register_prometheus
+        from cosyserve.engine.batching import BatchingPolicy, config_from_settings
         from cosyserve.server.app import create_app
+        from cosyserve.server.metrics import register_prometheus
         from cosyserve.settings import Settings
 
         settings = Settings(
@@ -392,11 +393,12 @@ def _load_backend(
     num_threads: int | None,
     stream_first_hop: int | None,
 ) -> tuple[Any, str | None]:
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.acceleration.launcher import open_family
+    from cosyserve.families.base import FamilyOptions
 
     if plan is None:
-        options = CosyVoiceOptions(device=device, num_threads=num_threads, stream_first_hop=stream_first_hop)
-        return CosyVoiceBackend.from_dir(model_dir, options), None
+        options = FamilyOptions(device=device, num_threads=num_threads, stream_first_hop=stream_first_hop)
+        return open_family(model_dir).open_backend(model_dir, options), None
     from cosyserve.acceleration.launcher import create_backend
 
     settings = SimpleNamespace(

@@ -21,34 +21,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
 
 from cosyserve.errors import AccelerationMismatchError, CosyserveError
 
 
 def _say(message: str) -> None:
     print(f"[precompile] {message}", file=sys.stderr, flush=True)
-
-
-def _load(files: Any, config: Any, name: str, device: str) -> Any:
-    """Build one network and load its checkpoint (strict), in eval mode."""
-    from cosyserve.families.cosyvoice1.loader import (
-        CONFIG_FILE,
-        build_network,
-        check_state_dict,
-        read_checkpoint,
-    )
-
-    path = getattr(files, name)
-    state = read_checkpoint(path)
-    if name == "hift":
-        from cosyserve.nn.hift import convert_hift_state_dict
-
-        state = convert_hift_state_dict(state)
-    module = build_network(name, config)
-    check_state_dict(module, state, path, config_name=CONFIG_FILE)
-    module.load_state_dict(state, strict=True)
-    return module.to(device).eval()
 
 
 def precompile(
@@ -65,7 +43,7 @@ def precompile(
     from cosyserve.acceleration import onnx_export as ox
     from cosyserve.acceleration import trt
     from cosyserve.families.cosyvoice1.config import load_model_config
-    from cosyserve.families.cosyvoice1.loader import find_model_files
+    from cosyserve.families.cosyvoice1.loader import find_model_files, load_network
     from cosyserve.hub import resolve_model_dir
 
     t_start = time.perf_counter()
@@ -76,7 +54,7 @@ def precompile(
     _say(f"model {files.root}; artifacts go to {out_dir}")
 
     _say("loading the flow weights ...")
-    flow = _load(files, config, "flow", "cpu")
+    flow = load_network("flow", files, config)
     estimator = flow.decoder.estimator
     threads = torch.get_num_threads()
 
@@ -107,7 +85,7 @@ def precompile(
         if hift_path is None:
             _say("exporting the HiFT conv stack to ONNX (CPU plan) ...")
             try:
-                hift = _load(files, config, "hift", "cpu")
+                hift = load_network("hift", files, config)
                 hift_path = ox.export_hift(hift, out_dir / ox.HIFT_ONNX)
                 err = ox.compare_hift(ox.OrtHiFTDecoder(hift, hift_path, threads), hift)
                 if err > 1e-3:

@@ -111,8 +111,10 @@ class PromptEncoder:
         device: torch.device | str = "cpu",
         onnx_threads: int | None = None,
         token_mel_ratio: int | None = None,
+        speech_tokenizer_file: str = SPEECH_TOKENIZER_FILE,
     ):
         self.model_dir = Path(model_dir)
+        self.speech_tokenizer_file = speech_tokenizer_file
         self.mel_config = mel_config or MelConfig()
         self.device = torch.device(device)
         self.onnx_threads = onnx_threads or _default_threads()
@@ -124,8 +126,13 @@ class PromptEncoder:
     # ---------------------------------------------------------------- ONNX sessions (lazy)
 
     @property
+    def required_files(self) -> str:
+        """The ONNX models cloning needs, for messages."""
+        return f"{CAMPPLUS_FILE} and {self.speech_tokenizer_file}"
+
+    @property
     def missing_files(self) -> list[str]:
-        return [f for f in (CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE) if not (self.model_dir / f).is_file()]
+        return [f for f in (CAMPPLUS_FILE, self.speech_tokenizer_file) if not (self.model_dir / f).is_file()]
 
     @property
     def available(self) -> bool:
@@ -141,7 +148,7 @@ class PromptEncoder:
 
         # Upstream keeps the tiny CAM++ on CPU and puts the tokenizer on CUDA when available.
         if (
-            name == SPEECH_TOKENIZER_FILE
+            name == self.speech_tokenizer_file
             and self.device.type == "cuda"
             and "CUDAExecutionProvider" in ort.get_available_providers()
         ):
@@ -199,7 +206,7 @@ class PromptEncoder:
 
     def speech_tokens(self, wav16k: np.ndarray) -> torch.Tensor:
         """``[1, N]`` int64 speech tokens of 16 kHz audio (at most 30 s)."""
-        session = self._session(SPEECH_TOKENIZER_FILE)
+        session = self._session(self.speech_tokenizer_file)
         feat = whisper_log_mel(
             torch.from_numpy(np.ascontiguousarray(wav16k, dtype=np.float32))[None], n_mels=128
         )

@@ -110,6 +110,27 @@ def assert_close(
     return err
 
 
+def assert_rel_rms(
+    parity_set: ParitySet,
+    stage: str,
+    actual: torch.Tensor | np.ndarray,
+    expected: torch.Tensor | np.ndarray,
+    bound: float = 1e-2,
+) -> float:
+    """Free-running comparison (e.g. speech from our own f0 and source): the relative RMS error
+    ``||a - e|| / ||e||``, since a 1-ulp mel difference drifts the sine source's phase. Lengths must
+    be identical."""
+    a = np.asarray(actual.detach().cpu().double() if isinstance(actual, torch.Tensor) else actual, np.float64)
+    e = np.asarray(
+        expected.detach().cpu().double() if isinstance(expected, torch.Tensor) else expected, np.float64
+    )
+    assert a.shape == e.shape, f"{stage}: shape {a.shape} != fixture {e.shape}"
+    rel = float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-12))
+    _ERRORS.append((f"{parity_set.family}/{parity_set.name}", f"{stage} [rel. RMS]", rel, bound))
+    assert rel <= bound, f"{stage}: relative RMS error {rel:.3g} exceeds {bound:g}"
+    return rel
+
+
 def report_errors(terminalreporter) -> None:
     """The table of max abs errors per stage, for the end of the run."""
     if not _ERRORS:

@@ -14,13 +14,10 @@ from tests.server.conftest import audio_duration, make_settings, wav_bytes
 
 
 @pytest.fixture(scope="module")
-def cosyvoice_client(tiny_model_dir, tmp_path_factory) -> Iterator[TestClient]:
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+def cosyvoice_client(tiny_backend) -> Iterator[TestClient]:
     from cosyserve.server.app import create_app
 
-    options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))
-    backend = CosyVoiceBackend.from_dir(tiny_model_dir, options)
-    app = create_app(make_settings(max_text_chars=200), backend=backend, launch_report={"plan": "test"})
+    app = create_app(make_settings(max_text_chars=200), backend=tiny_backend, launch_report={"plan": "test"})
     with TestClient(app) as client:
         yield client
 
@@ -77,11 +74,12 @@ def test_eight_concurrent_streams_on_the_tiny_model(tiny_model_dir, tmp_path, li
     its first audio before any other stream has finished (no one waits for a whole synthesis)."""
     import httpx
 
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.families.base import FamilyOptions
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
     from cosyserve.families.cosyvoice1.token2wav import stream_num_frames
     from cosyserve.server.app import create_app
 
-    options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path, stream_first_hop=25)
+    options = FamilyOptions(device="cpu", voices_dir=tmp_path, stream_first_hop=25)
     backend = CosyVoiceBackend.from_dir(tiny_model_dir, options)
     server = live_server(create_app(make_settings(max_active=8), backend=backend))
     text = "The quick brown fox jumps over the lazy dog."  # 10 text tokens -> 200 speech tokens

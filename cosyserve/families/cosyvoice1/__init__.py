@@ -14,3 +14,10 @@ def load_config(model_dir: str | Path) -> Any:
     from cosyserve.families.cosyvoice1.config import load_model_config
 
     return load_model_config(Path(model_dir) / CONFIG_FILE)
+
+
+def open_backend(model_dir: str | Path, options: Any = None) -> Any:
+    """Load the directory as a :class:`~.backend.CosyVoiceBackend` (``options``: FamilyOptions)."""
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
+
+    return CosyVoiceBackend.from_dir(model_dir, options)

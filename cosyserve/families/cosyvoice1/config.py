@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cosyserve.families import detect_from_tree
 from cosyserve.nn.config import (
     CFMConfig,
     EncoderConfig,
@@ -126,63 +126,6 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------
 # Family detection
 # --------------------------------------------------------------------------------------------
-
-_FAMILY_MARKERS: tuple[tuple[str, frozenset[str]], ...] = (
-    (
-        "CosyVoice3",
-        frozenset(
-            {
-                "cosyvoice.llm.llm.CosyVoice3LM",
-                "cosyvoice.flow.flow.CausalMaskedDiffWithDiT",
-                "cosyvoice.flow.DiT.dit.DiT",
-                "cosyvoice.hifigan.generator.CausalHiFTGenerator",
-                "cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor",
-            }
-        ),
-    ),
-    (
-        "CosyVoice2",
-        frozenset(
-            {
-                "cosyvoice.llm.llm.Qwen2LM",
-                "cosyvoice.llm.llm.Qwen2Encoder",
-                "cosyvoice.flow.flow.CausalMaskedDiffWithXvec",
-                "cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder",
-                "cosyvoice.flow.flow_matching.CausalConditionalCFM",
-                "cosyvoice.flow.decoder.CausalConditionalDecoder",
-                "cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer",
-            }
-        ),
-    ),
-)
-
-_INFERENCE_KEYS = ("llm", "flow", "hift", "get_tokenizer", "feat_extractor")
-
-
-def _iter_tagged(node: Any, path: str) -> Iterable[tuple[str, Tagged]]:
-    if isinstance(node, Tagged):
-        yield path, node
-        for i, arg in enumerate(node.args):
-            yield from _iter_tagged(arg, f"{path}[{i}]")
-        for key, value in node.kwargs.items():
-            yield from _iter_tagged(value, f"{path}.{key}")
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from _iter_tagged(value, f"{path}.{key}")
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _iter_tagged(value, f"{path}[{i}]")
-
-
-def detect_family(tree: dict[str, Any]) -> tuple[str, str, str] | None:
-    """Return (family, key, class) if the inference keys name a class of a newer family, else None."""
-    for key in _INFERENCE_KEYS:
-        for where, tagged in _iter_tagged(tree.get(key), key):
-            for family, markers in _FAMILY_MARKERS:
-                if tagged.target in markers:
-                    return family, where, tagged.target
-    return None
-
 
 # --------------------------------------------------------------------------------------------
 # Mapping into the typed configs
@@ -456,12 +399,11 @@ def _tokenizer_config(ctx: ConfigContext, value: Any, allowed_special: Any) -> T
 def config_from_tree(tree: dict[str, Any], source: str = "<string>") -> ModelConfig:
     """Map a parsed (inert) tree into :class:`ModelConfig`; see the module docstring."""
     ctx = ConfigContext(source)
-    found = detect_family(tree)
-    if found is not None:
-        family, key, target = found
+    family = detect_from_tree(tree)
+    if family is not None and family.name != "cosyvoice1":
         ctx.fail(
-            f"this looks like a {family} model ('{key}' is {target}); {family} is not supported yet - "
-            "cosyserve currently runs CosyVoice v1 models (CosyVoice-300M, -SFT, -Instruct)"
+            f"this describes a {family.title} model (its llm/flow/hift classes), not a CosyVoice v1 "
+            f"one; a {family.title} directory ships {family.config_file}"
         )
     llm = _llm_config(ctx, tree.get("llm", MISSING))
     flow = _flow_config(ctx, tree.get("flow", MISSING))

@@ -125,6 +125,17 @@ class TransformerLM(nn.Module):
         x = self.speech_embedding(tokens.reshape(-1, 1).to(self.speech_embedding.weight.device))
         return self.llm.forward_chunk(x, cache)[:, -1]
 
+    # -- the batch runner's SpeechLM protocol (cosyserve.interfaces) ------------------------------
+
+    def prefill_logp(self, prefixes: Tensor, cache: KVCache) -> Tensor:
+        return self.log_probs(self.prefill_hidden(prefixes, cache))
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        return self.speech_embedding(tokens.reshape(-1, 1).to(self.speech_embedding.weight.device))
+
+    def decode_embeddings(self, inputs: Tensor, cache: KVCache) -> Tensor:
+        return self.log_probs(self.llm.forward_chunk(inputs, cache)[:, -1])
+
     def prefill(self, lm_input: Tensor, capacity: int | None = None) -> tuple[Tensor, KVCache]:
         """Batch-1 prefill: prefix `[1, L, D]` -> (log-probs `[1, V]` for token 0, cache)."""
         cache = self.new_cache(lm_input.shape[0], capacity or lm_input.shape[1] + 256)

@@ -19,12 +19,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cosyserve.errors import ModelConfigError, ModelDirectoryError
+from cosyserve.families import FAMILIES
 from cosyserve.families.cosyvoice1.config import ModelConfig, load_model_config
 from cosyserve.nn.checkpoint import (
     check_state_dict,
@@ -34,9 +34,6 @@ from cosyserve.nn.checkpoint import (
     read_checkpoint,
     skip_random_init,
 )
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +58,6 @@ REQUIRED_FILES = (CONFIG_FILE, "llm.pt", "flow.pt", "hift.pt", "spk2info.pt")
 CAMPPLUS_FILE = "campplus.onnx"
 SPEECH_TOKENIZER_FILE = "speech_tokenizer_v1.onnx"
 ZERO_SHOT_FILES = (CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE)
-
-# Files that identify a directory of a later family (so "cosyvoice.yaml missing" is not the message).
-_OTHER_FAMILY_FILES = {
-    "cosyvoice3.yaml": "CosyVoice3",
-    "cosyvoice2.yaml": "CosyVoice2",
-    "speech_tokenizer_v3.onnx": "CosyVoice3",
-    "speech_tokenizer_v2.onnx": "CosyVoice2",
-}
 
 _MAX_LISTED = 5
 
@@ -101,12 +90,12 @@ def find_model_files(model_dir: str | os.PathLike[str]) -> ModelFiles:
         raise ModelDirectoryError(f"{root}: is not a directory")
     root = root.resolve()
     if not (root / CONFIG_FILE).is_file():
-        for name, family in _OTHER_FAMILY_FILES.items():
-            if (root / name).exists():
-                raise ModelConfigError(
-                    f"{root}: this is a {family} model directory ({name}); {family} is not supported yet - "
-                    "cosyserve currently runs CosyVoice v1 models (CosyVoice-300M, -SFT, -Instruct)"
-                )
+        other = [e for e in FAMILIES.values() if (root / e.config_file).is_file()]
+        if other:
+            raise ModelConfigError(
+                f"{root}: this is a {other[0].title} model directory ({other[0].config_file}), not a "
+                "CosyVoice v1 one; open it through its family (cosyserve.families.detect)"
+            )
     missing = [name for name in REQUIRED_FILES if not (root / name).is_file()]
     if missing:
         raise ModelDirectoryError(
@@ -208,36 +197,42 @@ def build_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module
     return llm, flow, hift
 
 
+def load_network(
+    name: str, files: ModelFiles, config: ModelConfig, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Build one network ("llm", "flow" or "hift") and load its checkpoint: memory-mapped, strict,
+    the checkpoint's tensors adopted rather than copied; eval mode on `device`."""
+    from cosyserve.nn.hift import convert_hift_state_dict
+
+    path = getattr(files, name)
+    state_dict = read_checkpoint(path)
+    note = ""
+    if name == "hift":
+        try:
+            # Strips `generator.` and folds weight norm (weight_g/weight_v or parametrizations.*).
+            state_dict = convert_hift_state_dict(state_dict)
+        except (KeyError, RuntimeError) as exc:
+            raise ModelDirectoryError(f"{path}: broken weight-norm tensors: {exc}") from exc
+        note = " (after folding weight_g/weight_v)"
+    with skip_random_init():
+        module = build_network(name, config)
+    load_into(module, state_dict, path, note, CONFIG_FILE)  # strict: every parameter is overwritten
+    del state_dict
+    if name == "hift":
+        # Folding made new tensors for most weights; copy the rest too, so the checkpoint
+        # (whose weight_v pages the folding read) is unmapped instead of staying resident.
+        detach_from_checkpoint(module)
+        if torch.device(device).type == "cpu":
+            module.prepare_fast_path()  # type: ignore[operator]
+    return module.to(device).eval()
+
+
 def load_networks(
     files: ModelFiles, config: ModelConfig, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """Build the three networks and load their checkpoints (strict), in eval mode on `device`."""
-    from cosyserve.nn.hift import convert_hift_state_dict
-
-    nets: list[nn.Module] = []
-    # One network at a time: build, load (mmap'd checkpoint, pages only read while copying), move.
-    for name, path in (("llm", files.llm), ("flow", files.flow), ("hift", files.hift)):
-        state_dict = read_checkpoint(path)
-        note = ""
-        if name == "hift":
-            try:
-                # Strips `generator.` and folds weight norm (weight_g/weight_v or parametrizations.*).
-                state_dict = convert_hift_state_dict(state_dict)
-            except (KeyError, RuntimeError) as exc:
-                raise ModelDirectoryError(f"{path}: broken weight-norm tensors: {exc}") from exc
-            note = " (after folding weight_g/weight_v)"
-        with skip_random_init():
-            module = build_network(name, config)
-        load_into(module, state_dict, path, note, CONFIG_FILE)  # strict: every parameter is overwritten
-        del state_dict
-        if name == "hift":
-            # Folding made new tensors for most weights; copy the rest too, so the checkpoint
-            # (whose weight_v pages the folding read) is unmapped instead of staying resident.
-            detach_from_checkpoint(module)
-            if torch.device(device).type == "cpu":
-                module.prepare_fast_path()  # type: ignore[operator]
-        nets.append(module.to(device).eval())
-    return nets[0], nets[1], nets[2]
+    """The three networks, one at a time (a checkpoint's pages are only read while it loads)."""
+    llm, flow, hift = (load_network(name, files, config, device) for name in NETWORK_NAMES)
+    return llm, flow, hift
 
 
 # ------------------------------------------------------------------------------------ ONNX

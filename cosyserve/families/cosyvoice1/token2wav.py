@@ -29,45 +29,21 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cosyserve.families.cosyvoice1.flow import MEL_HOP, FlowInputs, MaskedDiffWithXvec, token_frames
 from cosyserve.nn.hift import HiFTGenerator
 
 logger = logging.getLogger(__name__)
 
-MEL_SAMPLE_RATE = 22050  # upstream hard-codes the v1 rate and hop in these constants
-MEL_HOP = 256
 TOKEN_HOP_LEN = 100  # 2 * input_frame_rate; stream_scale_factor = 1, so it never grows
 TOKEN_OVERLAP_LEN = 20
 MEL_CACHE_LEN = 20  # HiFT mel context frames
 SOURCE_CACHE_LEN = MEL_CACHE_LEN * MEL_HOP  # 5120 samples of source / speech cross-fade
-
-
-class FlowModel(Protocol):
-    """What token2wav needs from the flow (``cosyserve.families.cosyvoice1.flow.MaskedDiffWithXvec``)."""
-
-    input_frame_rate: int
-
-    def inference(
-        self,
-        tokens: Tensor,
-        prompt_tokens: Tensor | None = None,
-        prompt_feat: Tensor | None = None,
-        embedding: Tensor | None = None,
-        flow_cache: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]: ...
-
-
-def token_frames(n_tokens: int, input_frame_rate: int = 50) -> int:
-    """Mel frames the flow makes for ``n_tokens`` tokens: ``int(n / rate * 22050 / 256)``."""
-    return int(n_tokens / input_frame_rate * MEL_SAMPLE_RATE / MEL_HOP)
 
 
 def speed_frames(frames: int, speed: float) -> int:
@@ -122,46 +98,6 @@ def fade_in_out(fade_in: Tensor, fade_out: Tensor, window: np.ndarray) -> Tensor
 
 def speech_to_numpy(speech: Tensor) -> np.ndarray:
     return speech[0].detach().float().cpu().numpy()
-
-
-def _module_device(module: object) -> torch.device:
-    params = getattr(module, "parameters", None)
-    if params is not None:
-        for p in params():
-            return p.device
-    return torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------- non-stream
-@torch.inference_mode()
-def token2wav(
-    flow: FlowModel,
-    hift: HiFTGenerator,
-    tokens: Tensor,
-    prompt_tokens: Tensor | None = None,
-    prompt_feat: Tensor | None = None,
-    embedding: Tensor | None = None,
-    speed: float = 1.0,
-    generator: torch.Generator | None = None,
-    flow_noise: Tensor | None = None,
-    hift_noise: tuple[Tensor, Tensor] | None = None,
-) -> np.ndarray:
-    """Non-stream token -> waveform: float32 samples at 22050 Hz, ``256 * int(T / speed)`` long.
-
-    tokens ``[1, N]``; ``flow_noise`` ``[1, 80, P + T]`` and ``hift_noise`` ``(phase [1, 9, 1],
-    sine_noise [1, 9, L])`` are injected when given, else drawn from ``generator``.
-    """
-    if tokens.shape[-1] == 0:
-        return np.zeros(0, dtype=np.float32)
-    mel, _ = flow.inference(
-        tokens, prompt_tokens, prompt_feat, embedding, flow_cache=None, noise=flow_noise, generator=generator
-    )
-    if speed_frames(mel.shape[2], speed) == 0:
-        return np.zeros(0, dtype=np.float32)  # too few frames to survive the speed change
-    mel = apply_speed(mel, speed)
-    phase, sine_noise = hift_noise if hift_noise is not None else (None, None)
-    speech, _ = hift.inference(mel, generator=generator, phase=phase, sine_noise=sine_noise)
-    return speech_to_numpy(speech)
 
 
 # ------------------------------------------------------------------------------- streaming
@@ -367,23 +303,209 @@ class ChunkCommitter:
         return self.vocoder.push(mel, finalize)
 
 
-class StreamingToken2Wav:
-    """Per-request streaming token -> waveform state machine.
+# ------------------------------------------------------------------------------- sinks
+# token -> wav for one segment, split around the flow's Euler loop so that the batch runner can
+# share that loop between requests (engine/batching.py); the batch-1 drivers at the end run the
+# same code for the library's tests and tools.
 
-    ``push(tokens)`` buffers tokens and returns the audio chunks that became ready (float32
-    numpy arrays); ``finish()`` vocodes what is left and returns the last chunk. With the
-    default ``hop`` / no ``first_hop`` / ``speed=1`` the output equals upstream's streaming
-    ``tts`` chunk for chunk.
+_EMPTY = np.zeros(0, dtype=np.float32)
 
-    ``first_hop``: tokens advanced by the first chunk (e.g. 25-50; more than ``overlap``) for
-    lower first-chunk latency; later chunks use ``hop``. ``speed``: tempo change applied to the committed mel
-    stream (upstream refuses speed with streaming). ``flow_noises`` / ``hift_noises``: per-call
-    noises to inject (tests); once used up, noise comes from ``generator``.
-    """
+
+class _SegmentSink:
+    """What both sinks know of one segment: the networks, its prompt and speaker, its RNG.
+
+    ``flow_noises`` / ``hift_noises``: per-call noises to inject (tests); once used up, noise comes
+    from ``generator``."""
 
     def __init__(
         self,
-        flow: FlowModel,
+        flow: MaskedDiffWithXvec,
+        hift: HiFTGenerator,
+        prompt_tokens: Tensor | None,
+        prompt_feat: Tensor | None,
+        embedding: Tensor,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+        flow_noises: Sequence[Tensor] | None = None,
+        hift_noises: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ):
+        self.flow, self.hift = flow, hift
+        self.prompt_tokens, self.prompt_feat, self.embedding = prompt_tokens, prompt_feat, embedding
+        self.speed = float(speed)
+        self.generator = generator
+        self.device = (
+            next(flow.parameters()).device if isinstance(flow, torch.nn.Module) else torch.device("cpu")
+        )
+        self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
+        self.prompt_frames = 0 if prompt_feat is None else int(prompt_feat.shape[1])
+        self._flow_noises = list(flow_noises or [])
+        self._hift_noises = list(hift_noises or [])
+
+    def batch_key(self, tokens: Sequence[int], finalize: bool) -> int:
+        """Mel frames of the Euler loop (prompt included): equal frames batch exactly."""
+        return self.prompt_frames + token_frames(len(tokens), self.frame_rate)
+
+    def _flow_inputs(self, tokens: Sequence[int], flow_cache: Tensor | None) -> FlowInputs:
+        token_tensor = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        noise = self._flow_noises.pop(0) if self._flow_noises else None
+        return self.flow.prepare(
+            token_tensor,
+            self.prompt_tokens,
+            self.prompt_feat,
+            self.embedding,
+            flow_cache=flow_cache,
+            noise=noise,
+            generator=self.generator,
+        )
+
+
+class WholeToken2Wav(_SegmentSink):
+    """Non-streaming token -> waveform for one segment: ``flow(tokens)``, speed, HiFT."""
+
+    streaming = False
+
+    @torch.inference_mode()
+    def prepare(self, tokens: Sequence[int], finalize: bool = True) -> FlowInputs:
+        return self._flow_inputs(tokens, None)
+
+    @torch.inference_mode()
+    def complete(self, mel: Tensor, finalize: bool = True) -> np.ndarray:
+        if speed_frames(mel.shape[2], self.speed) == 0:
+            return _EMPTY  # too few frames to survive the speed change
+        phase, sine_noise = self._hift_noises.pop(0) if self._hift_noises else (None, None)
+        speech, _ = self.hift.inference(
+            apply_speed(mel, self.speed), generator=self.generator, phase=phase, sine_noise=sine_noise
+        )
+        return speech_to_numpy(speech)
+
+
+class ChunkedToken2Wav(_SegmentSink):
+    """Streaming token -> waveform for one segment (see the module docstring).
+
+    Chunks of ``hop + overlap`` tokens, the first advancing by ``first_hop``; 34-frame flow cache
+    and mel cross-fade; HiFT through :class:`StreamingVocoder`. A due chunk is *returned* by
+    :meth:`add`, so the runner can batch its Euler loop with other requests' chunks; chunks must be
+    completed in the order they were returned. ``record=True`` keeps a :class:`ChunkRecord` per
+    chunk in :attr:`trace` (tests).
+    """
+
+    streaming = True
+
+    def __init__(
+        self,
+        flow: MaskedDiffWithXvec,
+        hift: HiFTGenerator,
+        prompt_tokens: Tensor | None,
+        prompt_feat: Tensor | None,
+        embedding: Tensor,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+        hop: int = TOKEN_HOP_LEN,
+        first_hop: int | None = None,
+        overlap: int = TOKEN_OVERLAP_LEN,
+        flow_noises: Sequence[Tensor] | None = None,
+        hift_noises: Sequence[tuple[Tensor, Tensor]] | None = None,
+        record: bool = False,
+    ):
+        super().__init__(flow, hift, prompt_tokens, prompt_feat, embedding, speed, generator, flow_noises)
+        self.overlap = overlap
+        self.hop = hop
+        self.first_hop = first_hop or hop
+        check_stream_hops(self.hop, self.first_hop, overlap, self.frame_rate)
+        self.tail = ChunkCommitter(
+            hift, token_frames(overlap, self.frame_rate), self.speed, generator, hift_noises
+        )
+        self._tokens: list[int] = []
+        self._next_hop = self.first_hop
+        self._flow_cache: Tensor | None = None
+        self.trace: list[ChunkRecord] | None = [] if record else None
+        self._pending_record: ChunkRecord | None = None
+
+    def add(self, token: int) -> list[int] | None:
+        """Buffer one token; returns the tokens of the chunk that became due, if any."""
+        self._tokens.append(int(token))
+        if len(self._tokens) < self._next_hop + self.overlap:
+            return None
+        chunk = self._tokens[: self._next_hop + self.overlap]
+        self._tokens = self._tokens[self._next_hop :]
+        self._next_hop = self.hop
+        return chunk
+
+    def remainder(self) -> list[int]:
+        """The tokens of the final chunk (those not yet committed); empties the buffer."""
+        tokens, self._tokens = self._tokens, []
+        return tokens
+
+    @torch.inference_mode()
+    def prepare(self, tokens: Sequence[int], finalize: bool = False) -> FlowInputs:
+        cache_in = self._flow_cache
+        item = self._flow_inputs(tokens, cache_in)
+        self._flow_cache = item.cache
+        if self.trace is not None:
+            self._pending_record = ChunkRecord(
+                torch.tensor([list(tokens)]), cache_in, torch.empty(0), item.cache, None
+            )
+        return item
+
+    @torch.inference_mode()
+    def complete(self, mel: Tensor, finalize: bool) -> np.ndarray:
+        step = self.tail.commit(mel, finalize)
+        if self.trace is not None and self._pending_record is not None:
+            self._pending_record.flow_mel, self._pending_record.vocoder = mel, step
+            self.trace.append(self._pending_record)
+            self._pending_record = None
+        return _EMPTY if step is None else speech_to_numpy(step.out)
+
+
+def _run_call(sink: WholeToken2Wav | ChunkedToken2Wav, tokens: Sequence[int], finalize: bool) -> np.ndarray:
+    """One flow + vocoder call of a sink, alone (the batch runner shares the middle with others)."""
+    item = sink.prepare(tokens, finalize)
+    with torch.inference_mode():
+        mel = sink.flow.decode([item])[0]
+    return sink.complete(mel, finalize)
+
+
+def token2wav(
+    flow: MaskedDiffWithXvec,
+    hift: HiFTGenerator,
+    tokens: Tensor,
+    prompt_tokens: Tensor | None = None,
+    prompt_feat: Tensor | None = None,
+    embedding: Tensor | None = None,
+    speed: float = 1.0,
+    generator: torch.Generator | None = None,
+    flow_noise: Tensor | None = None,
+    hift_noise: tuple[Tensor, Tensor] | None = None,
+) -> np.ndarray:
+    """Non-stream token -> waveform at batch 1: float32 samples, ``256 * int(T / speed)`` long.
+
+    tokens ``[1, N]``; ``flow_noise`` ``[1, 80, P + T]`` and ``hift_noise`` ``(phase [1, 9, 1],
+    sine_noise [1, 9, L])`` are injected when given, else drawn from ``generator``.
+    """
+    if tokens.shape[-1] == 0:
+        return _EMPTY
+    sink = WholeToken2Wav(
+        flow,
+        hift,
+        prompt_tokens,
+        prompt_feat,
+        embedding,
+        speed,
+        generator,
+        [flow_noise] if flow_noise is not None else None,
+        [hift_noise] if hift_noise is not None else None,
+    )
+    return _run_call(sink, tokens[0].tolist(), True)
+
+
+class StreamingToken2Wav:
+    """Streaming token -> waveform at batch 1: :class:`ChunkedToken2Wav` with its flow calls run
+    at once. ``push(tokens)`` returns the audio chunks that became ready; ``finish()`` the last one.
+    With the default hops and speed 1 the output equals upstream's streaming ``tts`` chunk for chunk."""
+
+    def __init__(
+        self,
+        flow: MaskedDiffWithXvec,
         hift: HiFTGenerator,
         prompt_tokens: Tensor | None = None,
         prompt_feat: Tensor | None = None,
@@ -395,64 +517,40 @@ class StreamingToken2Wav:
         overlap: int = TOKEN_OVERLAP_LEN,
         flow_noises: Sequence[Tensor] | None = None,
         hift_noises: Sequence[tuple[Tensor, Tensor]] | None = None,
-        device: torch.device | str | None = None,
         record: bool = False,
     ):
-        self.flow = flow
-        self.prompt_tokens = prompt_tokens
-        self.prompt_feat = prompt_feat
-        self.embedding = embedding
-        self.generator = generator
-        self.frame_rate = int(getattr(flow, "input_frame_rate", 50))
-        self.overlap = overlap
-        self.hop = hop
-        self.first_hop = first_hop or hop
-        check_stream_hops(self.hop, self.first_hop, overlap, self.frame_rate)
-        self.device = torch.device(device) if device is not None else _module_device(flow)
-        self.speed = float(speed)
-        self.tail = ChunkCommitter(
-            hift, token_frames(overlap, self.frame_rate), self.speed, generator, hift_noises
+        self.sink = ChunkedToken2Wav(
+            flow,
+            hift,
+            prompt_tokens,
+            prompt_feat,
+            embedding,  # type: ignore[arg-type]
+            speed,
+            generator,
+            hop,
+            first_hop,
+            overlap,
+            flow_noises,
+            hift_noises,
+            record,
         )
-        self._flow_noises = list(flow_noises or [])
-        self._tokens: list[int] = []
-        self._flow_cache: Tensor | None = None
-        self._next_hop = self.first_hop
-        self.chunks_done = 0
         self.finished = False
-        self.trace: list[ChunkRecord] | None = [] if record else None
 
-    @torch.inference_mode()
-    def _chunk(self, tokens: list[int], finalize: bool) -> np.ndarray | None:
-        token_tensor = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        noise = self._flow_noises.pop(0) if self._flow_noises else None
-        cache_in = self._flow_cache
-        mel, self._flow_cache = self.flow.inference(
-            token_tensor,
-            self.prompt_tokens,
-            self.prompt_feat,
-            self.embedding,
-            flow_cache=cache_in,
-            noise=noise,
-            generator=self.generator,
-        )
-        step = self.tail.commit(mel, finalize)
-        self.chunks_done += 1
-        if self.trace is not None:
-            self.trace.append(ChunkRecord(token_tensor, cache_in, mel, self._flow_cache, step))
-        return None if step is None else speech_to_numpy(step.out)
+    @property
+    def trace(self) -> list[ChunkRecord] | None:
+        return self.sink.trace
 
     def push(self, tokens: Sequence[int]) -> list[np.ndarray]:
         """Add speech tokens; returns the audio chunks that are ready (possibly none)."""
         if self.finished:
             raise RuntimeError("the stream is already finished")
-        self._tokens.extend(int(t) for t in tokens)
         ready: list[np.ndarray] = []
-        while len(self._tokens) >= self._next_hop + self.overlap:
-            out = self._chunk(self._tokens[: self._next_hop + self.overlap], finalize=False)
-            self._tokens = self._tokens[self._next_hop :]
-            self._next_hop = self.hop
-            if out is not None and out.size:
-                ready.append(out)
+        for token in tokens:
+            chunk = self.sink.add(token)
+            if chunk is not None:
+                out = _run_call(self.sink, chunk, False)
+                if out.size:
+                    ready.append(out)
         return ready
 
     def finish(self) -> np.ndarray:
@@ -460,9 +558,8 @@ class StreamingToken2Wav:
         if self.finished:
             raise RuntimeError("the stream is already finished")
         self.finished = True
-        if not self._tokens:
+        tokens = self.sink.remainder()
+        if not tokens:
             # Only possible before any chunk ran (later chunks keep `overlap` tokens back).
-            return np.zeros(0, dtype=np.float32)
-        out = self._chunk(self._tokens, finalize=True)
-        self._tokens = []
-        return out if out is not None else np.zeros(0, dtype=np.float32)
+            return _EMPTY
+        return _run_call(self.sink, tokens, True)

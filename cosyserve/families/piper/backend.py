@@ -79,6 +79,7 @@ class EmbeddedBackend(Backend):
     """
 
     name = "embedded"
+    family = "piper"
     modes = frozenset({"sft"})
 
     def __init__(
@@ -187,14 +188,6 @@ class EmbeddedBackend(Backend):
             "model_path": str(self.model_path),
             "gain": self.gain,
         }
-
-    def warmup(self) -> dict[str, Any]:
-        started = time.perf_counter()
-        job = self.open(SynthesisRequest(text="Hello.", voice=self.voice_id))
-        audio_s = sum(chunk.duration_s for chunk in job if chunk is not None)
-        seconds = time.perf_counter() - started
-        logger.info("embedded warmup: %.2fs for %.2fs of audio", seconds, audio_s)
-        return {"embedded": {"seconds": round(seconds, 3), "audio_seconds": round(audio_s, 3)}}
 
     # -- synthesis ---------------------------------------------------------------------------
 

@@ -29,7 +29,6 @@ from cosyserve.errors import (
     EngineStoppedError,
     InvalidRequestError,
     UnknownVoiceError,
-    UnsupportedModeError,
 )
 from cosyserve.interfaces import Backend
 from cosyserve.server.metrics import ServerMetrics
@@ -174,11 +173,7 @@ def validate_synthesis(state: ServerState, request: SynthesisRequest) -> None:
 
 def ensure_mode(backend: Backend, mode: str) -> None:
     """Refuse a mode the loaded model lacks before reading any upload."""
-    if mode not in backend.modes:
-        raise UnsupportedModeError(
-            f"the loaded model ({backend.name}) does not support {mode}; "
-            f"supported: {', '.join(sorted(backend.modes))}"
-        )
+    backend.require_mode(mode)
 
 
 def resolve_voice_id(backend: Backend, voice: str) -> str:
