@@ -231,8 +231,8 @@ def test_int8_estimator_deviation_is_bounded(tiny_loaded_model) -> None:
     assert sum(isinstance(m, nn.Conv1d) for m in est.modules()) == convs  # convolutions stay float
     layers = [m for m in est.modules() if isinstance(m, quant.Int8Linear)]
     assert len(layers) == linears
-    if "onednn" in torch.backends.quantized.supported_engines:
-        assert not any(m.reduce_range for m in layers)  # oneDNN takes full 8-bit activations
+    if "onednn" in torch.backends.quantized.supported_engines:  # 8-bit activations only with VNNI/AMX
+        assert all(m.reduce_range is not quant.int8_dot_product() for m in layers)
     with torch.inference_mode():
         got = est(*args)
     rel = float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
@@ -270,6 +270,42 @@ def test_int8_layers_keep_their_kernel_whatever_the_global_engine() -> None:
     finally:
         torch.backends.quantized.engine = before
     assert float((expected - model(x)).abs().max()) < 0.05 * float(model(x).abs().max())
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_int8_activation_range_follows_the_cpu(vnni: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8-bit activations only for oneDNN on VNNI/AMX; 7 bits, which any x86 CPU computes without
+    overflow, are accurate whatever the CPU."""
+    monkeypatch.setattr(quant, "int8_dot_product", lambda: vnni)
+    assert quant.reduce_range_for("fbgemm") and quant.reduce_range_for("x86")
+    assert quant.reduce_range_for("onednn") is not vnni
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        return
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    int8 = copy.deepcopy(model)
+    quant._quantize_linears(int8, ["0", "2"], engine="onednn")
+    assert [int8[0].reduce_range, int8[2].reduce_range] == [not vnni] * 2
+    if not vnni:  # the fallback must be right on any CPU (8 bits can only be checked on VNNI)
+        x = torch.randn(7, 64)
+        with torch.no_grad():
+            assert float((int8(x) - model(x)).abs().max()) < 0.05 * float(model(x).abs().max())
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu avx avx2 fma f16c", False),
+        ("avx2 avx512f avx512_vnni", True),
+        ("avx2 avx_vnni", True),
+        (None, False),
+    ],
+)
+def test_int8_dot_product_reads_the_cpu_flags(flags: str | None, expected: bool, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"  # None: no such file (not Linux)
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert quant.int8_dot_product(str(cpuinfo)) is expected
 
 
 def test_int8_refuses_cuda_llm() -> None:

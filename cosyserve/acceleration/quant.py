@@ -24,9 +24,11 @@ tokens a seeded sampling run picks.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +47,34 @@ _SKIP = ("linear_pos", "spk_embed_affine_layer")
 # check (measured figures: README, Performance).
 ESTIMATOR_INT8_RTOL = 5e-2
 
+# CPU flags of a u8 x s8 dot product that accumulates in 32 bits (VNNI, AMX).
+_INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def int8_dot_product(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has VNNI or AMX (read from `cpuinfo`; assumed absent where there is none).
+
+    Without them, x86 int8 kernels (fbgemm and oneDNN alike) sum u8 x s8 products in pairs into
+    saturating 16 bits (vpmaddubsw): 255 * 127 * 2 overflows, 127 * 127 * 2 does not. So full
+    8-bit activations are only correct with VNNI/AMX; elsewhere they must be 7-bit."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return not _INT8_DOT_FLAGS.isdisjoint(line.partition(":")[2].split())
+    return False
+
+
+def reduce_range_for(engine: str) -> bool:
+    """Whether `engine`'s layers quantise activations to 7 bits (True) rather than 8.
+
+    7 bits unless oneDNN runs on VNNI/AMX (see :func:`int8_dot_product`), where 8 bits halve its
+    error; fbgemm keeps torch.ao's default of 7."""
+    return engine != "onednn" or not int8_dot_product()
+
 
 def quantizable_linears(llm: nn.Module) -> list[str]:
     """Names of the nn.Linear modules that int8 replaces (all but the position projections)."""
@@ -62,8 +92,8 @@ class Int8Linear(nn.Module):
         self.packed = packed
         self.in_features = in_features
         self.out_features = out_features
-        # True (7-bit activations) is what torch.ao's dynamic Linear passes: fbgemm's VNNI-less
-        # kernels can overflow with 8 bits. oneDNN has no such limit, and 8 bits halve its error.
+        # True: 7-bit activations, torch.ao's default; 8 bits overflow without VNNI (see
+        # reduce_range_for)
         self.reduce_range = reduce_range
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,7 +133,7 @@ def _quantize_linears(root: nn.Module, names: list[str], engine: str) -> None:
                 warnings.simplefilter("ignore")
                 packed = DynamicLinear.from_float(linear)._packed_params._packed_params
             parent, _, attr = name.rpartition(".")
-            int8 = Int8Linear(packed, linear.in_features, linear.out_features, engine != "onednn")
+            int8 = Int8Linear(packed, linear.in_features, linear.out_features, reduce_range_for(engine))
             setattr(modules[parent] if parent else root, attr, int8)
             page_out(linear.weight)
     finally:
@@ -147,7 +177,12 @@ def quantize_estimator_int8(estimator: nn.Module) -> tuple[int, float]:
         raise AccelerationMismatchError(
             f"the int8 estimator deviates from FP32 by {err:.2e} (max relative; accepted {ESTIMATOR_INT8_RTOL:g})"
         )
-    logger.info("int8: %d linear layers of the flow estimator quantised (error %.1e)", len(names), err)
+    logger.info(
+        "int8: %d linear layers of the flow estimator quantised (%d-bit activations, error %.1e)",
+        len(names),
+        7 if any(m.reduce_range for m in estimator.modules() if isinstance(m, Int8Linear)) else 8,
+        err,
+    )
     return len(names), err
 
 
