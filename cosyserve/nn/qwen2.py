@@ -170,23 +170,27 @@ def load_qwen2_config(path: str | os.PathLike[str]) -> Qwen2Config:
 
 
 class RMSNorm(nn.Module):
+    """``w * (x * rsqrt(mean(x^2) + eps))`` in float32 (one fused call; same values as the
+    reference's step-by-step float32 computation)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class RotaryTable(nn.Module):
     """cos/sin of ``position * inv_freq`` for positions ``[0, size)``, grown by doubling.
 
     Rows are ``[cos(a_0) .. cos(a_{d/2-1}), cos(a_0) .. cos(a_{d/2-1})]`` (rotate-half layout), the
-    float32 values transformers computes for the same positions.
+    float32 values transformers computes for the same positions. The sine table is stored with the
+    sign rotate-half puts on the first half (:func:`apply_rotary`).
     """
 
     def __init__(self, head_dim: int, theta: float):
@@ -194,7 +198,7 @@ class RotaryTable(nn.Module):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
         self.register_buffer("cos", torch.zeros(0, head_dim), persistent=False)
-        self.register_buffer("sin", torch.zeros(0, head_dim), persistent=False)
+        self.register_buffer("signed_sin", torch.zeros(0, head_dim), persistent=False)
 
     def ensure(self, size: int) -> None:
         if size <= self.cos.shape[0]:
@@ -202,26 +206,27 @@ class RotaryTable(nn.Module):
         size = max(size, 2 * self.cos.shape[0], _ROPE_GROW_MIN)
         positions = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)
         angles = positions[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat((angles, angles), dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        sin = angles.sin()
+        self.cos = torch.cat((angles, angles), dim=-1).cos()
+        self.signed_sin = torch.cat((-sin, sin), dim=-1)
 
     def lookup(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions `[B, n]` (or `[n]`, shared) -> cos, sin `[B|1, 1, n, head_dim]`."""
+        """positions `[B, n]` (or `[n]`, shared by the rows) -> cos, signed sin `[B|1, n, 1, head_dim]`
+        (broadcast over the heads of `[B, n, heads, head_dim]`)."""
         if positions.dim() == 1:
             positions = positions.unsqueeze(0)
         self.ensure(int(positions.max()) + 1)
-        cos = self.cos[positions].unsqueeze(1).to(dtype)
-        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        cos = self.cos[positions].unsqueeze(2)
+        sin = self.signed_sin[positions].unsqueeze(2)
+        if cos.dtype != dtype:
+            cos, sin = cos.to(dtype), sin.to(dtype)
         return cos, sin
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``: the roll gives
+    ``[x2, x1]`` and the table carries the minus sign (the same products, in fewer calls)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Qwen2Attention(nn.Module):
@@ -250,40 +255,33 @@ class Qwen2Attention(nn.Module):
         self.qkv_proj = fused
         return fused
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x `[B, n, D]` -> q `[B, heads, n, hd]`, k and v `[B, kv_heads, n, hd]`."""
-        batch, n, _ = x.shape
-        hd = self.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(
-                [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1
-            )
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return (
-            q.view(batch, n, self.heads, hd).transpose(1, 2),
-            k.view(batch, n, self.kv_heads, hd).transpose(1, 2),
-            v.view(batch, n, self.kv_heads, hd).transpose(1, 2),
-        )
-
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, allowed: Tensor | None
     ) -> Tensor:
         """Write the n new keys/values at slots ``cache.length ..`` and attend over every slot."""
         batch, n, _ = x.shape
-        q, k, v = self.project(x)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        hd, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(batch, n, heads + 2 * kv_heads, hd)
+            q, k = apply_rotary(qkv[:, :, : heads + kv_heads], cos, sin).split((heads, kv_heads), dim=2)
+            v = qkv[:, :, heads + kv_heads :]
+        else:
+            q = apply_rotary(self.q_proj(x).view(batch, n, heads, hd), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(batch, n, kv_heads, hd), cos, sin)
+            v = self.v_proj(x).view(batch, n, kv_heads, hd)
         start = cache.length
         end = start + n
-        cache.k[layer][:, :, start:end] = k
-        cache.v[layer][:, :, start:end] = v
-        keys = cache.k[layer][:, :, :end]
-        values = cache.v[layer][:, :, :end]
+        cache.k[layer][:, :, start:end] = k.transpose(1, 2)
+        cache.v[layer][:, :, start:end] = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed, scale=self.scaling, enable_gqa=self.heads != self.kv_heads
+            q.transpose(1, 2),
+            cache.k[layer][:, :, :end],
+            cache.v[layer][:, :, :end],
+            attn_mask=allowed,
+            scale=self.scaling,
+            enable_gqa=heads != kv_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, n, self.heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, n, heads * hd))
 
 
 class Qwen2MLP(nn.Module):
