@@ -273,8 +273,13 @@ class DecodeState:
 
     @property
     def ignore_eos(self) -> bool:
-        """Whether the sampler masks ``vocab.ignore_eos_id`` at this step."""
+        """Whether the reference's ``sampling_ids(ignore_eos=True)`` applies at this step."""
         raise NotImplementedError
+
+    @property
+    def masked_ids(self) -> tuple[int, ...]:
+        """Ids the sampler must not draw at this step (``vocab.ignore_eos_id`` under ignore_eos)."""
+        return (self.vocab.ignore_eos_id,) if self.ignore_eos else ()
 
     @property
     def history(self) -> Sequence[int]:
@@ -292,6 +297,8 @@ class UnistreamDecoder(DecodeState):
     Prefix ``[sos, text(prompt_text ++ text), task_id, speech(prompt_speech)]``, then one speech
     token per step. EOS (``vocab.ignore_eos_id``) is masked while fewer than ``min_len`` tokens were
     emitted; any stop id ends decoding (not emitted); at most ``max_len`` tokens.
+
+    ``force_length`` (benchmarks): every stop id is masked, so exactly ``max_len`` tokens come out.
     """
 
     def __init__(
@@ -303,9 +310,11 @@ class UnistreamDecoder(DecodeState):
         *,
         min_len: int,
         max_len: int,
+        force_length: bool = False,
     ):
         super().__init__(vocab)
         self.min_len, self.max_len = int(min_len), int(max_len)
+        self.force_length = force_length
         self._inputs = [
             SOS_INPUT,
             *text_inputs(prompt_text_ids),
@@ -322,6 +331,12 @@ class UnistreamDecoder(DecodeState):
     @property
     def ignore_eos(self) -> bool:
         return len(self.emitted) < self.min_len
+
+    @property
+    def masked_ids(self) -> tuple[int, ...]:
+        if self.force_length:
+            return tuple(sorted(self.vocab.stop_ids))
+        return super().masked_ids
 
     def accept(self, token: int) -> int | None:
         if not self.output_due:
@@ -565,8 +580,8 @@ class BistreamDecoder(DecodeState):
 
 class SpeechTokenSampler:
     """Per-request output choice: the forced token if the state has one, else upstream's
-    ``sampling_ids`` (mask ``vocab.ignore_eos_id`` when the state says so, then ``ras_sampling``
-    over the state's history) with draws from ``generator`` or ``uniform``."""
+    ``sampling_ids`` (mask the state's ``masked_ids``, then ``ras_sampling`` over the state's
+    history) with draws from ``generator`` or ``uniform``."""
 
     def __init__(
         self,
@@ -583,9 +598,10 @@ class SpeechTokenSampler:
         if forced is not None:
             return forced
         row = logp.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
-        if state.ignore_eos:
+        masked = state.masked_ids
+        if masked:
             row = row.clone()
-            row[state.vocab.ignore_eos_id] = float("-inf")
+            row[list(masked)] = float("-inf")
         return ras_sampling(row, state.history, self.generator, self.sampling, self.uniform)
 
 
@@ -730,12 +746,16 @@ class Qwen2LM(nn.Module):
         *,
         min_len: int | None = None,
         max_len: int | None = None,
+        num_tokens: int | None = None,
     ) -> UnistreamDecoder:
-        """The state of one whole-text request (limits from the TTS text length by default)."""
+        """The state of one whole-text request (limits from the TTS text length by default;
+        ``num_tokens=N``: exactly N tokens, every stop id masked, for benchmarks)."""
         text = as_id_list(text_ids)
         prompt_text = as_id_list(prompt_text_ids)
         self._check_text(text, prompt_text)
         lo, hi = length_limits(len(text), self.cfg)
+        if num_tokens is not None:
+            lo = hi = int(num_tokens)
         return UnistreamDecoder(
             self.vocab,
             text,
@@ -743,6 +763,7 @@ class Qwen2LM(nn.Module):
             as_id_list(prompt_speech_tokens),
             min_len=lo if min_len is None else min_len,
             max_len=hi if max_len is None else max_len,
+            force_length=num_tokens is not None,
         )
 
     def bistream(
@@ -813,15 +834,27 @@ class Qwen2LM(nn.Module):
         *,
         prompt_text_ids: Tensor | Sequence[int] | None = None,
         prompt_speech_tokens: Tensor | Sequence[int] | None = None,
+        embedding: Tensor | None = None,
         generator: torch.Generator | int | None = None,
         sampling: SamplingConfig | None = None,
         uniform: UniformSource | None = None,
+        num_tokens: int | None = None,
         min_len: int | None = None,
         max_len: int | None = None,
     ) -> Iterator[int]:
-        """Yield speech tokens for the whole text (stop ids are never yielded)."""
+        """Yield speech tokens for the whole text (stop ids are never yielded).
+
+        The v1 LLM's keywords: ``embedding`` is accepted and ignored (no speaker slot in this
+        LLM); ``num_tokens=N`` gives exactly N tokens.
+        """
+        del embedding
         state = self.unistream(
-            text_ids, prompt_text_ids, prompt_speech_tokens, min_len=min_len, max_len=max_len
+            text_ids,
+            prompt_text_ids,
+            prompt_speech_tokens,
+            min_len=min_len,
+            max_len=max_len,
+            num_tokens=num_tokens,
         )
         sampler = SpeechTokenSampler(sampling or self.cfg.sampling, generator, uniform)
         capacity = state.pending + min(state.max_len, 512) + 1

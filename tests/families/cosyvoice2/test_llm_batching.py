@@ -17,6 +17,7 @@ from cosyserve.families.cosyvoice2.llm import (
     DecodeState,
     Qwen2LM,
     Qwen2LMConfig,
+    SpeechTokenSampler,
     SpeechVocab,
     UnistreamDecoder,
 )
@@ -256,3 +257,20 @@ def test_cosyvoice3_bistream_needs_endofprompt_in_the_prompt() -> None:
     lm = tiny_lm("cosyvoice3")
     with pytest.raises(InvalidRequestError):
         lm.bistream([1, 2, 3])
+
+
+@pytest.mark.parametrize("family", ["cosyvoice2", "cosyvoice3"])
+def test_num_tokens_gives_exactly_that_many_tokens(family: str) -> None:
+    """The benchmark knob of the v1 LLM's generate(): every stop id masked, capped at N."""
+    lm = tiny_lm(family)
+    eop = [ENDOFPROMPT] if family == "cosyvoice3" else []
+    state = lm.unistream([4, 5, *eop], num_tokens=7)
+    assert set(state.masked_ids) == set(lm.vocab.stop_ids)
+    row = torch.full((lm.vocab.head_size,), -20.0)
+    row[sorted(lm.vocab.stop_ids)] = 0.0  # stopping would be all but certain
+    row[3] = -2.0
+    sampler = SpeechTokenSampler(lm.cfg.sampling, generator=1)
+    state.take_inputs()
+    assert lm.vocab.is_speech(sampler.choose(row, state))
+    tokens = list(lm.generate([4, 5, *eop], embedding=torch.zeros(1, 192), generator=3, num_tokens=7))
+    assert len(tokens) == 7 and all(lm.vocab.is_speech(t) for t in tokens)

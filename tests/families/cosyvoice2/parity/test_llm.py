@@ -23,6 +23,7 @@ from cosyserve.families.cosyvoice2.llm import (
     load_llm,
     load_llm_config,
 )
+from cosyserve.nn.checkpoint import read_checkpoint
 from tests.helpers.parity import ParitySet, assert_close
 
 pytestmark = [pytest.mark.parity, pytest.mark.timeout(300)]
@@ -162,8 +163,10 @@ def test_config_comes_from_the_set(parity_set: ParitySet, lm: Qwen2LM) -> None:
     assert lm.vocab.head_size == parity_set.arrays["llm_logp"].shape[-1] == cfg.speech_token_size + 3
     assert lm.backbone.embed_tokens.weight.shape == (cfg.backbone.vocab_size, hidden)
     assert int(parity_set.arrays["llm_text_ids"].max()) < cfg.backbone.vocab_size
-    # The text table stays as stored (not converted, not copied); the unused text head is not kept.
-    assert "llm.model.lm_head.weight" not in lm.state_dict()
+    # The text table is adopted as stored (rows converted when read); the unused text head is dropped.
+    stored = read_checkpoint(parity_set.path / "llm.pt")
+    assert lm.backbone.embed_tokens.weight.dtype == stored["llm.model.model.embed_tokens.weight"].dtype
+    assert "llm.model.lm_head.weight" in stored and "llm.model.lm_head.weight" not in lm.state_dict()
 
 
 def test_unistream_sft(parity_set: ParitySet, lm: Qwen2LM) -> None:
