@@ -164,6 +164,12 @@ def _bpe_tokenizer(directory: Path, base_added: dict[int, str]) -> Any:
             raise ModelDirectoryError(f"{merges_path}:{number}: expected two tokens, got {line!r}")
         merges.append((parts[0], parts[1]))
     # The declared specials keep their declared ids (they are never produced by merges).
+    for token_id, content in base_added.items():
+        if vocab.get(content, token_id) != token_id:
+            raise ModelDirectoryError(
+                f"{directory / 'tokenizer_config.json'}: {content!r} is declared as id {token_id} but "
+                f"{vocab_path.name} gives it id {vocab[content]}"
+            )
     vocab = {**vocab, **{content: token_id for token_id, content in base_added.items()}}
     try:
         model = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
