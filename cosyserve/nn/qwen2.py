@@ -170,8 +170,8 @@ def load_qwen2_config(path: str | os.PathLike[str]) -> Qwen2Config:
 
 
 class RMSNorm(nn.Module):
-    """``w * (x * rsqrt(mean(x^2) + eps))`` in float32 (one fused call; same values as the
-    reference's step-by-step float32 computation)."""
+    """``w * (x * rsqrt(mean(x^2) + eps))`` computed in float32 (``F.rms_norm``: the values of
+    the reference's step-by-step computation, in fewer Python-level calls)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -374,7 +374,8 @@ class BistreamDecoder(DecodeState):
     for more text; then decode until a FILL. FILL is forced when the output count reaches
     ``next_fill`` (``(P // mix[1] + 1) * mix[1] - P`` for P prompt speech tokens, then every
     ``mix[1] + 1`` outputs). At the end of the text: ``[pending, remaining text, task_id]`` (the
-    pending input is re-fed if it was already run: the reference's quirk) and decode until EOS.
+    pending input is re-fed if it was already run: the reference's quirk; prompt speech not yet
+    mixed in is dropped, as there) and decode until EOS.
 
     ``split_at_endofprompt`` (CosyVoice3): the prompt text up to and including ``endofprompt_id``
     follows ``sos`` directly; only the rest goes through the text cache.
