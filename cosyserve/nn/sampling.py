@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,17 +13,36 @@ from cosyserve.nn.config import SamplingConfig
 
 # -- sampling ------------------------------------------------------------------------------------
 
+UniformSource = Callable[[], float]
+"""A source of uniform [0, 1) draws replacing the generator (e.g. a recorded tape in parity tests)."""
 
-def nucleus_sample(logp: Tensor, top_p: float, top_k: int, generator: torch.Generator) -> int:
+
+def categorical(
+    probs: Tensor, generator: torch.Generator | None, uniform: UniformSource | None = None
+) -> int:
+    """One index drawn with probability proportional to ``probs`` (1-D, not necessarily normalised).
+
+    Default: ``torch.multinomial`` from ``generator``. With ``uniform``: the inverse CDF over float64
+    cumulative sums, ``#{k : C[k] <= u * C[-1]}`` (the rule the CosyVoice3 parity tapes record)."""
+    if uniform is None:
+        return int(torch.multinomial(probs, 1, replacement=True, generator=generator))
+    cdf = torch.cumsum(probs.double(), dim=0)
+    index = int((cdf <= float(uniform()) * cdf[-1]).sum())
+    return min(index, probs.numel() - 1)
+
+
+def nucleus_sample(
+    logp: Tensor, top_p: float, top_k: int, generator: torch.Generator, uniform: UniformSource | None = None
+) -> int:
     """Upstream's nucleus walk: over probs sorted descending (stable), take entries while the
     cumulative probability so far is < top_p and fewer than top_k are taken (so the entry that
-    crosses top_p is included); draw one with `multinomial` from the unnormalised taken probs."""
+    crosses top_p is included); draw one from the unnormalised taken probs (:func:`categorical`)."""
     head, order = _top_k_stable(logp.softmax(dim=0), top_k)
     # Sequential float32 sum, as upstream's Python loop accumulates (torch.cumsum uses doubles).
     cum = np.cumsum(head.numpy(), dtype=np.float32)
     taken = 1 + int(np.count_nonzero(cum[:-1] < np.float32(top_p)))
-    pick = torch.multinomial(head[:taken], 1, replacement=True, generator=generator)
-    return int(order[int(pick)])
+    pick = categorical(head[:taken], generator, uniform)
+    return int(order[pick])
 
 
 def _top_k_stable(probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -45,20 +64,22 @@ def ras_sampling(
     decoded: Sequence[int],
     generator: torch.Generator,
     cfg: SamplingConfig | None = None,
+    uniform: UniformSource | None = None,
 ) -> int:
     """Repetition-aware sampling over one row of log-probs `[V]` (CPU, float32).
 
     Nucleus-sample; if the id occurs >= win_size * tau_r times among the last win_size emitted
-    tokens, forbid it and redraw from the whole distribution. `logp` is not modified.
+    tokens, forbid it and redraw from the whole distribution. `logp` is not modified. Draws come
+    from `generator`, or from `uniform` when given (see :func:`categorical`).
     """
     cfg = cfg or SamplingConfig()
-    token = nucleus_sample(logp, cfg.top_p, cfg.top_k, generator)
+    token = nucleus_sample(logp, cfg.top_p, cfg.top_k, generator, uniform)
     window = decoded[-cfg.win_size :] if cfg.win_size > 0 else ()
     repeats = sum(1 for t in window if t == token)
     if repeats >= cfg.win_size * cfg.tau_r:
         logp = logp.clone()
         logp[token] = float("-inf")
-        token = int(torch.multinomial(logp.softmax(dim=0), 1, replacement=True, generator=generator))
+        token = categorical(logp.softmax(dim=0), generator, uniform)
     return token
 
 
