@@ -195,6 +195,8 @@ def sine_type2(
 
     f_mat ``[1, H, L]`` in Hz; phase ``[1, H, 1]`` in cycles. Same interpolation arguments as
     upstream (``scale_factor`` 1/upsample and upsample, not sizes: they set the sample grid).
+    As upstream, the initial phases change nothing: the down-sampling interpolates between the
+    two samples in the middle of each frame, so it never reads sample 0.
     """
     rad = (f_mat / sampling_rate) % 1
     rad[:, :, :1] += phase
