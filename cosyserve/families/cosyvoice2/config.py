@@ -237,8 +237,6 @@ def config_from_tree(tree: dict[str, Any], source: str = "<string>") -> CosyVoic
     ctx = ConfigContext(source)
     flow = _flow_config(ctx, tree.get("flow", MISSING))
     hift = map_hift_config(ctx, tree.get("hift", MISSING))
-    if hift.sampling_rate == 22050:
-        ctx.fail("'hift.sampling_rate' is 22050: that is a CosyVoice v1 vocoder, CosyVoice2 runs at 24000 Hz")
 
     top = ConfigNode(ctx, "<top level>", Tagged("new", "top", kwargs=tree))
     sample_rate = top.int("sample_rate", hift.sampling_rate)
