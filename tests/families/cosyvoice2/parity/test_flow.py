@@ -208,15 +208,18 @@ def test_flow_inference(parity_set: ParitySet, case: str) -> None:
     assert torch.equal(again, mel)
 
 
-def test_batched_decode_matches_solo(parity_set: ParitySet) -> None:
+@pytest.mark.parametrize("case", ["ns", "chunk"])
+def test_batched_decode_matches_solo(parity_set: ParitySet, case: str) -> None:
     """Two equal-length requests in one estimator batch of 4 give their solo results."""
     ps = parity_set
     flow = load_flow(ps)
-    emb, tokens = ps.t("spk_embedding"), ps.t("flow_ns_tokens")
-    a = flow.prepare(tokens, None, None, emb)
-    b = flow.prepare(tokens.flip(1), None, None, ps.t("flow_zs_embedding"))
+    kwargs = case_inputs(ps, case)
+    flags = (kwargs["streaming"], kwargs["finalize"])
+    tokens = ps.t(f"flow_{case}_tokens")
+    a = flow.prepare(tokens, None, None, kwargs["embedding"], *flags)
+    b = flow.prepare(tokens.flip(1), None, None, ps.t("flow_zs_embedding"), *flags)
     mel_a, mel_b = flow.decode([a, b])
-    assert_close(ps, "flow_ns_mel (batched)", mel_a, ps.t("flow_ns_mel"), ATOL_MEL)
+    assert_close(ps, f"flow_{case}_mel (batched)", mel_a, ps.t(f"flow_{case}_mel"), ATOL_MEL)
     solo_b = flow.decode([b])[0]
     assert torch.allclose(mel_b, solo_b, rtol=0, atol=1e-5)
     assert not torch.allclose(mel_a, mel_b, atol=1e-2)

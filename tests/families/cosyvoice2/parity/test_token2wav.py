@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cosyserve.families.cosyvoice2.token2wav import (
+    MEL_CACHE_LEN,
     ChunkedSegment,
     FlowCall,
     HopSchedule,
@@ -278,11 +279,52 @@ def test_stream_speed_commits_the_resampled_frames(parity_set: ParitySet) -> Non
         committed.append(ps.t(p + "flow_mel")[:, :, offset * ratio :])
         offset = int(ps.arrays[p + "flow_ntok"][0]) - ps.config.flow.pre_lookahead_len
     expected = apply_speed(torch.cat(committed, dim=2), speed)
-    cache = 8  # HiFT mel context frames (MEL_CACHE_LEN) prepended to every call but the first
-    new = torch.cat([vocoded[0]] + [m[:, :, cache:] for m in vocoded[1:]], dim=2)
+    # Every HiFT call but the first starts with the cached context frames.
+    new = torch.cat([vocoded[0]] + [m[:, :, MEL_CACHE_LEN:] for m in vocoded[1:]], dim=2)
     assert new.shape == expected.shape
     assert torch.allclose(new, expected, rtol=0, atol=ATOL_RESAMPLE), (new - expected).abs().max()
     assert sum(c.size for c in chunks) == expected.shape[-1] * hift.upsample_factor
+
+
+def test_batched_stream_chunks_match_solo(parity_set: ParitySet) -> None:
+    """Two requests' streams with their flow calls in one Euler loop (the batching runner's
+    split: prepare, decode together, complete) give each request's solo audio."""
+    ps = parity_set
+    run = STREAM_RUNS[0]
+    tokens, _ = run_inputs(ps, run)
+    flow, hift = load_flow(ps), load_set_hift(ps)
+    embeddings = [ps.t("spk_embedding"), ps.t("tts_embedding")]
+
+    def segments() -> list[ChunkedSegment]:
+        return [
+            ChunkedSegment(flow, hift, embedding=e, generator=torch.Generator().manual_seed(i))
+            for i, e in enumerate(embeddings)
+        ]
+
+    solo_mels: list[list[torch.Tensor]] = []
+    solo: list[list[np.ndarray]] = []
+    for segment in segments():
+        calls = segment.add(tokens) + [segment.remainder()]
+        mels = [segment.run_flow(c) for c in calls]
+        solo_mels.append(mels)
+        solo.append([segment.complete(c, m) for c, m in zip(calls, mels)])
+
+    pair = segments()
+    rounds = list(zip(*(s.add(tokens) + [s.remainder()] for s in pair), strict=True))
+    assert len(rounds) == len(chunk_prefixes(ps, run))
+    batched: list[list[np.ndarray]] = [[], []]
+    for k, calls in enumerate(rounds):
+        assert len({s.frames(c) for s, c in zip(pair, calls)}) == 1
+        mels = flow.decode([s.prepare(c) for s, c in zip(pair, calls)])
+        for i, (s, c, mel) in enumerate(zip(pair, calls, mels)):
+            # The Euler loop's rows are independent: only float rounding differs.
+            assert torch.allclose(mel, solo_mels[i][k], rtol=0, atol=1e-5)
+            batched[i].append(s.complete(c, mel))
+    # HiFT's phase integration amplifies those last bits (see the README): a relative bound.
+    for one, many in zip(solo, batched):
+        for a, b in zip(one, many, strict=True):
+            assert a.shape == b.shape
+            assert np.sqrt(np.mean((a - b) ** 2)) <= 1e-2 * np.sqrt(np.mean(a**2))
 
 
 class _Counting:
