@@ -1,15 +1,22 @@
 """Conditional flow matching (upstream `ConditionalCFM`): cosine-scheduled Euler steps with
 classifier-free guidance, the estimator run as a batch of two (conditional, unconditional).
-Shared by the flows of every family; the estimator is pluggable."""
+Shared by the flows of every family; the estimator is pluggable.
+
+:class:`CausalConditionalCFM` (CosyVoice2 and later) starts every ODE from a slice of one fixed
+noise tensor instead of a fresh draw, and runs its estimator block-causally in streaming calls.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from cosyserve.errors import InvalidRequestError
 from cosyserve.nn.config import CFMConfig, EstimatorConfig
 from cosyserve.nn.unet import ConditionalDecoder
 
@@ -33,15 +40,20 @@ class ConditionalCFM(nn.Module):
     (ONNX Runtime, TensorRT, a recorder in tests) to run it instead.
     """
 
-    def __init__(self, cfg: CFMConfig, estimator_cfg: EstimatorConfig):
+    def __init__(
+        self, cfg: CFMConfig, estimator_cfg: EstimatorConfig | None = None, estimator: nn.Module | None = None
+    ):
+        """`estimator`: the network to use (a family's own); default: v1's U-Net built from `estimator_cfg`."""
         super().__init__()
+        if estimator is None and estimator_cfg is None:
+            raise ValueError("ConditionalCFM needs an estimator or the config to build v1's U-Net")
         self.cfg = cfg
         if cfg.t_scheduler != "cosine" or cfg.solver != "euler":
             raise ValueError(
                 f"only the cosine t-schedule with the Euler solver is supported, got "
                 f"{cfg.t_scheduler!r}/{cfg.solver!r}"
             )
-        self.estimator = ConditionalDecoder(estimator_cfg)
+        self.estimator = estimator if estimator is not None else ConditionalDecoder(estimator_cfg)  # type: ignore[arg-type]
         self.estimator_runner: EstimatorFn | None = None
 
     def forward_estimator(
@@ -77,12 +89,15 @@ class ConditionalCFM(nn.Module):
         spks: Tensor,
         cond: Tensor,
         n_timesteps: int | None = None,
+        estimator: EstimatorFn | None = None,
     ) -> Tensor:
         """Integrate B requests at once: z, mu, cond `[B, 80, T]`, mask `[B, 1, T]`, spks `[B, 80]`.
 
         Each step calls the estimator once on a batch of 2B: rows `[:B]` conditional, rows `[B:]`
         unconditional (mu, spks, cond zeroed); `x += dt * ((1 + r) v_cond - r v_uncond)`.
+        `estimator` replaces :meth:`forward_estimator` for this call.
         """
+        run = estimator or self.forward_estimator
         n = n_timesteps or self.cfg.n_timesteps
         rate = self.cfg.inference_cfg_rate
         b, _, frames = z.shape
@@ -105,10 +120,101 @@ class ConditionalCFM(nn.Module):
             x_in[:b] = x
             x_in[b:] = x
             t_in[:] = t
-            v = self.forward_estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
+            v = run(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
             v_cond, v_uncond = v[:b], v[b:]
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt
             if step < n:
                 dt = t_span[step + 1] - t
         return x.float()
+
+
+# --------------------------------------------------------------------------------------------
+# CosyVoice2 and later: the fixed noise and the chunk-aware estimator
+# --------------------------------------------------------------------------------------------
+
+FIXED_NOISE_SEED = 0
+FIXED_NOISE_CHANNELS = 80
+FIXED_NOISE_FRAMES = 50 * 300  # 300 s of 50 Hz mel frames
+
+
+@functools.lru_cache(maxsize=1)
+def fixed_flow_noise() -> Tensor:
+    """Upstream's `CausalConditionalCFM.rand_noise` `[1, 80, 15000]` (CPU, float32).
+
+    Upstream draws it with `torch.randn` right after seeding the global RNG with 0; the same
+    values come from a private CPU generator seeded with 0, so the global RNG is never touched.
+    Made on first use, once per process (read-only afterwards).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(FIXED_NOISE_SEED)
+    noise = torch.randn(
+        (1, FIXED_NOISE_CHANNELS, FIXED_NOISE_FRAMES), generator=generator, dtype=torch.float32
+    )
+    logger.debug("fixed flow noise drawn (%d frames)", FIXED_NOISE_FRAMES)
+    return noise
+
+
+class CausalConditionalCFM(ConditionalCFM):
+    """Flow matching of the chunk-aware flows (upstream `CausalConditionalCFM`).
+
+    * The initial ODE state of a T-frame call is `fixed_flow_noise()[:, :, :T]` (times the
+      temperature): identical calls give identical mels, and a stream, which re-runs the flow over
+      all its tokens for every chunk, sees the same noise at the same frames each time.
+    * `solve_euler(..., streaming=True)` runs the estimator with block-causal attention.
+
+    Runner hooks: `estimator_runner` serves the full-attention calls (what the official
+    `flow.decoder.estimator.fp32.onnx` computes: it was exported without the streaming flag);
+    `streaming_estimator_runner` serves streaming calls. A streaming call never falls back to a
+    full-attention runner: without a streaming runner it uses the PyTorch estimator.
+    """
+
+    def __init__(self, cfg: CFMConfig, estimator: nn.Module):
+        super().__init__(cfg, estimator=estimator)
+        self.streaming_estimator_runner: EstimatorFn | None = None
+        self._noise_lock = threading.Lock()
+        self._noise_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def fixed_noise(
+        self, frames: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """`[1, 80, frames]`: the head of the fixed noise, times the temperature (a view of a
+        per-device copy: do not modify it in place)."""
+        if frames > FIXED_NOISE_FRAMES:
+            raise InvalidRequestError(
+                f"a flow call of {frames} mel frames is too long: the fixed noise covers "
+                f"{FIXED_NOISE_FRAMES} frames ({FIXED_NOISE_FRAMES // 50} s); split the text into shorter segments"
+            )
+        key = (torch.device(device) if device is not None else torch.device("cpu"), dtype)
+        noise = self._noise_on.get(key)
+        if noise is None:
+            with self._noise_lock:
+                noise = self._noise_on.get(key)
+                if noise is None:
+                    noise = (fixed_flow_noise() * self.cfg.temperature).to(device=key[0], dtype=dtype)
+                    self._noise_on[key] = noise
+        return noise[:, :, :frames]
+
+    def estimator_for(self, streaming: bool) -> EstimatorFn:
+        """What runs the estimator for a call: a runner if one is set for this kind of call,
+        else the PyTorch module (block-causal when streaming)."""
+        if streaming:
+            runner = self.streaming_estimator_runner
+            return runner if runner is not None else functools.partial(self.estimator, streaming=True)
+        return self.estimator_runner or self.estimator
+
+    @torch.inference_mode()
+    def solve_euler(  # type: ignore[override]
+        self,
+        z: Tensor,
+        mu: Tensor,
+        mask: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        n_timesteps: int | None = None,
+        estimator: EstimatorFn | None = None,
+        streaming: bool = False,
+    ) -> Tensor:
+        """As :meth:`ConditionalCFM.solve_euler`; `streaming` picks the block-causal estimator."""
+        return super().solve_euler(
+            z, mu, mask, spks, cond, n_timesteps, estimator=estimator or self.estimator_for(streaming)
+        )

@@ -1,13 +1,23 @@
-"""Typed architecture configuration of a CosyVoice v1 model directory.
+"""Typed configuration of the networks the CosyVoice families share, and the mapping of their
+yaml nodes.
 
-These dataclasses are what the networks are built from. They are filled from `cosyvoice.yaml`
-by :mod:`cosyserve.nn.yaml_reader` (which never executes anything named in the file); the
-defaults are the published CosyVoice-300M-SFT sizes.
+These dataclasses are what the shared networks are built from. They are filled from a model
+directory's yaml (`cosyvoice.yaml`, `cosyvoice2.yaml`, ...) by :mod:`cosyserve.nn.yaml_reader`
+(which never executes anything named in the file); the defaults are the published
+CosyVoice-300M-SFT sizes. The ``map_*`` functions at the end turn the yaml nodes that every family
+writes the same way (flow-matching parameters, U-Net estimator, HiFT, mel extractor) into them;
+each family maps the rest of its file itself.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
+
+from cosyserve.nn.yaml_reader import MISSING, ConfigContext, ConfigNode, Tagged
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +65,17 @@ class EstimatorConfig:
 
 
 @dataclass
+class CausalEstimatorConfig(EstimatorConfig):
+    """The chunk-aware U-Net (CausalConditionalDecoder, CosyVoice2): causal convolutions, and in
+    streaming calls block-causal attention over chunks of `static_chunk_size` frames."""
+
+    channels: tuple[int, ...] = (256,)
+    static_chunk_size: int = 50  # frames; 0 = full attention even when streaming
+    # Read for completeness only: upstream's forward always attends to every left chunk.
+    num_decoding_left_chunks: int = -1
+
+
+@dataclass
 class CFMConfig:
     inference_cfg_rate: float = 0.7
     t_scheduler: str = "cosine"
@@ -94,7 +115,7 @@ class HiFTConfig:
 
 @dataclass
 class MelConfig:
-    """The 22,050 Hz mel extractor (`feat_extractor`) used for prompt features."""
+    """The mel extractor (`feat_extractor`) of prompt features; the defaults are v1's (22,050 Hz)."""
 
     n_fft: int = 1024
     num_mels: int = 80
@@ -104,3 +125,129 @@ class MelConfig:
     fmin: float = 0.0
     fmax: float = 8000.0
     center: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping of the yaml nodes every family writes the same way
+# --------------------------------------------------------------------------------------------
+
+HIFT_GENERATOR = "cosyvoice.hifigan.generator.HiFTGenerator"
+CONV_RNN_F0_PREDICTOR = "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor"
+MEL_SPECTROGRAM = "matcha.utils.audio.mel_spectrogram"
+DICT_CONFIGS = ("omegaconf.DictConfig", "omegaconf.OmegaConf.create")
+
+
+def map_cfm_params(ctx: ConfigContext, value: Any) -> dict[str, Any]:
+    """The `cfm_params` mapping of a flow decoder (`!new:omegaconf.DictConfig {content: {...}}`
+    upstream; a plain mapping is accepted too)."""
+    if isinstance(value, Tagged) and value.target in DICT_CONFIGS:
+        content = value.kwargs.get("content", value.args[0] if value.args else {})
+        if isinstance(content, dict):
+            return content
+    if isinstance(value, dict):
+        return value
+    ctx.fail(f"'flow.decoder.cfm_params' must be a mapping or !new:omegaconf.DictConfig, got {value!r}")
+    raise AssertionError  # unreachable; fail() raises
+
+
+def map_cfm_config(ctx: ConfigContext, decoder: ConfigNode) -> CFMConfig:
+    """Solver settings from a `flow.decoder` node (ConditionalCFM or CausalConditionalCFM)."""
+    decoder.require("n_spks", decoder.int("n_spks", 1), (1,))
+    params = ConfigNode(
+        ctx,
+        f"{decoder.key}.cfm_params",
+        Tagged("new", "dict", kwargs=map_cfm_params(ctx, decoder.kwargs.get("cfm_params", MISSING))),
+    )
+    solver = params.str("solver", "euler")
+    params.require("solver", solver, ("euler",))
+    t_scheduler = params.str("t_scheduler", "cosine")
+    params.require("t_scheduler", t_scheduler, ("cosine", "linear"))
+    return CFMConfig(
+        inference_cfg_rate=params.float("inference_cfg_rate"),
+        t_scheduler=t_scheduler,
+        solver=solver,
+    )
+
+
+def map_estimator_config(est: ConfigNode) -> EstimatorConfig:
+    """A `flow.decoder.estimator` node (ConditionalDecoder or CausalConditionalDecoder): the
+    U-Net fields both share, with upstream's constructor defaults."""
+    act_fn = est.str("act_fn", "snake")
+    est.require("act_fn", act_fn, ("gelu",))
+    return EstimatorConfig(
+        in_channels=est.int("in_channels"),
+        out_channels=est.int("out_channels"),
+        channels=est.ints("channels", (256, 256)),
+        attention_head_dim=est.int("attention_head_dim", 64),
+        n_blocks=est.int("n_blocks", 1),
+        num_mid_blocks=est.int("num_mid_blocks", 2),
+        num_heads=est.int("num_heads", 4),
+        act_fn=act_fn,
+    )
+
+
+def map_hift_config(ctx: ConfigContext, value: Any) -> HiFTConfig:
+    """The `hift` node (HiFTGenerator at any sampling rate: 22,050 Hz means SineGen, others SineGen2)."""
+    node = ctx.node("hift", value, (HIFT_GENERATOR,))
+    istft = node.kwargs.get("istft_params", {"n_fft": 16, "hop_len": 4})
+    if not isinstance(istft, dict):
+        ctx.fail(f"'hift.istft_params' must be a mapping with n_fft and hop_len, got {istft!r}")
+    istft_node = ConfigNode(ctx, "hift.istft_params", Tagged("new", "dict", kwargs=istft))
+    f0 = node.child("f0_predictor", (CONV_RNN_F0_PREDICTOR,))
+    cfg = HiFTConfig(
+        in_channels=node.int("in_channels", 80),
+        base_channels=node.int("base_channels", 512),
+        nb_harmonics=node.int("nb_harmonics", 8),
+        sampling_rate=node.int("sampling_rate", 22050),
+        nsf_alpha=node.float("nsf_alpha", 0.1),
+        nsf_sigma=node.float("nsf_sigma", 0.003),
+        nsf_voiced_threshold=node.float("nsf_voiced_threshold", 10.0),
+        upsample_rates=node.ints("upsample_rates", (8, 8)),
+        upsample_kernel_sizes=node.ints("upsample_kernel_sizes", (16, 16)),
+        istft_n_fft=istft_node.int("n_fft"),
+        istft_hop_len=istft_node.int("hop_len"),
+        resblock_kernel_sizes=node.ints("resblock_kernel_sizes", (3, 7, 11)),
+        resblock_dilation_sizes=node.int_lists("resblock_dilation_sizes", ((1, 3, 5), (1, 3, 5), (1, 3, 5))),
+        source_resblock_kernel_sizes=node.ints("source_resblock_kernel_sizes", (7, 11)),
+        source_resblock_dilation_sizes=node.int_lists(
+            "source_resblock_dilation_sizes", ((1, 3, 5), (1, 3, 5))
+        ),
+        lrelu_slope=node.float("lrelu_slope", 0.1),
+        audio_limit=node.float("audio_limit", 0.99),
+        f0_predictor=F0PredictorConfig(
+            num_class=f0.int("num_class", 1),
+            in_channels=f0.int("in_channels", 80),
+            cond_channels=f0.int("cond_channels", 512),
+        ),
+    )
+    if len(cfg.upsample_rates) != len(cfg.upsample_kernel_sizes):
+        ctx.fail("'hift.upsample_rates' and 'hift.upsample_kernel_sizes' differ in length")
+    if len(cfg.resblock_kernel_sizes) != len(cfg.resblock_dilation_sizes):
+        ctx.fail("'hift.resblock_kernel_sizes' and 'hift.resblock_dilation_sizes' differ in length")
+    if len(cfg.source_resblock_kernel_sizes) != len(cfg.source_resblock_dilation_sizes):
+        ctx.fail(
+            "'hift.source_resblock_kernel_sizes' and 'hift.source_resblock_dilation_sizes' differ in length"
+        )
+    if len(cfg.source_resblock_kernel_sizes) != len(cfg.upsample_rates):
+        ctx.fail("'hift.source_resblock_kernel_sizes' needs one entry per upsample stage")
+    if cfg.sampling_rate <= 0:
+        ctx.fail(f"'hift.sampling_rate' must be positive, got {cfg.sampling_rate}")
+    return cfg
+
+
+def map_mel_config(ctx: ConfigContext, value: Any, default: MelConfig, family: str) -> MelConfig:
+    """The `feat_extractor` node (matcha's mel_spectrogram); `default` (logged) when the file has none."""
+    if value is MISSING:
+        logger.warning("%s: no 'feat_extractor'; using the %s mel defaults", ctx.source, family)
+        return default
+    node = ctx.node("feat_extractor", value, (MEL_SPECTROGRAM,), ("name",))
+    return MelConfig(
+        n_fft=node.int("n_fft"),
+        num_mels=node.int("num_mels"),
+        sampling_rate=node.int("sampling_rate"),
+        hop_size=node.int("hop_size"),
+        win_size=node.int("win_size"),
+        fmin=node.float("fmin"),
+        fmax=node.float("fmax"),
+        center=node.bool("center", False),
+    )

@@ -477,6 +477,17 @@ class Encoder(nn.Module):
             layer.self_attn.position_window(max_len - 1, r_lo)
 
 
+def chunk_attention_mask(size: int, chunk: int, device: torch.device | str | None = None) -> Tensor | None:
+    """Block-causal attention for chunk-wise streaming: `[size, size]` bool, query i may attend to
+    key j iff ``j < (i // chunk + 1) * chunk`` (its own chunk and every earlier one; upstream's
+    `subsequent_chunk_mask` with all left chunks). None when `chunk <= 0` (full attention)."""
+    if chunk <= 0:
+        return None
+    pos = torch.arange(size, device=device)
+    limit = (torch.div(pos, chunk, rounding_mode="floor") + 1) * chunk
+    return pos.unsqueeze(0) < limit.unsqueeze(1)
+
+
 # Upstream class names: the same network, configured by EncoderConfig.
 ConformerEncoder = Encoder
 TransformerEncoder = Encoder

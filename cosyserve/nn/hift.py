@@ -1,7 +1,16 @@
-"""HiFT vocoder of CosyVoice v1: neural source filter + iSTFT head (HiFTNet).
+"""HiFT vocoder of CosyVoice: neural source filter + iSTFT head (HiFTNet).
 
 mel ``[1, 80, T]`` -> f0 ``[1, T]`` (ConvRNNF0Predictor) -> harmonic-plus-noise excitation
-``[1, 1, 256 T]`` (SineGen "type 1") -> ``decode(mel, source)`` -> waveform ``[1, 256 T]``.
+``[1, 1, hop T]`` -> ``decode(mel, source)`` -> waveform ``[1, hop T]``, where ``hop`` is the
+product of the upsampling rates and the iSTFT hop. One generator, configured from the yaml, serves
+
+* CosyVoice v1: 22,050 Hz, upsampling [8, 8] (256 samples per frame), the "type 1" sine source
+  (upstream's SineGen, the phase integrated sample by sample: :func:`sine_type1`);
+* CosyVoice2: 24,000 Hz, upsampling [8, 5, 3] (480 samples per frame), the "type 2" sine source
+  (upstream's SineGen2: the phase increments are linearly down-sampled to the frame rate,
+  integrated there and linearly up-sampled back: :func:`sine_type2`),
+
+as upstream picks the source by the sampling rate.
 
 Checkpoints store weight-normalised convolutions (legacy ``weight_g``/``weight_v`` or the newer
 ``parametrizations.weight.original0/1``). :func:`convert_hift_state_dict` folds them into plain
@@ -166,6 +175,37 @@ class SourceModule(nn.Module):
         return torch.tanh(self.l_linear(sine_waves.transpose(1, 2))).transpose(1, 2)
 
 
+def sine_type1(
+    f_mat: torch.Tensor, phase: torch.Tensor, sampling_rate: int, amplitude: float
+) -> torch.Tensor:
+    """Upstream SineGen (v1): ``amplitude * sin(2 pi (cumsum(f / sr) % 1) + phase)`` per sample.
+
+    f_mat ``[1, H, L]`` harmonic frequencies in Hz; phase ``[1, H, 1]`` in radians."""
+    theta = 2 * np.pi * (torch.cumsum(f_mat / sampling_rate, dim=-1) % 1)
+    return amplitude * torch.sin(theta + phase)
+
+
+def sine_type2(
+    f_mat: torch.Tensor, phase: torch.Tensor, sampling_rate: int, upsample: int, amplitude: float
+) -> torch.Tensor:
+    """Upstream SineGen2 (CosyVoice2): the per-sample phase increments ``(f / sr) % 1`` (cycles),
+    the initial phases added to the first sample only, are linearly down-sampled by ``upsample``
+    to the frame rate, integrated there (``cumsum * 2 pi``), scaled back by ``upsample`` and
+    linearly up-sampled to the sample rate; ``amplitude * sin`` of that.
+
+    f_mat ``[1, H, L]`` in Hz; phase ``[1, H, 1]`` in cycles. Same interpolation arguments as
+    upstream (``scale_factor`` 1/upsample and upsample, not sizes: they set the sample grid).
+    As upstream, the initial phases change nothing: the down-sampling interpolates between the
+    two samples in the middle of each frame, so it never reads sample 0.
+    """
+    rad = (f_mat / sampling_rate) % 1
+    rad[:, :, :1] += phase
+    rad = F.interpolate(rad, scale_factor=1 / upsample, mode="linear")
+    theta = torch.cumsum(rad, dim=-1) * 2 * np.pi
+    theta = F.interpolate(theta * upsample, scale_factor=upsample, mode="linear")
+    return torch.sin(theta) * amplitude
+
+
 def _periodic_hann(n: int) -> torch.Tensor:
     # Computed in float64 like scipy.signal.get_window("hann", n, fftbins=True), then float32.
     fac = np.linspace(-np.pi, np.pi, n + 1)[:-1]
@@ -179,10 +219,9 @@ class HiFTGenerator(nn.Module):
     def __init__(self, cfg: HiFTConfig | None = None):
         super().__init__()
         cfg = cfg or HiFTConfig()
-        if cfg.sampling_rate != 22050:
-            # Upstream switches to a different sine generator ("type 2") for other rates.
-            raise ValueError(f"only the 22050 Hz HiFT (SineGen type 1) is supported, got {cfg.sampling_rate}")
         self.cfg = cfg
+        # Upstream's rule: the v1 rate uses the type-1 sine source, every other rate type 2.
+        self.sine_type = 1 if cfg.sampling_rate == 22050 else 2
         self.n_harmonics = cfg.nb_harmonics + 1
         self.n_fft = cfg.istft_n_fft
         self.hop = cfg.istft_hop_len
@@ -227,14 +266,19 @@ class HiFTGenerator(nn.Module):
     def draw_noise(
         self, num_samples: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Initial phases ``[1, H, 1]`` ~ U(-pi, pi) (fundamental at 0) and standard-normal
-        ``sine_noise`` ``[1, H, num_samples]``, from ``generator`` (a fresh one if None)."""
+        """Initial phases ``[1, H, 1]`` (fundamental at 0) and standard-normal ``sine_noise``
+        ``[1, H, num_samples]``, from ``generator`` (a fresh one if None).
+
+        The phases are in the unit of the sine source: radians ~ U(-pi, pi) for type 1 (v1),
+        cycles ~ U[0, 1) for type 2 (upstream SineGen2's ``rand_ini``)."""
         if generator is None:
             generator = torch.Generator()
             generator.seed()
         # Drawn where the generator lives (a CPU generator may serve a GPU model), then moved.
         gdev, device = generator.device, self.stft_window.device
-        phase = torch.rand(1, self.n_harmonics, 1, generator=generator, device=gdev) * (2 * math.pi) - math.pi
+        phase = torch.rand(1, self.n_harmonics, 1, generator=generator, device=gdev)
+        if self.sine_type == 1:
+            phase = phase * (2 * math.pi) - math.pi
         phase[:, 0, :] = 0
         noise = torch.randn(1, self.n_harmonics, num_samples, generator=generator, device=gdev)
         return phase.to(device), noise.to(device)
@@ -248,15 +292,18 @@ class HiFTGenerator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Harmonic-plus-noise excitation ``[1, 1, L]`` and voiced flag ``[1, L, 1]`` from frame f0.
 
-        The float32 operation order is upstream's (multiply by the harmonic number, divide by
-        the rate, cumsum, mod 1, times 2 pi): the cumsum integrates any rounding difference.
+        ``phase`` ``[1, H, 1]`` and ``sine_noise`` ``[1, H, L]`` as :meth:`draw_noise` makes them.
+        The float32 operation order is upstream's (see :func:`sine_type1` / :func:`sine_type2`):
+        the phase integration accumulates any rounding difference.
         """
         cfg = self.cfg
         f0_up = self.upsample_f0(f0)  # [1, 1, L]
         harmonics = torch.arange(1, self.n_harmonics + 1, dtype=f0_up.dtype, device=f0_up.device)
-        f_mat = f0_up * harmonics[None, :, None] / cfg.sampling_rate  # [1, H, L]
-        theta = 2 * np.pi * (torch.cumsum(f_mat, dim=-1) % 1)
-        sine = cfg.nsf_alpha * torch.sin(theta + phase)
+        f_mat = f0_up * harmonics[None, :, None]  # [1, H, L] Hz
+        if self.sine_type == 1:
+            sine = sine_type1(f_mat, phase, cfg.sampling_rate, cfg.nsf_alpha)
+        else:
+            sine = sine_type2(f_mat, phase, cfg.sampling_rate, self.upsample_factor, cfg.nsf_alpha)
         uv = (f0_up > cfg.nsf_voiced_threshold).to(f0_up.dtype)
         noise_amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
         sine = sine * uv + noise_amp * sine_noise

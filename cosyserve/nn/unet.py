@@ -13,6 +13,7 @@ block.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -200,14 +201,14 @@ class ConditionalDecoder(nn.Module):
         for i, ch in enumerate(channels):
             in_ch, out_ch = out_ch, ch
             is_last = i == len(channels) - 1
-            down = nn.Conv1d(out_ch, out_ch, 3, padding=1) if is_last else Downsample1D(out_ch)
+            down = self._same_length_conv(out_ch) if is_last else Downsample1D(out_ch)
             self.down_blocks.append(
-                nn.ModuleList([ResnetBlock1D(in_ch, out_ch, time_dim), _transformers(out_ch, cfg), down])
+                nn.ModuleList([self._resnet(in_ch, out_ch, time_dim), _transformers(out_ch, cfg), down])
             )
 
         self.mid_blocks = nn.ModuleList(
             nn.ModuleList(
-                [ResnetBlock1D(channels[-1], channels[-1], time_dim), _transformers(channels[-1], cfg)]
+                [self._resnet(channels[-1], channels[-1], time_dim), _transformers(channels[-1], cfg)]
             )
             for _ in range(cfg.num_mid_blocks)
         )
@@ -217,25 +218,54 @@ class ConditionalDecoder(nn.Module):
         for i in range(len(up_channels) - 1):
             in_ch, out_ch = up_channels[i] * 2, up_channels[i + 1]
             is_last = i == len(up_channels) - 2
-            up = nn.Conv1d(out_ch, out_ch, 3, padding=1) if is_last else Upsample1D(out_ch)
+            up = self._same_length_conv(out_ch) if is_last else Upsample1D(out_ch)
             self.up_blocks.append(
-                nn.ModuleList([ResnetBlock1D(in_ch, out_ch, time_dim), _transformers(out_ch, cfg), up])
+                nn.ModuleList([self._resnet(in_ch, out_ch, time_dim), _transformers(out_ch, cfg), up])
             )
 
-        self.final_block = Block1D(up_channels[-1], up_channels[-1])
+        self.final_block = self._conv_block(up_channels[-1], up_channels[-1])
         self.final_proj = nn.Conv1d(up_channels[-1], cfg.out_channels, 1)
+
+    # The blocks a variant may replace (the causal U-Net of CosyVoice2 does), keys unchanged.
+    def _resnet(self, dim: int, dim_out: int, time_dim: int) -> nn.Module:
+        return ResnetBlock1D(dim, dim_out, time_dim)
+
+    def _same_length_conv(self, dim: int) -> nn.Module:
+        """The k3 conv that stands in for the down/up-sampling at the last level."""
+        return nn.Conv1d(dim, dim, 3, padding=1)
+
+    def _conv_block(self, dim: int, dim_out: int) -> nn.Module:
+        return Block1D(dim, dim_out)
 
     def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor) -> Tensor:
         """x, mu, cond `[B, 80, T]`; mask `[B, 1, T]`; t `[B]`; spks `[B, 80]`."""
-        t_emb = self.time_mlp(timestep_embedding(t, self.in_channels))
-        t_act = F.mish(t_emb)  # the `mlp.0` Mish of every resnet, computed once
-        h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
+        masks = self.level_masks(mask)
+        biases = [((1.0 - m) * MASK_BIAS).unsqueeze(1) for m in masks]
+        return self.run_unet(x, mask, mu, t, spks, cond, masks, biases)
 
-        # One mask and one attention bias per resolution, shared by all blocks at that resolution.
+    def level_masks(self, mask: Tensor) -> list[Tensor]:
+        """The frame mask at each resolution (every down level halves it)."""
         masks = [mask]
         for _ in range(len(self.down_blocks) - 1):
             masks.append(masks[-1][:, :, ::2])
-        biases = [((1.0 - m) * MASK_BIAS).unsqueeze(1) for m in masks]
+        return masks
+
+    def run_unet(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        mu: Tensor,
+        t: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        masks: Sequence[Tensor],
+        biases: Sequence[Tensor],
+    ) -> Tensor:
+        """The network body, given one frame mask and one additive attention bias per resolution
+        (shared by all blocks at that resolution)."""
+        t_emb = self.time_mlp(timestep_embedding(t, self.in_channels))
+        t_act = F.mish(t_emb)  # the `mlp.0` Mish of every resnet, computed once
+        h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
 
         skips = []
         for level, (resnet, blocks, down) in enumerate(self.down_blocks):

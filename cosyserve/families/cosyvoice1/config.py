@@ -13,10 +13,13 @@ from cosyserve.nn.config import (
     CFMConfig,
     EncoderConfig,
     EstimatorConfig,
-    F0PredictorConfig,
     HiFTConfig,
     MelConfig,
     SamplingConfig,
+    map_cfm_config,
+    map_estimator_config,
+    map_hift_config,
+    map_mel_config,
 )
 from cosyserve.nn.yaml_reader import (
     MISSING,
@@ -138,12 +141,8 @@ MASKED_DIFF_WITH_XVEC = "cosyvoice.flow.flow.MaskedDiffWithXvec"
 INTERPOLATE_REGULATOR = "cosyvoice.flow.length_regulator.InterpolateRegulator"
 CONDITIONAL_CFM = "cosyvoice.flow.flow_matching.ConditionalCFM"
 CONDITIONAL_DECODER = "cosyvoice.flow.decoder.ConditionalDecoder"
-HIFT_GENERATOR = "cosyvoice.hifigan.generator.HiFTGenerator"
-CONV_RNN_F0_PREDICTOR = "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor"
 RAS_SAMPLING = "cosyvoice.utils.common.ras_sampling"
-MEL_SPECTROGRAM = "matcha.utils.audio.mel_spectrogram"
 WHISPER_TOKENIZERS = ("whisper.tokenizer.get_tokenizer", "cosyvoice.tokenizer.tokenizer.get_tokenizer")
-DICT_CONFIGS = ("omegaconf.DictConfig", "omegaconf.OmegaConf.create")
 
 
 def _encoder_config(node: ConfigNode) -> EncoderConfig:
@@ -232,18 +231,6 @@ def _llm_config(ctx: ConfigContext, value: Any) -> LLMConfig:
     return cfg
 
 
-def _cfm_params(ctx: ConfigContext, value: Any) -> dict[str, Any]:
-    # `cfm_params: !new:omegaconf.DictConfig {content: {...}}` upstream; accept a plain mapping too.
-    if isinstance(value, Tagged) and value.target in DICT_CONFIGS:
-        content = value.kwargs.get("content", value.args[0] if value.args else {})
-        if isinstance(content, dict):
-            return content
-    if isinstance(value, dict):
-        return value
-    ctx.fail(f"'flow.decoder.cfm_params' must be a mapping or !new:omegaconf.DictConfig, got {value!r}")
-    raise AssertionError  # unreachable; fail() raises
-
-
 def _flow_config(ctx: ConfigContext, value: Any) -> FlowConfig:
     node = ctx.node("flow", value, (MASKED_DIFF_WITH_XVEC,))
     node.require("output_type", node.str("output_type", "mel"), ("mel",))
@@ -258,35 +245,8 @@ def _flow_config(ctx: ConfigContext, value: Any) -> FlowConfig:
     length_regulator = LengthRegulatorConfig(channels=channels, sampling_ratios=lr.ints("sampling_ratios"))
 
     decoder = node.child("decoder", (CONDITIONAL_CFM,))
-    decoder.require("n_spks", decoder.int("n_spks", 1), (1,))
-    params_node = ConfigNode(
-        ctx,
-        "flow.decoder.cfm_params",
-        Tagged("new", "dict", kwargs=_cfm_params(ctx, decoder.kwargs.get("cfm_params", MISSING))),
-    )
-    solver = params_node.str("solver", "euler")
-    params_node.require("solver", solver, ("euler",))
-    t_scheduler = params_node.str("t_scheduler", "cosine")
-    params_node.require("t_scheduler", t_scheduler, ("cosine", "linear"))
-    cfm = CFMConfig(
-        inference_cfg_rate=params_node.float("inference_cfg_rate"),
-        t_scheduler=t_scheduler,
-        solver=solver,
-    )
-
-    est = decoder.child("estimator", (CONDITIONAL_DECODER,))
-    act_fn = est.str("act_fn", "snake")
-    est.require("act_fn", act_fn, ("gelu",))
-    estimator = EstimatorConfig(
-        in_channels=est.int("in_channels"),
-        out_channels=est.int("out_channels"),
-        channels=est.ints("channels", (256, 256)),
-        attention_head_dim=est.int("attention_head_dim", 64),
-        n_blocks=est.int("n_blocks", 1),
-        num_mid_blocks=est.int("num_mid_blocks", 2),
-        num_heads=est.int("num_heads", 4),
-        act_fn=act_fn,
-    )
+    cfm = map_cfm_config(ctx, decoder)
+    estimator = map_estimator_config(decoder.child("estimator", (CONDITIONAL_DECODER,)))
 
     cfg = FlowConfig(
         input_size=node.int("input_size", 512),
@@ -313,69 +273,6 @@ def _flow_config(ctx: ConfigContext, value: Any) -> FlowConfig:
             f"do not match flow.output_size {cfg.output_size} (expected {4 * cfg.output_size}/{cfg.output_size})"
         )
     return cfg
-
-
-def _hift_config(ctx: ConfigContext, value: Any) -> HiFTConfig:
-    node = ctx.node("hift", value, (HIFT_GENERATOR,))
-    istft = node.kwargs.get("istft_params", {"n_fft": 16, "hop_len": 4})
-    if not isinstance(istft, dict):
-        ctx.fail(f"'hift.istft_params' must be a mapping with n_fft and hop_len, got {istft!r}")
-    istft_node = ConfigNode(ctx, "hift.istft_params", Tagged("new", "dict", kwargs=istft))
-    f0 = node.child("f0_predictor", (CONV_RNN_F0_PREDICTOR,))
-    cfg = HiFTConfig(
-        in_channels=node.int("in_channels", 80),
-        base_channels=node.int("base_channels", 512),
-        nb_harmonics=node.int("nb_harmonics", 8),
-        sampling_rate=node.int("sampling_rate", 22050),
-        nsf_alpha=node.float("nsf_alpha", 0.1),
-        nsf_sigma=node.float("nsf_sigma", 0.003),
-        nsf_voiced_threshold=node.float("nsf_voiced_threshold", 10.0),
-        upsample_rates=node.ints("upsample_rates", (8, 8)),
-        upsample_kernel_sizes=node.ints("upsample_kernel_sizes", (16, 16)),
-        istft_n_fft=istft_node.int("n_fft"),
-        istft_hop_len=istft_node.int("hop_len"),
-        resblock_kernel_sizes=node.ints("resblock_kernel_sizes", (3, 7, 11)),
-        resblock_dilation_sizes=node.int_lists("resblock_dilation_sizes", ((1, 3, 5), (1, 3, 5), (1, 3, 5))),
-        source_resblock_kernel_sizes=node.ints("source_resblock_kernel_sizes", (7, 11)),
-        source_resblock_dilation_sizes=node.int_lists(
-            "source_resblock_dilation_sizes", ((1, 3, 5), (1, 3, 5))
-        ),
-        lrelu_slope=node.float("lrelu_slope", 0.1),
-        audio_limit=node.float("audio_limit", 0.99),
-        f0_predictor=F0PredictorConfig(
-            num_class=f0.int("num_class", 1),
-            in_channels=f0.int("in_channels", 80),
-            cond_channels=f0.int("cond_channels", 512),
-        ),
-    )
-    if len(cfg.upsample_rates) != len(cfg.upsample_kernel_sizes):
-        ctx.fail("'hift.upsample_rates' and 'hift.upsample_kernel_sizes' differ in length")
-    if len(cfg.resblock_kernel_sizes) != len(cfg.resblock_dilation_sizes):
-        ctx.fail("'hift.resblock_kernel_sizes' and 'hift.resblock_dilation_sizes' differ in length")
-    if len(cfg.source_resblock_kernel_sizes) != len(cfg.source_resblock_dilation_sizes):
-        ctx.fail(
-            "'hift.source_resblock_kernel_sizes' and 'hift.source_resblock_dilation_sizes' differ in length"
-        )
-    if len(cfg.source_resblock_kernel_sizes) != len(cfg.upsample_rates):
-        ctx.fail("'hift.source_resblock_kernel_sizes' needs one entry per upsample stage")
-    return cfg
-
-
-def _mel_config(ctx: ConfigContext, value: Any, sample_rate: int) -> MelConfig:
-    if value is MISSING:
-        logger.warning("%s: no 'feat_extractor'; using the CosyVoice v1 mel defaults", ctx.source)
-        return MelConfig(sampling_rate=sample_rate)
-    node = ctx.node("feat_extractor", value, (MEL_SPECTROGRAM,), ("name",))
-    return MelConfig(
-        n_fft=node.int("n_fft"),
-        num_mels=node.int("num_mels"),
-        sampling_rate=node.int("sampling_rate"),
-        hop_size=node.int("hop_size"),
-        win_size=node.int("win_size"),
-        fmin=node.float("fmin"),
-        fmax=node.float("fmax"),
-        center=node.bool("center", False),
-    )
 
 
 def _tokenizer_config(ctx: ConfigContext, value: Any, allowed_special: Any) -> TokenizerConfig:
@@ -407,7 +304,7 @@ def config_from_tree(tree: dict[str, Any], source: str = "<string>") -> ModelCon
         )
     llm = _llm_config(ctx, tree.get("llm", MISSING))
     flow = _flow_config(ctx, tree.get("flow", MISSING))
-    hift = _hift_config(ctx, tree.get("hift", MISSING))
+    hift = map_hift_config(ctx, tree.get("hift", MISSING))
 
     top = ConfigNode(ctx, "<top level>", Tagged("new", "top", kwargs=tree))
     sample_rate = top.int("sample_rate", hift.sampling_rate)
@@ -427,7 +324,9 @@ def config_from_tree(tree: dict[str, Any], source: str = "<string>") -> ModelCon
         llm=llm,
         flow=flow,
         hift=hift,
-        mel=_mel_config(ctx, tree.get("feat_extractor", MISSING), sample_rate),
+        mel=map_mel_config(
+            ctx, tree.get("feat_extractor", MISSING), MelConfig(sampling_rate=sample_rate), "CosyVoice v1"
+        ),
         tokenizer=_tokenizer_config(
             ctx, tree.get("get_tokenizer", MISSING), tree.get("allowed_special", "all")
         ),
