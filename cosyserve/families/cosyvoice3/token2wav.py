@@ -14,8 +14,10 @@ streaming, equivalent to upstream ``CosyVoice3Model.tts`` (token path).
   the decoder's receptive field, with the same samples (up to float rounding; tested).
 
 Beyond upstream: speed control while streaming (upstream refuses it) resamples the stream of
-committed mel frames with the non-stream path's linear interpolation, incrementally
-(:class:`~cosyserve.families.cosyvoice1.token2wav.StreamingMelResampler`). Upstream also never
+committed mel frames by linear interpolation at scale ``speed``, incrementally, into
+``int(T / speed)`` frames in total; chunk boundaries do not change the result
+(:class:`~cosyserve.families.cosyvoice1.token2wav.StreamingMelResampler`, shared with v1; the
+non-stream path interpolates the whole mel at scale ``T / int(T / speed)``, a hair different). Upstream also never
 resets its streaming hop after a request (the next request starts where the last one grew to);
 here every request starts at 25.
 
