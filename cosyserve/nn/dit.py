@@ -61,13 +61,14 @@ def _exporting() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _layer_norm(x: Tensor) -> Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=_LN_EPS)
+def _layer_norm(x: Tensor, dim: int) -> Tensor:
+    """LayerNorm without affine parameters (``dim`` a Python int: traced shapes stay constant)."""
+    return F.layer_norm(x, (dim,), eps=_LN_EPS)
 
 
 def _modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * (1 + scale) + shift`` with per-row ``[B, H]`` scale and shift (upstream's order)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """``x * (1 + scale) + shift`` with per-row ``[B, H]`` scale and shift, in one pass over x."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class TimestepEmbedding(nn.Module):
@@ -112,7 +113,9 @@ class InputEmbedding(nn.Module):
         """Time-major ``[B, T, 80]`` inputs and ``spks`` ``[B, 80]`` -> ``[B, T, H]``."""
         spks = spks.unsqueeze(1).expand(-1, x.shape[1], -1)
         h = self.proj(torch.cat([x, cond, mu, spks], dim=-1))
-        return self.conv_pos_embed(h) + h
+        # h first: the sum takes h's (contiguous) layout, not the transposed convolution output's,
+        # and every later op inherits it.
+        return h + self.conv_pos_embed(h)
 
 
 class RotaryEmbedding(nn.Module):
@@ -126,26 +129,32 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = dim_head
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim_head, 2).float() / dim_head)))
+        # The pair swap (a, b) -> (b, a) as constant gather indices 1, 0, 3, 2, ...
+        self.register_buffer("pair_swap", torch.arange(dim_head) ^ 1, persistent=False)
 
-    def cos_sin(self, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``cos``, ``sin`` ``[T, dim_head]`` with each frequency repeated for its pair."""
+    def cos_sin(self, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``cos``, ``sin`` ``[T, dim_head]`` with each frequency repeated for its pair (``sin``
+        carries the sign of the pair rotation ``(a, b) -> (-b, a)``), and the pair-swap indices
+        (see :func:`_apply_rotary`)."""
         pos = torch.arange(seq_len, device=self.inv_freq.device).type_as(self.inv_freq)
-        freqs = (pos[:, None] * self.inv_freq[None, :]).repeat_interleave(2, dim=-1)
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        freqs = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+        sign = torch.tensor([-1.0, 1.0], device=freqs.device).repeat(self.dim // 2)
+        return freqs.cos().to(dtype), (freqs.sin() * sign).to(dtype), self.pair_swap
 
 
-def _rotate_pairs(x: Tensor) -> Tensor:
-    """``(a, b) -> (-b, a)`` on interleaved pairs of the last dim."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+def _apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor, swap: Tensor) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of ``[B, T, C]`` (upstream: before the head split):
+    pair (a, b) -> (a cos - b sin, b cos + a sin), with the pair swap as a constant gather.
 
-
-def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``cos.shape[-1]`` channels of ``[B, T, C]`` (upstream: before the head split)."""
+    In place when allowed (x is a fresh projection output): only those channels are rewritten."""
     n = cos.shape[-1]
     head = x[..., :n]
-    rotated = head * cos + _rotate_pairs(head) * sin
-    return torch.cat([rotated, x[..., n:]], dim=-1)
+    rotated = head * cos + head[..., swap] * signed_sin
+    if torch.is_grad_enabled() or _exporting():
+        return torch.cat([rotated, x[..., n:]], dim=-1)
+    x[..., :n] = rotated
+    return x
 
 
 class Attention(nn.Module):
@@ -162,14 +171,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: tuple[Tensor, Tensor, Tensor],
         attn_mask: Tensor | None,
         keep: Tensor | None,
     ) -> Tensor:
         b, t, _ = x.shape
-        cos, sin = rope
-        q = _apply_rotary(self.to_q(x), cos, sin)
-        k = _apply_rotary(self.to_k(x), cos, sin)
+        q = _apply_rotary(self.to_q(x), *rope)
+        k = _apply_rotary(self.to_k(x), *rope)
         v = self.to_v(x)
         q, k, v = (y.view(b, t, self.heads, self.dim_head).transpose(1, 2) for y in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -195,11 +203,12 @@ class AdaLayerNormZeroFinal(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
+        self.dim = dim
         self.linear = nn.Linear(dim, dim * 2)
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         scale, shift = torch.chunk(self.linear(F.silu(temb)), 2, dim=1)
-        return _modulate(_layer_norm(x), scale, shift)
+        return _modulate(_layer_norm(x, self.dim), scale, shift)
 
 
 class FeedForward(nn.Module):
@@ -220,6 +229,7 @@ class FeedForward(nn.Module):
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
+        self.dim = cfg.dim
         self.attn_norm = AdaLayerNormZero(cfg.dim)
         self.attn = Attention(cfg.dim, cfg.heads, cfg.dim_head)
         self.ff = FeedForward(cfg.dim, cfg.ff_mult)
@@ -228,15 +238,15 @@ class DiTBlock(nn.Module):
         self,
         x: Tensor,
         temb: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: tuple[Tensor, Tensor, Tensor],
         attn_mask: Tensor | None,
         keep: Tensor | None,
     ) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(temb)
-        attn = self.attn(_modulate(_layer_norm(x), scale_msa, shift_msa), rope, attn_mask, keep)
-        x = x + gate_msa[:, None] * attn
-        ff = self.ff(_modulate(_layer_norm(x), scale_mlp, shift_mlp))
-        return x + gate_mlp[:, None] * ff
+        attn = self.attn(_modulate(_layer_norm(x, self.dim), scale_msa, shift_msa), rope, attn_mask, keep)
+        x = torch.addcmul(x, gate_msa[:, None], attn)
+        ff = self.ff(_modulate(_layer_norm(x, self.dim), scale_mlp, shift_mlp))
+        return torch.addcmul(x, gate_mlp[:, None], ff)
 
 
 def attention_masks(mask: Tensor, streaming: bool, chunk_size: int) -> tuple[Tensor | None, Tensor | None]:

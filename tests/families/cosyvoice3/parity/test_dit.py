@@ -110,3 +110,42 @@ def test_attention_masks(parity_set: ParitySet) -> None:
     assert none is None  # full attention over valid frames needs no mask
     empty, keep_empty = attention_masks(torch.zeros(1, 1, frames), streaming=False, chunk_size=chunk)
     assert empty is not None and bool(empty.all()) and bool(keep_empty.all())
+
+
+class _Streaming(torch.nn.Module):
+    """The DiT with chunk-masked attention, as its own graph (ONNX has no Python flags)."""
+
+    def __init__(self, dit: DiT):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.dit(*args, streaming=True)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["full", "stream"])
+def test_onnx_export(parity_set: ParitySet, streaming: bool, tmp_path) -> None:
+    """Exported at the first Euler step's length, run by ONNX Runtime on the padded standalone
+    call: dynamic batch and time axes, masks built in the graph."""
+    ort = pytest.importorskip("onnxruntime")
+    ps = parity_set
+    dit = dit_of(ps)
+    module = _Streaming(dit) if streaming else dit
+    dynamic = {name: {0: "batch", 2: "frames"} for name in ("x", "mask", "mu", "cond", "out")}
+    dynamic.update(t={0: "batch"}, spks={0: "batch"})
+    path = tmp_path / "dit.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            tuple(inputs(ps, "est_call0")),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=list(INPUTS),
+            output_names=["out"],
+            dynamic_axes=dynamic,
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {name: ps.arrays[f"est_free_{name}"] for name in INPUTS})[0]
+    key = "est_free_out_stream" if streaming else "est_free_out_full"
+    assert_close(ps, f"{key} (onnx)", torch.from_numpy(out), ps.t(key), ATOL_DIT)
