@@ -23,16 +23,19 @@ exactly (up to float rounding), as long as they share the streaming flag.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.families.cosyvoice3.config import FlowConfig
+from cosyserve.families.cosyvoice3.config import CONFIG_FILE, FlowConfig
 from cosyserve.families.cosyvoice3.noise import check_flow_frames, reference_flow_noise
 from cosyserve.nn.cfm import cosine_t_span
+from cosyserve.nn.checkpoint import load_into, read_checkpoint, skip_random_init
 from cosyserve.nn.config import CFMConfig
 from cosyserve.nn.dit import DiT, DiTConfig
 from cosyserve.nn.lookahead import PreLookaheadLayer
@@ -286,3 +289,16 @@ class CausalMaskedDiffWithDiT(nn.Module):
             raise ValueError("the flow needs a speaker embedding [1, 192]")
         item = self.prepare(tokens, prompt_tokens, prompt_feat, embedding, streaming, finalize, noise)
         return self.decode([item])[0]
+
+
+def load_flow(
+    path: str | os.PathLike[str], cfg: FlowConfig, device: str | torch.device = "cpu"
+) -> CausalMaskedDiffWithDiT:
+    """Build the flow and load ``flow.pt`` strictly (memory-mapped, no second copy of the weights;
+    an FP16 checkpoint gives FP32 parameters). Raises ModelDirectoryError naming the file."""
+    path = Path(path)
+    state_dict = read_checkpoint(path)
+    with skip_random_init():
+        flow = CausalMaskedDiffWithDiT(cfg)
+    load_into(flow, state_dict, path, config_name=CONFIG_FILE)
+    return flow.to(device).eval()

@@ -29,16 +29,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.families.cosyvoice3.config import CausalHiFTConfig
+from cosyserve.errors import ModelDirectoryError
+from cosyserve.families.cosyvoice3.config import CONFIG_FILE, CausalHiFTConfig
 from cosyserve.families.cosyvoice3.noise import HiFTNoise
+from cosyserve.nn.checkpoint import load_into, read_checkpoint, skip_random_init
 from cosyserve.nn.hift import (
     Snake,
     WNConv1d,
@@ -536,3 +540,21 @@ def load_causal_hift(
     model = CausalHiFTGenerator(cfg)
     model.load_state_dict(convert_causal_hift_state_dict(state_dict), strict=True)
     return model.to(device).eval()
+
+
+def load_causal_hift_file(
+    path: str | os.PathLike[str], cfg: CausalHiFTConfig, device: str | torch.device = "cpu"
+) -> CausalHiFTGenerator:
+    """Build the vocoder and load ``hift.pt`` strictly (weight norm folded, f0 predictor in
+    float64). Raises ModelDirectoryError naming the file."""
+    path = Path(path)
+    try:
+        state_dict = convert_causal_hift_state_dict(read_checkpoint(path))
+    except KeyError as exc:
+        raise ModelDirectoryError(f"{path}: {exc.args[0]}") from exc
+    with skip_random_init():
+        model = CausalHiFTGenerator(cfg)
+    load_into(model, state_dict, path, config_name=CONFIG_FILE)
+    model.to(device).eval()
+    model.prepare_fast_path()
+    return model

@@ -5,12 +5,14 @@ DiT calls 1e-4, t per step bit-exact."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import torch
 
-from cosyserve.families.cosyvoice3.flow import CausalMaskedDiffWithDiT
+from cosyserve.errors import ModelDirectoryError
+from cosyserve.families.cosyvoice3.flow import CausalMaskedDiffWithDiT, load_flow
 from tests.helpers.parity import ParitySet, assert_close
 
 pytestmark = [pytest.mark.parity, pytest.mark.timeout(300)]
@@ -178,3 +180,19 @@ def test_checkpoint_loads_strictly(parity_set: ParitySet) -> None:
     keys = set(torch.load(parity_set.path / "flow.pt", weights_only=True))
     assert keys == set(flow.state_dict())
     assert not any("rand_noise" in k for k in keys)
+
+
+def test_load_flow_from_file(parity_set: ParitySet) -> None:
+    """The loader (memory-mapped, adopting the checkpoint's tensors) gives the same network; a
+    config that does not match the file is one clear ModelDirectoryError."""
+    ps = parity_set
+    flow = load_flow(ps.path / "flow.pt", ps.config.flow)
+    reference = load_set_flow(ps).state_dict()
+    assert all(
+        torch.equal(v, reference[k]) and v.dtype == torch.float32 for k, v in flow.state_dict().items()
+    )
+    deeper = dataclasses.replace(
+        ps.config.flow, dit=dataclasses.replace(ps.config.flow.dit, depth=ps.config.flow.dit.depth + 1)
+    )
+    with pytest.raises(ModelDirectoryError, match=r"flow\.pt.*missing keys"):
+        load_flow(ps.path / "flow.pt", deeper)

@@ -7,16 +7,20 @@ relative RMS <= 1e-2."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cosyserve.errors import ModelDirectoryError
 from cosyserve.families.cosyvoice3.hift import (
     CausalHiFTGenerator,
     StreamingVocoder,
     causal_conv,
     convert_causal_hift_state_dict,
     load_causal_hift,
+    load_causal_hift_file,
     to_legacy_state_dict,
 )
 from cosyserve.families.cosyvoice3.noise import FixedHiFTNoise
@@ -292,3 +296,14 @@ def test_legacy_writer_round_trip(parity_set: ParitySet) -> None:
         a = hift.decode(ps.t("hift_mel"), ps.t("hift_source"))
         b = back.decode(ps.t("hift_mel"), ps.t("hift_source"))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_load_from_file(parity_set: ParitySet) -> None:
+    ps = parity_set
+    hift = load_causal_hift_file(ps.path / "hift.pt", ps.config.hift)
+    reference = load_set_hift(ps).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in hift.state_dict().items())
+    assert hift.f0_predictor.classifier.weight.dtype == torch.float64
+    wider = dataclasses.replace(ps.config.hift, base_channels=2 * ps.config.hift.base_channels)
+    with pytest.raises(ModelDirectoryError, match=r"hift\.pt.*wrong shape"):
+        load_causal_hift_file(ps.path / "hift.pt", wider)
