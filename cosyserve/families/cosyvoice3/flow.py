@@ -295,10 +295,13 @@ def load_flow(
     path: str | os.PathLike[str], cfg: FlowConfig, device: str | torch.device = "cpu"
 ) -> CausalMaskedDiffWithDiT:
     """Build the flow and load ``flow.pt`` strictly (memory-mapped, no second copy of the weights;
-    an FP16 checkpoint gives FP32 parameters). Raises ModelDirectoryError naming the file."""
+    an FP16 checkpoint gives FP32 parameters), with the DiT's q/k/v projections fused. Raises
+    ModelDirectoryError naming the file."""
     path = Path(path)
     state_dict = read_checkpoint(path)
     with skip_random_init():
         flow = CausalMaskedDiffWithDiT(cfg)
     load_into(flow, state_dict, path, config_name=CONFIG_FILE)
-    return flow.to(device).eval()
+    flow = flow.to(device).eval()
+    flow.decoder.estimator.fuse_qkv()
+    return flow

@@ -4,6 +4,8 @@ README: DiT single call 1e-4."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -149,3 +151,22 @@ def test_onnx_export(parity_set: ParitySet, streaming: bool, tmp_path) -> None:
     out = session.run(None, {name: ps.arrays[f"est_free_{name}"] for name in INPUTS})[0]
     key = "est_free_out_stream" if streaming else "est_free_out_full"
     assert_close(ps, f"{key} (onnx)", torch.from_numpy(out), ps.t(key), ATOL_DIT)
+
+
+def test_fused_qkv_is_bit_identical(parity_set: ParitySet) -> None:
+    """One GEMM for q, k and v gives the same bits as three; the parameters become views of the
+    fused weight (no extra memory, same state dict); moving the module falls back to three."""
+    ps = parity_set
+    dit = copy.deepcopy(dit_of(ps))
+    args = inputs(ps, "est_call0")
+    with torch.inference_mode():
+        separate = dit(*args)
+        assert dit.fuse_qkv()
+        attn = dit.transformer_blocks[0].attn
+        assert attn._fused() is not None
+        assert attn.to_q.weight.untyped_storage().data_ptr() == attn.to_v.weight.untyped_storage().data_ptr()
+        assert torch.equal(dit(*args), separate)
+        assert set(dit.state_dict()) == set(dit_of(ps).state_dict())
+        dit.double()
+        assert attn._fused() is None
+        torch.testing.assert_close(dit(*(a.double() for a in args)).float(), separate, rtol=0, atol=1e-5)

@@ -115,7 +115,7 @@ def test_decode_given_source(parity_set: ParitySet, fast: bool) -> None:
         conv_post = hift.decode_conv_post(mel, source, finalize=True, fast=fast)
         speech = hift.decode(mel, source, finalize=True, fast=fast)
     tag = "fast" if fast else "reference"
-    assert_close(ps, "hift_conv_pre", conv_pre, ps.t("hift_conv_pre"), ATOL_CONV)
+    assert_close(ps, f"hift_conv_pre ({tag})", conv_pre, ps.t("hift_conv_pre"), ATOL_CONV)
     assert_close(ps, f"hift_conv_post ({tag})", conv_post, ps.t("hift_conv_post"), ATOL_CONV)
     assert_close(ps, f"hift_speech given source ({tag})", speech, ps.t("hift_speech"), ATOL_DECODE)
 
