@@ -31,7 +31,6 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -403,16 +402,6 @@ class CausalHiFTGenerator(nn.Module):
 
 
 # --------------------------------------------------------------------------------- streaming
-@dataclass
-class VocoderState:
-    """What :class:`StreamingVocoder` keeps between calls."""
-
-    mel: Tensor  # the last frames of the accumulated mel (decoder context + held-back frames)
-    mel_start: int  # absolute index of mel[..., 0]
-    f0: Tensor  # [B, n] f0 (float32) of frames 0 .. n-1: exact, their look-ahead was seen
-    samples_out: int  # samples released so far
-
-
 class StreamingVocoder:
     """Vocodes a mel that grows chunk by chunk, with upstream's streaming semantics.
 

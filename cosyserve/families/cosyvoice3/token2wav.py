@@ -125,6 +125,7 @@ class _Segment:
         self.ratio = flow.token_mel_ratio
         self.lookahead = flow.pre_lookahead_len
         self.trace: list[CallRecord] | None = [] if record else None
+        self.last_tokens = 0
 
     def flow_frames(self, n_tokens: int, finalize: bool) -> int:
         """Frames of the Euler loop of a call over ``n_tokens`` (prompt included): calls with equal
@@ -134,6 +135,7 @@ class _Segment:
     @torch.inference_mode()
     def prepare(self, tokens: Sequence[int], finalize: bool = True) -> FlowInputs:
         token_tensor = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        self.last_tokens = token_tensor.shape[1]  # for the trace
         return self.flow.prepare(
             token_tensor,
             self.prompt_tokens,
@@ -158,7 +160,9 @@ class WholeToken2Wav(_Segment):
         speech, _ = self.hift.inference(hift_mel, self.noise, finalize=True)
         if self.trace is not None:
             n = self.hift.samples_per_frame
-            self.trace.append(CallRecord(0, (False, True), mel, hift_mel, (frames, True), frames * n, speech))
+            self.trace.append(
+                CallRecord(self.last_tokens, (False, True), mel, hift_mel, (frames, True), frames * n, speech)
+            )
         return speech_to_numpy(speech)
 
 

@@ -152,6 +152,8 @@ def test_sinks_on_stored_mels(parity_set: ParitySet) -> None:
         for k, (_, finalize) in enumerate(calls):
             out = sink.complete(ps.t(run.key(k, "flow_mel")), finalize)
             record = sink.trace[-1]
+            if isinstance(sink, ChunkedToken2Wav):
+                assert record.flow_ntok == int(ps.arrays[run.key(k, "flow_ntok")][0]), (run.name, k)
             assert list(record.hift_in_frames) == ps.arrays[run.key(k, "hift_in_frames")].tolist(), (
                 run.name,
                 k,
