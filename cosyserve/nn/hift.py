@@ -47,7 +47,7 @@ def _conv(conv: nn.Conv1d | nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor
     times faster (no per-call layout reorders of the activations)."""
     if x.dim() == 3:
         return conv(x)
-    w = _fast_weight(conv)
+    w = fast_weight(conv)
     if isinstance(conv, nn.ConvTranspose1d):
         return F.conv_transpose2d(
             x,
@@ -67,7 +67,7 @@ def _conv(conv: nn.Conv1d | nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor
     )
 
 
-def _fast_weight(conv: nn.Module) -> torch.Tensor:
+def fast_weight(conv: nn.Module) -> torch.Tensor:
     """The weight as ``[out, in, 1, k]`` channels-last.
 
     The first call re-lays the parameter itself out (same ``[out, in, k]`` shape and values, other
@@ -84,7 +84,7 @@ def _fast_weight(conv: nn.Module) -> torch.Tensor:
     return conv.weight.unsqueeze(2)
 
 
-def _to_fast_layout(x: torch.Tensor) -> torch.Tensor:
+def to_fast_layout(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
 
@@ -329,7 +329,7 @@ class HiFTGenerator(nn.Module):
             return
         for name, module in self.named_modules():
             if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) and not name.startswith("f0_predictor"):
-                _fast_weight(module)
+                fast_weight(module)
 
     def decode_conv_post(
         self, mel: torch.Tensor, source: torch.Tensor, fast: bool | None = None
@@ -343,7 +343,7 @@ class HiFTGenerator(nn.Module):
         s_stft = self._stft(source)
         x = mel
         if fast:
-            x, s_stft = _to_fast_layout(x), _to_fast_layout(s_stft)
+            x, s_stft = to_fast_layout(x), to_fast_layout(s_stft)
         x = _conv(self.conv_pre, x)
         for i in range(self.num_upsamples):
             x = F.leaky_relu(x, self.cfg.lrelu_slope)

@@ -39,8 +39,8 @@ from torch import Tensor
 from cosyserve.errors import InvalidRequestError, UnsupportedModeError
 from cosyserve.text.frontend import TextFrontend
 from cosyserve.text.normalize import detect_language, has_tags, is_only_punctuation
-from cosyserve.text.segment import pack_reference, split_reference
 from cosyserve.text.qwen_tokenizer import ENDOFPROMPT, QwenTokenizer
+from cosyserve.text.segment import pack_reference, split_reference
 from cosyserve.voices.prompt import PromptFeatures, align_prompt_lengths
 
 logger = logging.getLogger(__name__)

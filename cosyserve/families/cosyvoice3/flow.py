@@ -1,0 +1,307 @@
+"""The CosyVoice3 flow: speech tokens -> 80-bin mel (`CausalMaskedDiffWithDiT`).
+
+Pipeline: token embedding (prompt tokens first) -> pre-lookahead layer (each token sees the next
+3; ``finalize=False``: the last 3 tokens are look-ahead context only) -> repeat each token
+``token_mel_ratio`` (2) times -> ``mu``; conditional flow matching (cosine-scheduled Euler steps,
+classifier-free guidance 0.7) over the DiT estimator, with the prompt mel as ``cond`` in the first
+frames. There is no encoder after the lookahead layer (CosyVoice2 had a conformer). Module names
+match the official ``flow.pt``, which loads with ``strict=True``.
+
+Noise: the initial ODE state is the first T frames of one fixed buffer, upstream's
+``rand_noise`` = ``manual_seed(0); randn(1, 80, 15000)`` (:func:`reference_flow_noise`), so a
+request's mel depends only on its inputs. Streaming calls (``streaming=True``) restrict attention
+to chunks of 50 frames (a frame sees its own chunk and all earlier ones); the last call of a
+stream and non-streaming calls use full attention.
+
+Batching: :meth:`CausalMaskedDiffWithDiT.prepare` does the per-request work; :meth:`decode` runs
+the Euler loop for several prepared requests at once (estimator batch 2B). The DiT has no
+statistics across frames and its convolutions are causal, so right-padding a shorter request
+(key-padding mask) leaves its frames as in its solo run: requests of different lengths batch
+exactly (up to float rounding), as long as they share the streaming flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cosyserve.families.cosyvoice3.config import CONFIG_FILE, FlowConfig
+from cosyserve.families.cosyvoice3.noise import check_flow_frames, reference_flow_noise
+from cosyserve.nn.cfm import cosine_t_span
+from cosyserve.nn.checkpoint import load_into, read_checkpoint, skip_random_init
+from cosyserve.nn.config import CFMConfig
+from cosyserve.nn.dit import DiT, DiTConfig
+from cosyserve.nn.lookahead import PreLookaheadLayer
+
+logger = logging.getLogger(__name__)
+
+# `(x, mask, mu, t, spks, cond) -> [2B, 80, T]`, and `streaming=True` as a keyword for chunk-masked
+# calls: what an ONNX/TensorRT runner (or a recorder in tests) implements.
+EstimatorFn = Callable[..., Tensor]
+
+
+class CausalConditionalCFM(nn.Module):
+    """Flow matching with the DiT estimator (upstream `CausalConditionalCFM`): Euler steps on the
+    cosine schedule, classifier-free guidance as a batch of two, the fixed noise buffer.
+
+    ``estimator`` holds the ``decoder.estimator.*`` weights; set ``estimator_runner`` to run an
+    :data:`EstimatorFn` instead (it gets ``streaming=True`` as a keyword on streaming calls only).
+    """
+
+    def __init__(self, cfg: CFMConfig, dit_cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.t_scheduler != "cosine" or cfg.solver != "euler":
+            raise ValueError(
+                f"only the cosine t-schedule with the Euler solver is supported, got "
+                f"{cfg.t_scheduler!r}/{cfg.solver!r}"
+            )
+        self.estimator = DiT(dit_cfg)
+        self.estimator_runner: EstimatorFn | None = None
+
+    @property
+    def rand_noise(self) -> Tensor:
+        """Upstream's fixed noise buffer ``[1, 80, 15000]`` (not a checkpoint tensor)."""
+        return reference_flow_noise()
+
+    def forward_estimator(
+        self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor, streaming: bool
+    ) -> Tensor:
+        if self.estimator_runner is None:
+            return self.estimator(x, mask, mu, t, spks, cond, streaming=streaming)
+        if streaming:
+            return self.estimator_runner(x, mask, mu, t, spks, cond, streaming=True)
+        return self.estimator_runner(x, mask, mu, t, spks, cond)
+
+    @torch.inference_mode()
+    def solve_euler(
+        self,
+        z: Tensor,
+        mu: Tensor,
+        mask: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        streaming: bool = False,
+        n_timesteps: int | None = None,
+    ) -> Tensor:
+        """Integrate B requests at once: z, mu, cond ``[B, 80, T]``, mask ``[B, 1, T]``, spks
+        ``[B, 80]``. Each step runs the estimator on 2B rows (``[:B]`` conditional, ``[B:]`` with
+        mu, spks and cond zeroed); ``x += dt * ((1 + r) v_cond - r v_uncond)``."""
+        n = n_timesteps or self.cfg.n_timesteps
+        rate = self.cfg.inference_cfg_rate
+        b = z.shape[0]
+        dtype = spks.dtype
+        t_span = cosine_t_span(n, z.device)
+        # Estimator inputs built once; only x and t change per step (fixed buffers suit TensorRT).
+        x_in = torch.empty((2 * b, *z.shape[1:]), device=z.device, dtype=dtype)
+        mask_in = torch.cat([mask, mask]).to(dtype)
+        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(dtype)
+        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dtype)
+        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dtype)
+        t_in = torch.empty((2 * b,), device=z.device, dtype=dtype)
+
+        x = z.to(dtype)
+        # t and dt accumulate in float32 exactly as upstream (t += dt; dt = t_span[k+1] - t).
+        t = t_span[0:1]
+        dt = t_span[1] - t_span[0]
+        for step in range(1, n + 1):
+            x_in[:b] = x
+            x_in[b:] = x
+            t_in[:] = t
+            v = self.forward_estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
+            x = x + dt * ((1.0 + rate) * v[:b] - rate * v[b:])
+            t = t + dt
+            if step < n:
+                dt = t_span[step + 1] - t
+        return x.float()
+
+
+@dataclass
+class FlowInputs:
+    """One request, ready for the Euler loop (channels-first, batch 1, T = prompt + new frames)."""
+
+    mu: Tensor  # [1, 80, T]
+    spks: Tensor  # [1, 80]
+    cond: Tensor  # [1, 80, T]: prompt mel in the first `prompt_frames` frames, zeros after
+    z: Tensor  # [1, 80, T] initial ODE state
+    prompt_frames: int
+    streaming: bool  # chunk-masked attention (a stream's non-final chunk)
+
+    @property
+    def frames(self) -> int:
+        return self.mu.shape[2]
+
+
+class CausalMaskedDiffWithDiT(nn.Module):
+    """CosyVoice3 flow (`flow.pt`): speech tokens (+ optional prompt) -> mel ``[1, 80, T]``."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.output_size = cfg.output_size
+        self.input_frame_rate = cfg.input_frame_rate
+        self.token_mel_ratio = cfg.token_mel_ratio
+        self.pre_lookahead_len = cfg.pre_lookahead_len
+        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+        pre = cfg.pre_lookahead
+        self.pre_lookahead_layer = PreLookaheadLayer(pre.in_channels, pre.channels, pre.pre_lookahead_len)
+        self.decoder = CausalConditionalCFM(cfg.cfm, cfg.dit)
+
+    # -- per-request pieces -------------------------------------------------------------------
+
+    def speaker_projection(self, embedding: Tensor) -> Tensor:
+        """x-vector ``[B, 192]`` -> ``spks`` ``[B, 80]`` (L2-normalised first)."""
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """Speech tokens ``[1, N]`` -> embeddings ``[1, N, C]`` (negative ids read as 0, as upstream)."""
+        if tokens.numel() and int(tokens.max()) >= self.cfg.vocab_size:
+            raise ValueError(
+                f"speech token {int(tokens.max())} is outside the flow's vocabulary ({self.cfg.vocab_size})"
+            )
+        return self.input_embedding(torch.clamp(tokens, min=0))
+
+    def lookahead(self, embedded: Tensor, finalize: bool) -> Tensor:
+        """Pre-lookahead layer: ``[1, N, C]`` -> ``[1, N, C]`` (finalize: zeros after the last
+        token) or ``[1, N - 3, C]`` (the last 3 tokens are look-ahead context only)."""
+        if finalize:
+            return self.pre_lookahead_layer(embedded)
+        n = self.pre_lookahead_len
+        return self.pre_lookahead_layer(embedded[:, :-n], context=embedded[:, -n:])
+
+    @torch.inference_mode()
+    def compute_mu(self, tokens: Tensor, prompt_tokens: Tensor, finalize: bool = True) -> Tensor:
+        """Prompt + tokens -> ``mu`` ``[1, 80, 2 * (Np + N [- 3])]`` (channels-first)."""
+        all_tokens = torch.cat([prompt_tokens, tokens], dim=1)
+        if not finalize and all_tokens.shape[1] <= self.pre_lookahead_len:
+            raise ValueError(
+                f"a non-final flow call needs more than {self.pre_lookahead_len} tokens "
+                f"(the last {self.pre_lookahead_len} are look-ahead only), got {all_tokens.shape[1]}"
+            )
+        h = self.lookahead(self.embed_tokens(all_tokens), finalize)
+        return h.repeat_interleave(self.token_mel_ratio, dim=1).transpose(1, 2)
+
+    @torch.inference_mode()
+    def prepare(
+        self,
+        tokens: Tensor,
+        prompt_tokens: Tensor | None,
+        prompt_feat: Tensor | None,
+        embedding: Tensor,
+        streaming: bool = False,
+        finalize: bool = True,
+        noise: Tensor | None = None,
+    ) -> FlowInputs:
+        """Everything before the Euler loop for one request (batch 1).
+
+        tokens ``[1, N]`` int (the whole token sequence so far: upstream re-runs the flow over
+        all of them every streaming chunk); prompt_tokens ``[1, Np]`` (or None); prompt_feat
+        ``[1, P, 80]`` time-major prompt mel (or None); embedding ``[1, 192]``. ``noise``
+        ``[1, 80, T]`` replaces the fixed buffer (tests).
+        """
+        if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [1, N] with N > 0, got {tuple(tokens.shape)}")
+        device = tokens.device
+        dtype = self.spk_embed_affine_layer.weight.dtype  # float32, or float16 when halved
+        if prompt_tokens is None:
+            prompt_tokens = torch.zeros((1, 0), dtype=torch.long, device=device)
+        if prompt_feat is None:
+            prompt_feat = torch.zeros((1, 0, self.output_size), device=device, dtype=dtype)
+        prompt_frames = prompt_feat.shape[1]
+
+        spks = self.speaker_projection(embedding.to(device=device, dtype=dtype))
+        mu = self.compute_mu(tokens, prompt_tokens.to(device), finalize)
+        frames = mu.shape[2]
+        if frames <= prompt_frames:
+            raise ValueError(
+                f"the flow makes {frames} mel frames for {prompt_tokens.shape[1] + tokens.shape[1]} tokens, "
+                f"no more than the prompt's {prompt_frames}: nothing to synthesise"
+            )
+        check_flow_frames(frames)
+        cond = torch.zeros_like(mu)
+        cond[:, :, :prompt_frames] = prompt_feat.transpose(1, 2).to(dtype)
+        if noise is None:
+            z = self.decoder.rand_noise[:, :, :frames].to(device=device, dtype=dtype)
+        else:
+            if tuple(noise.shape) != tuple(mu.shape):
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(mu.shape)}")
+            z = noise.to(device=device, dtype=dtype)
+        return FlowInputs(mu=mu, spks=spks, cond=cond, z=z, prompt_frames=prompt_frames, streaming=streaming)
+
+    # -- the Euler loop, batched over requests --------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, items: Sequence[FlowInputs], n_timesteps: int | None = None) -> list[Tensor]:
+        """Run the ODE for several prepared requests; returns each mel ``[1, 80, T_new]`` (prompt
+        frames removed), in order. Items sharing the streaming flag share one Euler loop (shorter
+        ones right-padded and masked)."""
+        out: list[Tensor | None] = [None] * len(items)
+        for streaming in (False, True):
+            group = [i for i, it in enumerate(items) if it.streaming == streaming]
+            if group:
+                mels = self._decode_group([items[i] for i in group], streaming, n_timesteps)
+                for i, mel in zip(group, mels):
+                    out[i] = mel
+        return out  # type: ignore[return-value]
+
+    def _decode_group(
+        self, items: Sequence[FlowInputs], streaming: bool, n_timesteps: int | None
+    ) -> list[Tensor]:
+        if len(items) == 1:
+            it = items[0]
+            mask = torch.ones((1, 1, it.frames), device=it.mu.device, dtype=it.mu.dtype)
+            mel = self.decoder.solve_euler(it.z, it.mu, mask, it.spks, it.cond, streaming, n_timesteps)
+            return [mel[:, :, it.prompt_frames :]]
+        frames = max(it.frames for it in items)
+
+        def pad(x: Tensor) -> Tensor:
+            return F.pad(x, (0, frames - x.shape[-1]))
+
+        z = torch.cat([pad(it.z) for it in items])
+        mu = torch.cat([pad(it.mu) for it in items])
+        cond = torch.cat([pad(it.cond) for it in items])
+        spks = torch.cat([it.spks for it in items])
+        mask = torch.cat([pad(torch.ones_like(it.mu[:, :1])) for it in items])
+        mel = self.decoder.solve_euler(z, mu, mask, spks, cond, streaming, n_timesteps)
+        return [mel[i : i + 1, :, it.prompt_frames : it.frames] for i, it in enumerate(items)]
+
+    @torch.inference_mode()
+    def inference(
+        self,
+        tokens: Tensor,
+        prompt_tokens: Tensor | None = None,
+        prompt_feat: Tensor | None = None,
+        embedding: Tensor | None = None,
+        streaming: bool = False,
+        finalize: bool = True,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """Tokens -> mel ``[1, 80, T]`` without the prompt frames (upstream ``inference``)."""
+        if embedding is None:
+            raise ValueError("the flow needs a speaker embedding [1, 192]")
+        item = self.prepare(tokens, prompt_tokens, prompt_feat, embedding, streaming, finalize, noise)
+        return self.decode([item])[0]
+
+
+def load_flow(
+    path: str | os.PathLike[str], cfg: FlowConfig, device: str | torch.device = "cpu"
+) -> CausalMaskedDiffWithDiT:
+    """Build the flow and load ``flow.pt`` strictly (memory-mapped, no second copy of the weights;
+    an FP16 checkpoint gives FP32 parameters), with the DiT's q/k/v projections fused. Raises
+    ModelDirectoryError naming the file."""
+    path = Path(path)
+    state_dict = read_checkpoint(path)
+    with skip_random_init():
+        flow = CausalMaskedDiffWithDiT(cfg)
+    load_into(flow, state_dict, path, config_name=CONFIG_FILE)
+    flow = flow.to(device).eval()
+    flow.decoder.estimator.fuse_qkv()
+    return flow
