@@ -48,7 +48,9 @@ def _run_contenders(root: Path, overwrite: bool) -> list[tuple[int, int, str]]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(str(root), seed, overwrite, barrier, results)) for seed in (1, 2)]
+    procs = [
+        ctx.Process(target=_race, args=(str(root), seed, overwrite, barrier, results)) for seed in (1, 2)
+    ]
     for p in procs:
         p.start()
     try:
