@@ -90,10 +90,11 @@ def run(
     from cosyserve.deploy.ray_serve import build_app
     from cosyserve.server.launch import public_urls
 
-    stop = stop or _stop_on_signals()
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(logging_level=logging.WARNING)
+    # After ray.init, which installs handlers of its own that would abort the process.
+    stop = stop or _stop_on_signals()
     try:
         resources: dict[str, Any] = ray.cluster_resources()
         cpu_share, gpu_share = share_resources(
