@@ -49,6 +49,9 @@ class RayServeOptions(BaseModel):
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="requests Serve sends one replica at once (default max_active)"
     )
+    max_queued_requests: int | None = Field(
+        None, ge=1, description="requests waiting in each Serve proxy before a 503 (default max_queue)"
+    )
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     metrics_interval_s: float = Field(
@@ -129,6 +132,8 @@ class RayServeOptions(BaseModel):
             # A replica is sent only what its engine batches at once; the rest waits in Serve's
             # router, which hands it to whichever replica frees a slot first.
             "max_ongoing_requests": self.max_ongoing_requests or max_active,
+            # Back-pressure moves with the queue: it is Serve's router that holds waiting requests.
+            "max_queued_requests": self.max_queued_requests or max(1, engine.max_queue),
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             # In-flight streams get the engine's drain time, plus a margin for the lifespan.

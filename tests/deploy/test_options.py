@@ -16,7 +16,12 @@ from cosyserve.settings import Settings
 
 @pytest.fixture(autouse=True)
 def _no_developer_env(monkeypatch) -> None:
-    for name in ("COSYSERVE_MAX_ACTIVE", "COSYSERVE_SHUTDOWN_TIMEOUT_S", "COSYSERVE_API_KEY"):
+    for name in (
+        "COSYSERVE_MAX_ACTIVE",
+        "COSYSERVE_MAX_QUEUE",
+        "COSYSERVE_SHUTDOWN_TIMEOUT_S",
+        "COSYSERVE_API_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -34,6 +39,7 @@ def test_command_line_strings_become_options_and_engine_settings() -> None:
     assert deployment["num_replicas"] == 2 and "autoscaling_config" not in deployment
     assert deployment["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert deployment["max_ongoing_requests"] == 4  # what one engine batches at once
+    assert deployment["max_queued_requests"] == Settings().max_queue  # then Serve answers 503
     assert deployment["graceful_shutdown_timeout_s"] == Settings().shutdown_timeout_s + 5
 
 
