@@ -20,8 +20,9 @@ from cosyserve.settings import Settings
 logger = logging.getLogger(__name__)
 
 APP_NAME = "cosyserve"
-# Settings the proxy (not a replica) owns, and the secret (sent as an environment variable).
-_NOT_PASSED = {"host", "port", "api_key"}
+# Settings the proxy (not a replica) owns, the secret (sent as an environment variable), and
+# the instance name (each replica names itself).
+_NOT_PASSED = {"host", "port", "api_key", "instance_id"}
 
 
 def share_resources(

@@ -93,6 +93,10 @@ class RayServeOptions(BaseModel):
                 f"unknown argument(s) {', '.join(unknown)}; accepted: scaling {', '.join(sorted(own))}, "
                 f"and the server settings {', '.join(sorted(set(Settings.model_fields) - _PROXY_SETTINGS))}"
             )
+        if "instance_id" in settings:
+            raise DeploymentOptionsError(
+                "instance_id cannot be given to a deployment: each replica names itself (<replica>@<host>)"
+            )
         misplaced = sorted(set(settings) & _PROXY_SETTINGS)
         if misplaced:
             raise DeploymentOptionsError(

@@ -86,6 +86,7 @@ def test_nested_settings_and_runtime_env() -> None:
         ({"target_ongoing_requests": 2}, "needs max_replicas"),
         ({"num_gpus": "1.5"}, "whole"),
         ({"settings": "max_active=2"}, "mapping"),
+        ({"instance_id": "same-for-all"}, "each replica names itself"),
     ],
 )
 def test_bad_arguments_are_clear_errors(args: dict, message: str) -> None:
@@ -119,7 +120,9 @@ def test_sharing_refuses_what_the_machine_does_not_have() -> None:
 
 
 def test_local_options_pass_the_given_settings_and_keep_the_key_out_of_the_arguments() -> None:
-    settings = Settings(model_dir="/m", port=8100, host="0.0.0.0", max_active=3, api_key="s3cret")
+    settings = Settings(
+        model_dir="/m", port=8100, host="0.0.0.0", max_active=3, api_key="s3cret", instance_id="one-name"
+    )
     options = local_options(settings, 2, 1.0, 0.5)
     assert options.settings == {"model_dir": "/m", "max_active": 3}
     assert options.runtime_env == {"env_vars": {"COSYSERVE_API_KEY": "s3cret"}}
