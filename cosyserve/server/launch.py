@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"cosyserve serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level)
-    if getattr(args, "replicas", None):
+    if getattr(args, "replicas", None) is not None:
         return _serve_replicas(settings, args)
 
     try:

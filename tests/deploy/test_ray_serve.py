@@ -151,10 +151,14 @@ def _request(
     text: str = TEXT,
     voice: str = VOICE,
     audio_started: threading.Event | None = None,
+    live: list[Reply] | None = None,
 ) -> Reply:
     """``wav``: one file from the OpenAI route; ``pcm``: raw PCM streamed from /inference_sft.
-    ``audio_started`` is set when the first body piece arrives."""
+    ``audio_started`` is set when the first body piece arrives; ``live`` receives the reply as
+    soon as it exists (its status and instance are filled in when the head arrives)."""
     reply = Reply(kind, seed, started=time.perf_counter())
+    if live is not None:
+        live.append(reply)
     if kind == "wav":
         method, path = "POST", "/v1/audio/speech"
         kwargs: dict[str, Any] = {
@@ -372,17 +376,22 @@ def test_killing_a_replica_mid_traffic(cluster: Cluster, reference_durations, re
     bound_s = 60.0
     client = httpx.Client(base_url=cluster.url, timeout=bound_s)
     try:
-        # Long streams on both replicas; wait until every one has sent audio, then kill one.
+        instances = _live_instances(client)
+        assert len(instances) == 2, instances
+        # Long streams; once every one has sent audio, kill the replica serving the most of them.
         with ThreadPoolExecutor(8) as pool:
             started = [threading.Event() for _ in range(8)]
+            live: list[Reply] = []
             in_flight = [
-                pool.submit(_request, client, "pcm", i % 4, LONG_TEXT, VOICE, started[i]) for i in range(8)
+                pool.submit(_request, client, "pcm", i % 4, LONG_TEXT, VOICE, started[i], live)
+                for i in range(8)
             ]
             for event in started:
                 assert event.wait(60), "a stream sent no audio within 60 s"
-            instances = _live_instances(client)
-            assert len(instances) == 2, instances
-            victim, survivor = sorted(instances)
+            streams = Counter(r.instance for r in live)
+            victim = max(instances, key=lambda i: streams.get(i, 0))
+            (survivor,) = instances - {victim}
+            assert streams[victim] >= 1
             handle = ray.get_actor(
                 f"SERVE_REPLICA::{APP}#CosyServe#{victim.split('@')[0]}", namespace="serve"
             )
@@ -429,6 +438,7 @@ def test_killing_a_replica_mid_traffic(cluster: Cluster, reference_durations, re
     finally:
         client.close()
     timings = {
+        "in_flight_per_instance": {"killed": streams[victim], "survivor": streams[survivor]},
         "in_flight_ended_s": round(ended_s, 2),
         "in_flight_completed": len(completed),
         "in_flight_failed": len(finished) - len(completed),
