@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,7 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             for pid, _ in leaked:  # ours (they name our session directory): do not leave them
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(temp_dir, ignore_errors=True)
             assert not leaked, f"Ray left processes behind: {leaked}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,4 +104,5 @@ def test_serve_replicas_runs_two_replicas_and_stops_on_sigterm(tiny_model_dir: P
         for pid in leaked:  # started by this test (they name its session directory)
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not leaked, f"processes left behind: {leaked}"
