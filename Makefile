@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[embedded,dev]"
+	$(BIN)/pip install -q -e ".[embedded,dev,ray]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

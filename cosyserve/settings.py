@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         15.0, ge=0, description="on SIGTERM, in-flight requests get this long to finish"
     )
     health_cache_s: float = Field(10.0, ge=0, description="how long a /health result is reused")
+    instance_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:@/#\-]{1,128}$",
+        description="name of this server process in the X-Cosyserve-Instance header and "
+        "/performance_info (default <pid>@<hostname>)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @field_validator("cors_origins", mode="before")
@@ -91,7 +97,7 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("model_dir", "force_config", "api_key", "voices_dir", mode="before")
+    @field_validator("model_dir", "force_config", "api_key", "voices_dir", "instance_id", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         # `COSYSERVE_API_KEY=` (empty) must mean "no key", not "the empty key".

@@ -35,7 +35,8 @@ def assert_same(a: PromptFeatures, b: PromptFeatures) -> None:
 
 
 def files(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir())
+    # ".lock" is the store's cross-process lock file: empty, kept, never a voice.
+    return sorted(p.name for p in root.iterdir() if p.name != ".lock")
 
 
 def test_save_list_get_delete(tmp_path: Path):

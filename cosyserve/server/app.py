@@ -28,6 +28,7 @@ from cosyserve import __version__
 from cosyserve.engine.loop import EngineLoop
 from cosyserve.errors import CosyserveError, QueueFullError
 from cosyserve.interfaces import Backend
+from cosyserve.server.instance import INSTANCE_HEADER, InstanceHeaderMiddleware, default_instance_id
 from cosyserve.server.metrics import ServerMetrics
 from cosyserve.server.routers import openai as openai_router
 from cosyserve.server.routers import ops, seed, voices
@@ -51,6 +52,7 @@ EXPOSED_HEADERS = [
     "X-RTF",
     "X-Sample-Rate",
     "Retry-After",
+    INSTANCE_HEADER,
 ]
 _REQUEST_ID = re.compile(r"^[\w\-.:]{1,64}$")
 # Text fields and base64 overhead on top of the largest accepted upload.
@@ -297,6 +299,7 @@ def create_app(
         engine=engine,
         metrics=metrics,
         launch_report=dict(launch_report or {}),
+        instance_id=settings.instance_id or default_instance_id(),
     )
     state.health = HealthChecker(engine, backend, settings.health_cache_s)
 
@@ -354,6 +357,7 @@ def create_app(
         allow_headers=["*"],
         expose_headers=EXPOSED_HEADERS,
     )
+    app.add_middleware(InstanceHeaderMiddleware, instance_id=state.instance_id)
     return app
 
 

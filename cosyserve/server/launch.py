@@ -17,6 +17,23 @@ logger = logging.getLogger(__name__)
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
+    scale = parser.add_argument_group("scale-out on this machine (needs the cosyserve[ray] extra)")
+    scale.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N replicas, each with its own model, behind Ray Serve's proxy on --host/--port",
+    )
+    scale.add_argument(
+        "--cpus-per-replica", type=float, default=None, help="CPUs per replica (default: an equal share)"
+    )
+    scale.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs per replica, fractions allowed (default: the GPUs shared out equally, at most 1)",
+    )
     parser.epilog = (
         "Every flag can also be set as an environment variable: COSYSERVE_<FLAG> "
         "(e.g. COSYSERVE_MODEL_DIR, COSYSERVE_API_KEY). A flag wins over the environment."
@@ -50,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"cosyserve serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level)
+    if getattr(args, "replicas", None) is not None:
+        return _serve_replicas(settings, args)
 
     try:
         backend, report = build_backend(settings)
@@ -77,3 +96,23 @@ def main(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     server.run()  # installs SIGTERM/SIGINT handlers; lifespan shutdown drains the engine
     return 0
+
+
+def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
+    from cosyserve.errors import CosyserveError
+
+    try:
+        import ray.serve  # noqa: F401 - the optional extra
+    except ImportError as exc:
+        print(
+            f"cosyserve serve --replicas needs Ray Serve: pip install 'cosyserve[ray]' ({exc})",
+            file=sys.stderr,
+        )
+        return 1
+    from cosyserve.deploy import local
+
+    try:
+        return local.run(settings, args.replicas, args.cpus_per_replica, args.gpus_per_replica)
+    except CosyserveError as exc:
+        print(f"cosyserve serve: {exc.message}", file=sys.stderr)
+        return 2

@@ -499,7 +499,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     from cosyserve.tools.loadtest import add_concurrency_arguments
 
-    add_concurrency_arguments(parser)  # --concurrency N [--http]: batched vs one at a time
+    add_concurrency_arguments(parser)  # --concurrency N [--http | --url URL]: batched vs one at a time
 
 
 def main(args: argparse.Namespace) -> int:
@@ -509,7 +509,14 @@ def main(args: argparse.Namespace) -> int:
         result = run_worker(args)
         print(RESULT_PREFIX + json.dumps(result, ensure_ascii=False), flush=True)
         return 0
+    if args.url and not args.concurrency:
+        print("cosyserve bench: --url needs --concurrency N", file=sys.stderr)
+        return 2
     try:
+        if args.url:  # a running endpoint: no model to load here
+            from cosyserve.tools.loadtest import bench_main
+
+            return bench_main(args)
         if args.model_dir is None:
             if not args.synthetic:
                 print(

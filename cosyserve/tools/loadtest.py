@@ -18,8 +18,11 @@ Every request is forced to ``tokens`` speech tokens (EOS masked), so the work is
 whatever the weights (a synthetic ``make-model`` directory works). ``http=True`` runs the real
 FastAPI app under uvicorn on 127.0.0.1 (an ephemeral port, never another interface) and drives
 it with ``N`` client threads over loopback (``/inference_sft``, raw PCM streaming); otherwise
-the engine loop is driven in-process. Concurrency and time are bounded (``max_seconds`` per
-phase: what is still running then is cancelled and reported as failed).
+the engine loop is driven in-process. ``url=...`` drives an endpoint that is already running
+instead (a cosyserve server, or the Ray Serve application's proxy) with the same phases; the
+server then decides the number of tokens (nothing is forced), and the report counts which
+instance (``X-Cosyserve-Instance``) answered. Concurrency and time are bounded (``max_seconds``
+per phase: what is still running then is cancelled and reported as failed).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import asyncio
 import http.client
 import json
 import logging
+import os
 import sys
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -41,6 +46,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from cosyserve.errors import BackendUnavailableError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ class RequestResult:
     total_s: float = 0.0
     audio_s: float = 0.0
     error: str | None = None
+    instance: str | None = None  # X-Cosyserve-Instance of the server that answered (HTTP)
 
     @property
     def rtf(self) -> float | None:
@@ -100,6 +108,9 @@ class PhaseResult:
         }
         if self.batching is not None:
             out["batching"] = self.batching
+        instances = Counter(r.instance for r in self.requests if r.instance)
+        if instances:
+            out["instances"] = dict(sorted(instances.items()))
         return out
 
 
@@ -228,7 +239,9 @@ class _HttpDriver:
         if not isinstance(engine.policy, BatchingPolicy):  # an app that does not wire it itself
             engine.policy = BatchingPolicy(backend, config_from_settings(backend, batch_settings))
             register_prometheus(engine.policy, self.app.state.cosyserve.metrics.registry)
-        self.policy: BatchingPolicy = engine.policy
+        self.policy: BatchingPolicy | None = engine.policy
+        self.host = "127.0.0.1"
+        self.headers: dict[str, str] = {}
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="loadtest-uvicorn", daemon=True)
@@ -257,7 +270,7 @@ class _HttpDriver:
         results = [RequestResult(i) for i in range(n)]
         barrier = _FirstChunkBarrier(n if concurrent else 1)
         deadline = time.perf_counter() + max_seconds
-        before = dict(self.policy.stats())
+        before = dict(self.policy.stats()) if self.policy is not None else {}
         started = time.perf_counter()
         if concurrent:
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="loadtest-client") as pool:
@@ -271,8 +284,10 @@ class _HttpDriver:
             for i, r in enumerate(requests):
                 self._one(r, results[i], _FirstChunkBarrier(1), first_chunk_only, deadline)
         wall = time.perf_counter() - started
-        stats = self.policy.stats()
-        stats["steps_in_phase"] = stats["steps"] - before.get("steps", 0)
+        stats = None
+        if self.policy is not None:
+            stats = self.policy.stats()
+            stats["steps_in_phase"] = stats["steps"] - before.get("steps", 0)
         return PhaseResult(name, n if concurrent else 1, wall, results, stats)
 
     def _one(
@@ -292,15 +307,17 @@ class _HttpDriver:
                 "seed": str(request.seed),
             }
         )
-        conn = http.client.HTTPConnection(
-            "127.0.0.1", self.port, timeout=max(1.0, deadline - time.perf_counter())
-        )
+        conn = self._connection(max(1.0, deadline - time.perf_counter()))
         t0 = time.perf_counter()
         try:
             conn.request(
-                "POST", "/inference_sft", body, {"Content-Type": "application/x-www-form-urlencoded"}
+                "POST",
+                f"{self.path_prefix}/inference_sft",
+                body,
+                {"Content-Type": "application/x-www-form-urlencoded", **self.headers},
             )
             response = conn.getresponse()
+            result.instance = response.headers.get("X-Cosyserve-Instance")
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {response.read(300)!r}"
                 return
@@ -328,6 +345,55 @@ class _HttpDriver:
         finally:
             result.total_s = time.perf_counter() - t0
             conn.close()
+
+    path_prefix = ""
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+
+class _UrlDriver(_HttpDriver):
+    """An endpoint that is already running: a cosyserve server or the Ray Serve application's
+    proxy (``COSYSERVE_API_KEY``, when set, is sent as the bearer key)."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise InvalidRequestError(
+                f"--url must be an http(s) URL such as http://127.0.0.1:9234, got {url!r}"
+            )
+        self.url = url.rstrip("/")
+        self.scheme = parsed.scheme
+        self.host = parsed.hostname
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self.path_prefix = parsed.path.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.policy = None
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def get_json(self, path: str, timeout: float = 30.0) -> Any:
+        conn = self._connection(timeout)
+        try:
+            conn.request("GET", f"{self.path_prefix}{path}", headers=self.headers)
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise BackendUnavailableError(f"GET {self.url}{path}: HTTP {response.status}: {data[:200]!r}")
+            return json.loads(data)
+        except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
+            raise BackendUnavailableError(f"cannot use {self.url} as a cosyserve endpoint: {exc}") from exc
+        finally:
+            conn.close()
+
+    def __enter__(self) -> _UrlDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 class _FirstChunkBarrier:
@@ -435,6 +501,7 @@ def run_concurrency_bench(
     baseline_requests: int | None = None,
     backend: Any = None,
     progress: Callable[[str], None] | None = None,
+    url: str | None = None,
 ) -> dict[str, Any]:
     """Run the concurrency benchmark and return its report (also written to ``json_out``:
     a path, or ``"-"`` for stdout).
@@ -449,6 +516,8 @@ def run_concurrency_bench(
     ``throughput_ratio`` (batched ÷ one-at-a-time aggregate audio s per wall s),
     ``first_chunk_p50_s`` / ``first_chunk_p95_s`` (concurrent streams) and
     ``first_chunk_max_ratio`` (slowest concurrent first chunk ÷ the single-stream one).
+    ``url``: drive that running endpoint instead of loading a model (``model_dir``, ``tokens``,
+    ``http`` and the batching knobs then do not apply).
     """
     import torch
 
@@ -460,6 +529,10 @@ def run_concurrency_bench(
     say = progress or (lambda message: logger.info("%s", message))
     # One-at-a-time requests for the baseline (identical requests: a few give its rate).
     baseline = max(1, min(concurrency, 4) if baseline_requests is None else int(baseline_requests))
+    if url is not None:
+        report = _url_bench(url, concurrency, stream, text, voice, max_seconds, warmup, baseline, say)
+        _write_report(report, json_out)
+        return report
     if backend is None:
         if model_dir is None:
             raise ValueError("give a model directory (or a loaded backend)")
@@ -498,12 +571,57 @@ def run_concurrency_bench(
             _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
     finally:
         backend.options.num_tokens, backend.options.stream_first_hop = saved
+    _write_report(report, json_out)
+    return report
+
+
+def _write_report(report: dict[str, Any], json_out: str | Path | None) -> None:
     if json_out is not None:
         text_out = json.dumps(report, indent=2, ensure_ascii=False)
         if str(json_out) == "-":
             sys.stdout.write(text_out + "\n")
         else:
             Path(json_out).write_text(text_out + "\n", encoding="utf-8")
+
+
+def _url_bench(
+    url: str,
+    concurrency: int,
+    stream: bool | None,
+    text: str,
+    voice: str,
+    max_seconds: float,
+    warmup: bool,
+    baseline: int,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The phases against a running endpoint; what it runs comes from its /performance_info."""
+    driver = _UrlDriver(url, os.environ.get("COSYSERVE_API_KEY") or None)
+    info = driver.get_json("/performance_info")
+    voices = driver.get_json("/v1/voices").get("voices") or []
+    if voices and voice not in voices:
+        voice = voices[0]
+    report: dict[str, Any] = {
+        "mode": "url",
+        "url": driver.url,
+        "concurrency": concurrency,
+        "tokens": None,  # not forced: each request runs to the model's own end
+        "device": (info.get("backend") or {}).get("device"),
+        "plan": (info.get("launch") or {}).get("plan"),
+        "stream_first_hop": (info.get("settings") or {}).get("stream_first_hop"),
+        "text": text,
+        "voice": voice,
+        "baseline_requests": baseline,
+    }
+    with driver:
+        if warmup:
+            # As many at once as the timed phase, so that every replica behind the URL warms up.
+            say(f"warming up {driver.url} with {concurrency} requests")
+            warm = driver.run_phase(
+                "warmup", _requests(concurrency, False, text, voice, 0), True, False, max_seconds
+            )
+            report["warmup_s"] = round(warm.wall_s, 3)
+        _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
     return report
 
 
@@ -606,6 +724,12 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --concurrency: drive the real server over 127.0.0.1 instead of the engine in-process",
     )
     group.add_argument(
+        "--url",
+        default=None,
+        help="with --concurrency: drive this running endpoint (a cosyserve server or the Ray Serve "
+        "application) instead of loading a model; COSYSERVE_API_KEY is sent when set",
+    )
+    group.add_argument(
         "--max-seconds",
         type=float,
         default=1800.0,
@@ -652,6 +776,7 @@ def bench_main(args: argparse.Namespace) -> int:
         token_budget=args.token_budget,
         flow_batch=args.flow_batch,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
+        url=getattr(args, "url", None),
     )
     if not getattr(args, "json", False):
         print(format_summary(report))
@@ -670,15 +795,16 @@ def _all_ok(report: dict[str, Any]) -> bool:
 
 def format_summary(report: dict[str, Any]) -> str:
     """A few lines for people (the JSON has everything)."""
-    lines = [
-        f"concurrency {report['concurrency']}, {report['tokens']} tokens, {report['mode']}, plan {report.get('plan')}"
-    ]
+    tokens = f"{report['tokens']} tokens" if report.get("tokens") else "tokens not forced"
+    lines = [f"concurrency {report['concurrency']}, {tokens}, {report['mode']}, plan {report.get('plan')}"]
     ns = report.get("non_stream")
     if ns:
         lines.append(
             f"non-streaming: batched {ns['batched']['audio_s_per_wall_s']:.3f} vs one at a time "
             f"{ns['one_at_a_time']['audio_s_per_wall_s']:.3f} audio s / wall s: x{ns['throughput_ratio']}"
         )
+        if ns["batched"].get("instances"):
+            lines.append(f"answered by: {ns['batched']['instances']}")
     st = report.get("stream")
     if st:
         b = st["batched"]
@@ -692,7 +818,7 @@ def format_summary(report: dict[str, Any]) -> str:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Standalone use (``python -m cosyserve.tools.loadtest``)."""
-    parser.add_argument("--model", required=True, help="CosyVoice model directory")
+    parser.add_argument("--model", default=None, help="CosyVoice model directory (or --url)")
     parser.add_argument("--tokens", type=int, default=250, help="speech tokens per request (default 250)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -722,6 +848,7 @@ def main(args: argparse.Namespace) -> int:
         token_budget=args.token_budget,
         flow_batch=args.flow_batch,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
+        url=args.url,
     )
     if args.json is None:
         print(format_summary(report))

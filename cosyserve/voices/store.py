@@ -11,11 +11,19 @@ Layout: ``<root>/<name>.voice.npz``, a plain ``numpy.savez`` archive (no pickle:
 source info, format version). Each save writes a temporary file in the same directory, fsyncs
 it and renames it over the target, so a crash at any point leaves either the old voice or the new
 one, never a partial file. Stale temporary files are removed when a store is opened.
+
+Several processes may share one directory (server replicas on one machine, or pods mounting one
+network volume): nothing is held in memory that the directory does not confirm. Every lookup
+checks the file, and the cache is keyed by (inode, mtime, size), so a voice saved, replaced or
+deleted by another process is seen at the next request. A new voice is linked into place (never
+renamed over an existing file) under a lock file, so two processes saving one name at once leave
+exactly one complete voice and the other gets :class:`VoiceExistsError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,7 +32,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,14 @@ MAX_NAME_LENGTH = 64
 _NAME_RE = re.compile(r"\w[\w.\-]*")  # used with fullmatch (no "$": it allows a final newline)
 _STALE_TMP_SECONDS = 3600.0
 _TMP_PREFIX = ".tmp-"
+_LOCK_NAME = ".lock"
+# Saves hold the lock for one small write; waiting longer than this means a stuck writer.
+_LOCK_TIMEOUT_S = 30.0
+
+try:  # POSIX; elsewhere saves rely on the exclusive link alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 class VoiceStoreError(CosyserveError):
@@ -53,6 +69,13 @@ class VoiceStoreError(CosyserveError):
 
     status_code = 500
     code = "voice_store_error"
+
+
+class VoiceExistsError(InvalidRequestError):
+    """A voice of that name exists already (perhaps saved a moment ago by another replica)."""
+
+    status_code = 409
+    code = "conflict"
 
 
 @dataclass
@@ -107,6 +130,7 @@ class VoiceStore:
         self._reserved = {n.casefold() for n in reserved_names}
         self._lock = threading.RLock()
         self._cache: dict[str, tuple[tuple[int, int, int], SavedVoice]] = {}
+        self._warned_no_links = False
         self._remove_stale_temporaries()
 
     # ---------------------------------------------------------------- names
@@ -146,11 +170,15 @@ class VoiceStore:
     # ---------------------------------------------------------------- queries
 
     def names(self) -> list[str]:
-        return sorted(
+        names = sorted(
             p.name[: -len(VOICE_SUFFIX)]
             for p in self.root.glob(f"*{VOICE_SUFFIX}")
             if not p.name.startswith(".") and p.is_file()
         )
+        with self._lock:  # voices deleted by another process: drop their cached tensors
+            for gone in self._cache.keys() - set(names):
+                del self._cache[gone]
+        return names
 
     def __contains__(self, name: object) -> bool:
         try:
@@ -223,9 +251,10 @@ class VoiceStore:
         source: dict[str, Any] | None = None,
         overwrite: bool = False,
     ) -> SavedVoice:
-        """Store ``features`` under ``name`` atomically. An existing voice of that name is an
-        InvalidRequestError unless ``overwrite``; names are compared case-insensitively so that
-        stores on case-insensitive file systems stay unambiguous."""
+        """Store ``features`` under ``name`` atomically. An existing voice of that name is a
+        :class:`VoiceExistsError` unless ``overwrite``; names are compared case-insensitively so
+        that stores on case-insensitive file systems stay unambiguous. Safe against other
+        processes saving into the same directory at the same time."""
         name = self.validate_name(name)
         created_at = time.time()
         meta = {
@@ -245,20 +274,26 @@ class VoiceStore:
             # A unicode scalar array: stored and loaded without pickle.
             "meta": np.array(json.dumps(meta, ensure_ascii=False, default=str)),
         }
-        with self._lock:
+        with self._lock, self._directory_lock():
             folded = name.casefold()
             for existing in self.names():
                 if existing.casefold() == folded and (existing != name or not overwrite):
-                    raise InvalidRequestError(
-                        f"a saved voice named {existing!r} already exists"
-                        + ("" if existing != name else "; delete it first or overwrite it")
-                    )
-            self._write_atomic(self._path(name), arrays)
+                    raise self._exists(existing, name)
+            self._write_atomic(self._path(name), arrays, replace=overwrite, name=name)
             self._cache.pop(name, None)
         logger.info("saved voice %r (%d prompt tokens)", name, meta["num_tokens"])
         return self.get(name)
 
-    def _write_atomic(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+    @staticmethod
+    def _exists(existing: str, name: str) -> VoiceExistsError:
+        return VoiceExistsError(
+            f"a saved voice named {existing!r} already exists"
+            + ("" if existing != name else "; delete it first or overwrite it")
+        )
+
+    def _write_atomic(
+        self, path: Path, arrays: dict[str, np.ndarray], *, replace: bool = True, name: str = ""
+    ) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".npz", dir=self.root)
         tmp = Path(tmp_name)
         try:
@@ -266,12 +301,66 @@ class VoiceStore:
                 self._write_payload(f, arrays)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX and Windows
-        except BaseException:
+            if replace or not self._link_new(tmp, path, name):
+                os.replace(tmp, path)  # atomic on POSIX and Windows
+        finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-            raise
         _fsync_dir(self.root)
+
+    def _link_new(self, tmp: Path, path: Path, name: str) -> bool:
+        """Put the complete file at ``path`` only if nothing is there: a hard link fails when the
+        name exists, even if another process created it after our check (the lock file may be
+        advisory only, e.g. on some network file systems). False: links are not supported here
+        and the caller renames instead (protected by the lock alone)."""
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise self._exists(name, name) from None
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                if not self._warned_no_links:
+                    self._warned_no_links = True
+                    logger.warning("%s has no hard links; new voices are renamed into place", self.root)
+                return False
+            raise
+        return True
+
+    @contextlib.contextmanager
+    def _directory_lock(self) -> Iterator[None]:
+        """An exclusive lock on ``<root>/.lock`` shared by every process using this directory
+        (flock; NFS clients map it to a byte-range lock). Where locks are unsupported, saves
+        still cannot clobber each other's new voices (see :meth:`_link_new`)."""
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(self.root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = self._acquire(fd)
+            try:
+                yield
+            finally:
+                if locked:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _acquire(self, fd: int) -> bool:
+        deadline = time.monotonic() + _LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise VoiceStoreError(
+                        f"the voice store {self.root} stayed locked for {_LOCK_TIMEOUT_S:.0f} s by another "
+                        "process; try again"
+                    ) from None
+                time.sleep(0.01)
+            except OSError as exc:  # ENOLCK and friends: a file system without locks
+                logger.warning("cannot lock %s (%s); saving without the lock", self.root, exc)
+                return False
 
     @staticmethod
     def _write_payload(f, arrays: dict[str, np.ndarray]) -> None:

@@ -67,6 +67,7 @@ class ServerState:
     launch_report: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     health: HealthChecker | None = None
+    instance_id: str = ""  # X-Cosyserve-Instance: which server process answered
 
     @property
     def uptime_s(self) -> float:

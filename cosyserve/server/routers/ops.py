@@ -86,6 +86,7 @@ async def performance_info(state: ServerState = Depends(get_state)) -> dict[str,
     settings = state.settings
     return {
         "version": __version__,
+        "instance": state.instance_id,
         "uptime_s": round(state.uptime_s, 1),
         "backend": description,
         "accelerated": accelerated_paths(description),
