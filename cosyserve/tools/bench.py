@@ -510,6 +510,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from cosyserve.tools.loadtest import add_concurrency_arguments
 
     add_concurrency_arguments(parser)  # --concurrency N [--http]: batched vs one at a time
+    from cosyserve.tools.realtime_bench import add_arguments as add_realtime_arguments
+
+    add_realtime_arguments(parser)  # --realtime: text streamed in over the WebSocket
 
 
 def main(args: argparse.Namespace) -> int:
@@ -519,6 +522,10 @@ def main(args: argparse.Namespace) -> int:
         result = run_worker(args)
         print(RESULT_PREFIX + json.dumps(result, ensure_ascii=False), flush=True)
         return 0
+    if args.realtime:
+        from cosyserve.tools.realtime_bench import realtime_main
+
+        return realtime_main(args)
     try:
         if args.model_dir is None:
             if not args.synthetic:
