@@ -413,7 +413,7 @@ class TextStreamBackend(FakeBackend):
             text, finished = request.text_stream.read()
             pending += text
             *ready, pending = pending.split(" ") if not finished else [*pending.split(" "), ""]
-            for word in filter(None, ready):
+            for _word in filter(None, ready):
                 yield AudioChunk(np.full(int(0.05 * self.sample_rate), 0.1, np.float32), self.sample_rate)
             if finished:
                 return
