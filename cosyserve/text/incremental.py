@@ -9,8 +9,9 @@ complete, so synthesis of the first sentence starts while the rest is still bein
   "3.5", "Hi!" may become 'Hi!"'. A sentence that grows past ``max_chars`` without ending is cut
   at its last clause (or, failing that, at a space), as the smart splitter cuts long sentences.
 * ``segment_by="clause"`` (lower latency, choppier prosody): a segment also ends at clause
-  punctuation (``，,、：:—…``) once it holds at least ``min_clause_chars`` characters, so very
-  short clauses ("Well,") wait for the next one.
+  punctuation (``，,、：:—…``) once it holds at least ``min_clause_chars`` characters
+  (``min_clause_chars_zh`` in Chinese), so very short clauses ("Well,") wait for the next one.
+  ASCII punctuation counts only before whitespace: "1,000" and "7:30" are not pauses.
 
 Sentences that are already complete when they arrive together (a client that sends a paragraph
 at once) are packed with the smart splitter into segments of at most ``max_chars`` characters,

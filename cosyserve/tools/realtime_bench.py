@@ -97,7 +97,12 @@ def words(text: str) -> list[str]:
 
 
 async def run_once(
-    url: str, voice: str, text: str, words_per_s: float, api_key: str | None = None
+    url: str,
+    voice: str,
+    text: str,
+    words_per_s: float,
+    api_key: str | None = None,
+    segment_by: str = "sentence",
 ) -> RunResult:
     import websockets
 
@@ -106,7 +111,12 @@ async def run_once(
     first_sentence = next((i for i, p in enumerate(pieces) if _SENTENCE_END.search(p)), len(pieces) - 1)
     uri = url.replace("http://", "ws://").replace("https://", "wss://").rstrip("/") + PATH
     async with websockets.connect(uri, max_size=None, open_timeout=30) as ws:
-        config: dict[str, Any] = {"type": "config", "voice": voice, "response_format": "pcm"}
+        config: dict[str, Any] = {
+            "type": "config",
+            "voice": voice,
+            "response_format": "pcm",
+            "segment_by": segment_by,
+        }
         if api_key:
             config["api_key"] = api_key
         await ws.send(json.dumps(config))
@@ -219,8 +229,11 @@ def realtime_main(args: argparse.Namespace) -> int:
     runs = max(1, int(args.runs))
 
     async def measure(url: str, voice: str) -> list[RunResult]:
-        await run_once(url, voice, text, args.words_per_s, args.api_key)  # warm-up
-        return [await run_once(url, voice, text, args.words_per_s, args.api_key) for _ in range(runs)]
+        async def once() -> RunResult:
+            return await run_once(url, voice, text, args.words_per_s, args.api_key, args.segment_by)
+
+        await once()  # warm-up
+        return [await once() for _ in range(runs)]
 
     try:
         if args.url:
@@ -257,6 +270,7 @@ def realtime_main(args: argparse.Namespace) -> int:
         model_dir=args.model_dir,
         voice=voice,
         words_per_s=args.words_per_s,
+        segment_by=args.segment_by,
         text_words=len(words(text)),
     )
     if args.json:
@@ -272,7 +286,7 @@ def format_report(report: dict[str, Any]) -> str:
 
     lines = [
         f"realtime: {report['backend']} ({report['voice']}), text fed at {report['words_per_s']:g} words/s, "
-        f"median of {report['runs']} runs",
+        f"segments by {report['segment_by']}, median of {report['runs']} runs",
         f"  first audio after the first sentence  {fmt(report['first_audio_after_sentence_s'])} s",
         f"  first audio after the first word      {fmt(report['first_audio_s'])} s",
         f"  playback underruns                    {fmt(report['underrun_s'])} s in {report['underruns']} gaps",
@@ -291,6 +305,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--words_per_s", "--words-per-s", type=float, default=15.0, help="text feed rate (default 15)"
+    )
+    group.add_argument(
+        "--segment_by",
+        "--segment-by",
+        choices=("sentence", "clause"),
+        default="sentence",
+        help="segments end at sentences (default) or, for earlier audio, at clauses",
     )
     group.add_argument("--voice", default=None, help="voice (default: the first English built-in voice)")
     group.add_argument("--text", default=None, help="the text to feed (default: a five-sentence forecast)")
