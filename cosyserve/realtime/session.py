@@ -65,7 +65,8 @@ logger = logging.getLogger(__name__)
 UtteranceState = Literal["open", "ended", "done", "failed", "cancelled"]
 
 
-def _ms(seconds: float | None) -> float | None:
+def _round_s(seconds: float | None) -> float | None:
+    """Seconds to the millisecond, for events."""
     return None if seconds is None else round(seconds, 3)
 
 
@@ -235,7 +236,13 @@ class SpeechSession:
     @property
     def busy(self) -> bool:
         """Text is buffered, work is queued or running, or output waits to be sent."""
-        return self._open is not None or self._pending > 0 or not self.outbox.empty
+        return self._open is not None or self.working
+
+    @property
+    def working(self) -> bool:
+        """Synthesis is queued or running, or output waits to be sent (an open utterance whose
+        client has gone quiet is not work)."""
+        return self._pending > 0 or not self.outbox.empty
 
     # ---- commands (from the transport's receive loop) ----------------------------------
 
@@ -316,11 +323,6 @@ class SpeechSession:
         """Stop now (client gone, fatal error): cancel what runs, drop what waits."""
         await self.cancel()
         self.stop()
-
-    async def wait_idle(self, poll_s: float = 0.02) -> None:
-        """Return once every queued utterance is done and its output has been taken."""
-        while self._open is not None or self._pending > 0 or not self.outbox.empty:
-            await asyncio.sleep(poll_s)
 
     # ---- the producer ------------------------------------------------------------------
 
@@ -432,9 +434,9 @@ class SpeechSession:
                     "utterance_id": utt.id,
                     "segment": seg.index,
                     "text": seg.text,
-                    "audio_s": _ms(audio_s),
-                    "first_audio_s": _ms(first_audio_s),
-                    "synthesis_s": _ms(time.perf_counter() - started),
+                    "audio_s": _round_s(audio_s),
+                    "first_audio_s": _round_s(first_audio_s),
+                    "synthesis_s": _round_s(time.perf_counter() - started),
                 }
             )
         )
@@ -536,14 +538,14 @@ class SpeechSession:
                     "status": utt.state,
                     "segments": utt.segments,
                     "text_chars": utt.chars,
-                    "audio_s": _ms(utt.audio_s),
+                    "audio_s": _round_s(utt.audio_s),
                     # from the utterance's first text to its first audio
-                    "first_audio_s": _ms(
+                    "first_audio_s": _round_s(
                         None if utt.first_audio_at is None else utt.first_audio_at - utt.opened_at
                     ),
                     # from its first segment being complete to that segment's first audio
-                    "first_segment_audio_s": _ms(utt.first_segment_audio_s),
-                    "elapsed_s": _ms(now - utt.opened_at),
+                    "first_segment_audio_s": _round_s(utt.first_segment_audio_s),
+                    "elapsed_s": _round_s(now - utt.opened_at),
                 }
             )
         )

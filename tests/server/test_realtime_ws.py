@@ -309,8 +309,15 @@ def test_idle_connections_are_closed() -> None:
     with serve(realtime_idle_timeout_s=0.5) as live:
         no_config = asyncio.run(_expect_close(ws_url(live.url)))
         idle = asyncio.run(_expect_close(ws_url(live.url), {"type": "config", "voice": "alice"}))
+        # An utterance left open (text without its end, nothing left to speak) is idle too.
+        quiet = asyncio.run(
+            _expect_close(
+                ws_url(live.url), {"type": "config", "voice": "alice"}, {"type": "text", "text": "Half a"}
+            )
+        )
     assert no_config.close_code == 4408 and no_config.events[-1]["error"]["code"] == "idle_timeout"
     assert idle.close_code == 4408 and idle.types == ["session.started", "error"]
+    assert quiet.close_code == 4408 and quiet.types == ["session.started", "utterance.started", "error"]
 
 
 def test_api_key_as_query_parameter_header_or_first_message() -> None:

@@ -315,7 +315,7 @@ class RealtimeConnection:
             try:
                 message = await asyncio.wait_for(self.ws.receive(), self.idle_timeout_s)
             except asyncio.TimeoutError as exc:
-                if self.session.busy or self.closing:
+                if self.session.working or self.closing:
                     continue  # audio is still being made or sent: the client is listening
                 raise IdleTimeoutError(
                     f"no message for {self.idle_timeout_s:g} s: the connection was idle"
