@@ -11,6 +11,10 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("cosyserve.server.launch", "start the HTTP server (auto-configures for this machine)"),
+    "wyoming": (
+        "cosyserve.realtime.wyoming",
+        "serve the Wyoming protocol (Home Assistant) on tcp://0.0.0.0:10200",
+    ),
     "say": ("cosyserve.tools.say", "synthesise text to a WAV file"),
     "make-model": (
         "cosyserve.tools.make_model",

@@ -8,6 +8,7 @@ The seed server's flag names are kept (``--model_dir``, ``--port``, ``--load_jit
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -83,6 +84,17 @@ class Settings(BaseSettings):
         description="name of this server process in the X-Cosyserve-Instance header and "
         "/performance_info (default <pid>@<hostname>)",
     )
+
+    # --- realtime (WebSocket text-in sessions, Wyoming) ---
+    realtime_idle_timeout_s: float = Field(
+        60.0, gt=0, description="a realtime connection with no message and nothing to send is closed (4408)"
+    )
+    realtime_buffer_s: float = Field(
+        30.0, gt=0, description="audio made ahead of a realtime client's reading; synthesis pauses beyond"
+    )
+    realtime_send_timeout_s: float = Field(
+        30.0, gt=0, description="a realtime client that reads nothing for this long is closed (4429)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @field_validator("cors_origins", mode="before")
@@ -118,10 +130,12 @@ class Settings(BaseSettings):
 _SKIP_FLAGS = {"log_level"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting. Defaults are None so unset flags fall through to env/defaults."""
+def add_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | None = None) -> None:
+    """Add one flag per setting (or per setting named in ``only``). Defaults are None so unset
+    flags fall through to env/defaults."""
+    wanted = None if only is None else set(only)
     for name, field in Settings.model_fields.items():
-        if name in _SKIP_FLAGS:
+        if name in _SKIP_FLAGS or (wanted is not None and name not in wanted):
             continue
         flags = [f"--{name}"]
         if "_" in name:

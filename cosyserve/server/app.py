@@ -31,7 +31,7 @@ from cosyserve.interfaces import Backend
 from cosyserve.server.instance import INSTANCE_HEADER, InstanceHeaderMiddleware, default_instance_id
 from cosyserve.server.metrics import ServerMetrics
 from cosyserve.server.routers import openai as openai_router
-from cosyserve.server.routers import ops, seed, voices
+from cosyserve.server.routers import ops, realtime, seed, voices
 from cosyserve.server.routers.common import HealthChecker, ServerState, StreamAbortedError
 from cosyserve.server.schemas import (
     PayloadTooLargeError,
@@ -329,7 +329,7 @@ def create_app(
         open_paths |= set(playground.PUBLIC_PATHS)
     else:
         app.include_router(ops.index_router)
-    for module in (seed, openai_router, voices, ops):
+    for module in (seed, openai_router, realtime, voices, ops):
         app.include_router(module.router)
 
     app.add_exception_handler(CosyserveError, _cosyserve_error)

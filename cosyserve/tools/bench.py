@@ -500,6 +500,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from cosyserve.tools.loadtest import add_concurrency_arguments
 
     add_concurrency_arguments(parser)  # --concurrency N [--http | --url URL]: batched vs one at a time
+    from cosyserve.tools.realtime_bench import add_arguments as add_realtime_arguments
+
+    add_realtime_arguments(parser)  # --realtime: text streamed in over the WebSocket
 
 
 def main(args: argparse.Namespace) -> int:
@@ -509,8 +512,12 @@ def main(args: argparse.Namespace) -> int:
         result = run_worker(args)
         print(RESULT_PREFIX + json.dumps(result, ensure_ascii=False), flush=True)
         return 0
+    if args.realtime:
+        from cosyserve.tools.realtime_bench import realtime_main
+
+        return realtime_main(args)
     if args.url and not args.concurrency:
-        print("cosyserve bench: --url needs --concurrency N", file=sys.stderr)
+        print("cosyserve bench: --url needs --concurrency N or --realtime", file=sys.stderr)
         return 2
     try:
         if args.url:  # a running endpoint: no model to load here

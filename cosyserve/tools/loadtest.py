@@ -726,8 +726,8 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--url",
         default=None,
-        help="with --concurrency: drive this running endpoint (a cosyserve server or the Ray Serve "
-        "application) instead of loading a model; COSYSERVE_API_KEY is sent when set",
+        help="with --concurrency or --realtime: drive this running endpoint (a cosyserve server or the "
+        "Ray Serve application) instead of loading a model; COSYSERVE_API_KEY is sent when set",
     )
     group.add_argument(
         "--max-seconds",

@@ -48,16 +48,13 @@ def test_panels_are_well_formed() -> None:
 
 
 @pytest.fixture(scope="module")
-def exposition(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def exposition(tiny_backend) -> str:
     from fastapi.testclient import TestClient
 
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
     from cosyserve.server.app import create_app
     from cosyserve.settings import Settings
 
-    backend = CosyVoiceBackend.from_dir(
-        tiny_model_dir, CosyVoiceOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))
-    )
+    backend = tiny_backend
     settings = Settings(api_key=None, cors_origins=[])
     with TestClient(create_app(settings, backend=backend, launch_report={"plan": "test"})) as client:
         assert client.post(

@@ -4,6 +4,10 @@
 // arrives is scheduled on the Web Audio clock right after the previous one, so playback starts
 // with the first chunk instead of after the whole file. The samples are kept so the result can
 // be replayed and downloaded (any format: the server re-encodes exactly what was heard).
+//
+// "Speak as I type" opens a WebSocket session (/v1/audio/speech/stream-input) and sends what is
+// typed as it is typed: the server speaks each sentence as soon as it is complete, and its audio
+// (binary PCM frames) is scheduled the same way.
 "use strict";
 
 (() => {
@@ -26,10 +30,14 @@
     download: $("download"), cloneForm: $("clone-form"), cloneFieldset: $("clone-fieldset"),
     cloneNote: $("clone-note"), cloneStatus: $("clone-status"), cloneName: $("clone-name"),
     cloneAudio: $("clone-audio"), cloneTranscript: $("clone-transcript"),
-    keyForm: $("key-form"), key: $("api-key"), keyClear: $("api-key-clear"),
+    keyForm: $("key-form"), key: $("api-key"), keyClear: $("api-key-clear"), live: $("live"), hint: $("hint"),
   };
+  const HINT = el.hint.textContent;
+  const LIVE_HINT = "Each sentence is spoken when you finish it · Speak says the rest now · Stop cancels";
 
   const app = { ctx: null, run: null, maxChars: 0, downloadUrl: null, playerUrl: null, ticker: 0 };
+  // The "speak as I type" session: its socket and the text already sent.
+  const live = { ws: null, sent: "", run: null };
 
   // ---------------------------------------------------------------------------------------
   // HTTP
@@ -106,6 +114,8 @@
   // ---------------------------------------------------------------------------------------
 
   async function connect() {
+    if (live.ws) stopLive();
+    el.live.checked = false;
     setState("loading");
     setStatus("busy", "Connecting to the server…");
     el.voice.disabled = true;
@@ -142,6 +152,7 @@
     if (wanted && voices.some((v) => v.id === wanted)) el.voice.value = wanted;
     el.voice.disabled = voices.length === 0;
     el.speak.disabled = voices.length === 0;
+    el.live.disabled = voices.length === 0;
   }
 
   function showServerInfo(info) {
@@ -207,11 +218,7 @@
     const ctx = audioContext();
     await ctx.resume();
     localStorage.setItem(VOICE_STORAGE, el.voice.value);
-    const run = {
-      abort: new AbortController(), voice: el.voice.value, started: performance.now(), firstAt: null,
-      doneAt: null, sampleRate: 0, chunks: [], samples: 0, pending: [], pendingSamples: 0, odd: null,
-      nextTime: 0, scheduled: [], sources: [], stalls: 0, done: false,
-    };
+    const run = newRun();
     app.run = run;
     resetMetrics();
     setState("synthesising");
@@ -246,6 +253,14 @@
         setStatus("error", `The stream broke off: ${error.message || error}`);
       }
     }
+  }
+
+  function newRun() {
+    return {
+      abort: new AbortController(), voice: el.voice.value, started: performance.now(), firstAt: null,
+      doneAt: null, sampleRate: 0, chunks: [], samples: 0, pending: [], pendingSamples: 0, odd: null,
+      nextTime: 0, scheduled: [], sources: [], stalls: 0, done: false, segmentStart: false,
+    };
   }
 
   function receive(run, bytes) {
@@ -298,9 +313,12 @@
       document.body.dataset.playback = "playing";
       setStatus("busy", "Playing while synthesising…");
     } else if (run.nextTime < now) {
-      run.stalls += 1; // the stream fell behind playback: restart from now
+      // The stream fell behind playback: restart from now. Live, a new sentence after a pause in
+      // typing starts late by design: that is not a stall.
+      if (!run.segmentStart) run.stalls += 1;
       run.nextTime = now + LEAD_S;
     }
+    run.segmentStart = false;
     source.start(run.nextTime);
     run.scheduled.push([run.nextTime, buffer.duration]);
     run.sources.push(source);
@@ -368,6 +386,121 @@
     run.scheduled = run.scheduled.filter(([start]) => start < (app.ctx ? app.ctx.currentTime : 0));
     clearInterval(app.ticker);
     if (document.body.dataset.playback === "playing") document.body.dataset.playback = "stopped";
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Speak as I type: a WebSocket session fed with what is typed
+  // ---------------------------------------------------------------------------------------
+
+  function liveUrl() {
+    const url = new URL("v1/audio/speech/stream-input", document.baseURI);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    const key = localStorage.getItem(KEY_STORAGE);
+    if (key) url.searchParams.set("api_key", key); // browsers cannot set headers on a WebSocket
+    return url.toString();
+  }
+
+  function setLive(state) {
+    document.body.dataset.live = state;
+    el.hint.textContent = state === "off" ? HINT : LIVE_HINT;
+    el.speak.innerHTML = state === "off"
+      ? '<span aria-hidden="true">▶</span> Speak' : '<span aria-hidden="true">▶</span> Speak the rest';
+    el.stop.disabled = state === "off" && document.body.dataset.playback !== "playing";
+  }
+
+  async function startLive() {
+    stopLive();
+    stopPlayback();
+    const ctx = audioContext();
+    await ctx.resume();
+    const run = newRun();
+    run.live = true;
+    app.run = run;
+    live.run = run;
+    live.sent = el.text.value; // what is already there is not spoken: only what is typed next
+    resetMetrics();
+    setLive("connecting");
+    setStatus("busy", "Opening a live session…");
+    const ws = new WebSocket(liveUrl());
+    ws.binaryType = "arraybuffer";
+    live.ws = ws;
+    ws.onopen = () => {
+      ws.send(JSON.stringify({
+        type: "config", voice: el.voice.value, speed: Number(el.speed.value), response_format: "pcm",
+      }));
+    };
+    ws.onmessage = (message) => {
+      if (live.ws !== ws) return;
+      if (typeof message.data === "string") onLiveEvent(run, JSON.parse(message.data));
+      else receive(run, new Uint8Array(message.data));
+    };
+    ws.onclose = (event) => {
+      if (live.ws !== ws) return;
+      live.ws = null;
+      el.live.checked = false;
+      setLive("off");
+      if (event.code !== 1000 && event.code !== 1005) {
+        setStatus("error", `The live session closed (${event.code})${event.reason ? `: ${event.reason}` : ""}.`);
+      } else {
+        setStatus("info", "Live session closed.");
+      }
+    };
+    startTicker();
+  }
+
+  function stopLive() {
+    const ws = live.ws;
+    live.ws = null;
+    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
+    setLive("off");
+  }
+
+  function liveSend(message) {
+    if (live.ws && live.ws.readyState === WebSocket.OPEN) live.ws.send(JSON.stringify(message));
+  }
+
+  // Only appended text can be streamed; after an edit elsewhere, what is there becomes the new start.
+  function sendTyped() {
+    if (document.body.dataset.live !== "open") return;
+    const text = el.text.value;
+    if (text.startsWith(live.sent) && text.length > live.sent.length) {
+      liveSend({ type: "text", text: text.slice(live.sent.length) });
+    }
+    live.sent = text;
+  }
+
+  function onLiveEvent(run, event) {
+    switch (event.type) {
+      case "session.started":
+        run.sampleRate = event.sample_rate;
+        setLive("open");
+        setStatus("ok", "Live: type, and each sentence is spoken as soon as you finish it.");
+        sendTyped();
+        break;
+      case "segment.started":
+        flushPending(run);
+        run.segmentStart = true;
+        document.body.dataset.playback = "playing";
+        setStatus("busy", `Speaking: “${event.text}”`);
+        break;
+      case "segment.done":
+        flushPending(run);
+        // From the sentence being complete to its first audio, measured by the server.
+        if (event.first_audio_s !== null) el.firstAudio.textContent = String(Math.round(event.first_audio_s * 1000));
+        el.audioS.textContent = fmt(run.samples / run.sampleRate, 2);
+        el.stalls.textContent = String(run.stalls);
+        break;
+      case "utterance.done":
+        flushPending(run);
+        if (event.status === "cancelled") setStatus("info", "Stopped. Keep typing to speak again.");
+        else setStatus("ok", "Live: spoken. Keep typing.");
+        break;
+      case "error":
+        setStatus("error", event.error.message);
+        break;
+      default:
+        break;
+    }
   }
 
   // ---------------------------------------------------------------------------------------
@@ -489,15 +622,33 @@
   // Wiring
   // ---------------------------------------------------------------------------------------
 
-  el.form.addEventListener("submit", (event) => { event.preventDefault(); speak(); });
+  el.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (live.ws) liveSend({ type: "end" }); // speak the unfinished sentence now
+    else speak();
+  });
   el.text.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();
       if (!el.speak.disabled) speak();
     }
   });
-  el.text.addEventListener("input", updateCharCount);
+  el.text.addEventListener("input", () => { updateCharCount(); if (live.ws) sendTyped(); });
+  el.live.addEventListener("change", () => { if (el.live.checked) startLive(); else stopLive(); });
+  for (const control of [el.voice, el.speed]) {
+    control.addEventListener("change", () => { if (live.ws) startLive(); }); // a new voice: a new session
+  }
   el.stop.addEventListener("click", () => {
+    if (live.ws) {
+      liveSend({ type: "cancel" });
+      stopPlayback();
+      live.run.scheduled = [];
+      live.run.sources = [];
+      live.run.nextTime = 0;
+      startTicker();
+      setStatus("info", "Stopped. Keep typing to speak again.");
+      return;
+    }
     stopPlayback();
     if (document.body.dataset.state === "synthesising") setState("stopped");
     el.stop.disabled = true;
