@@ -114,14 +114,15 @@ class Synthesizer:
     ) -> tuple[Iterator[AudioChunk], SynthesisInfo]:
         """Start a synthesis; returns a lazy iterator of audio chunks and its (live) info record.
 
-        The mode follows from the arguments: ``instruct`` → instruct (SFT voice + instruction);
+        The mode follows from the arguments: ``instruct`` → instruct (SFT voice + instruction), or
+        instruct2 (a ``prompt`` or saved ``voice`` + instruction) on models without v1's instruct;
         ``prompt`` + ``prompt_text`` → zero-shot cloning; ``prompt`` alone → cross-lingual;
         otherwise the SFT or saved ``voice``. Bad input raises
         :class:`~cosyserve.errors.InvalidRequestError` (or a subclass) before any work starts.
         """
         prompt_audio = load_prompt(prompt, prompt_text) if prompt is not None else None
         if instruct is not None:
-            mode = "instruct"
+            mode = "instruct" if "instruct" in self.backend.modes else "instruct2"
         elif prompt_audio is not None:
             mode = "zero_shot" if (prompt_audio.text or "").strip() else "cross_lingual"
         else:

@@ -136,6 +136,13 @@ class CosyVoice2Frontend:
         length = len if lang == "zh" else (lambda s: len(self.tokenize(s)))
         return [s for s in pack_reference(utts, length) if not is_only_punctuation(s)]
 
+    def iter_segments(
+        self, text: str, max_text_length: int | None = None, enable_smart_split: bool = True
+    ) -> Iterator[str]:
+        """A request's TTS text as the segments its LLM runs take, one by one: what
+        :class:`~cosyserve.families.base.SpeechTask` iterates (TextFrontend's interface)."""
+        return iter(self.normalize(text, True, max_text_length, enable_smart_split))
+
     def segments(self, tts_text: str, text_frontend: bool = True, **split_options) -> list[str]:
         """The TTS text's segments (one LLM run each); ``text_frontend=False`` keeps it whole."""
         if not text_frontend:

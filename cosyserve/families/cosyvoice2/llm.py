@@ -606,6 +606,27 @@ class SpeechTokenSampler:
         return ras_sampling(row, state.history, self.generator, self.sampling, self.uniform)
 
 
+class DecodeStateSampler:
+    """A whole-text :class:`DecodeState` stepped by the engine's batch runner: the runner feeds the
+    prefix and then each token it was handed back, this picks the outputs (the token-sampler
+    interface of :class:`~cosyserve.families.base.SpeechTask`: ``choose(logp)`` -> the next speech
+    token, or None at a stop id; ``finished``)."""
+
+    def __init__(self, state: DecodeState, sampler: SpeechTokenSampler):
+        self.state = state
+        self.sampler = sampler
+
+    @property
+    def finished(self) -> bool:
+        return self.state.done
+
+    def choose(self, logp: Tensor) -> int | None:
+        self.state.take_inputs()  # what the runner just ran: the prefix, then the last token
+        if not self.state.output_due:
+            raise RuntimeError(f"{type(self.state).__name__} has no output due: it waits for input")
+        return self.state.accept(self.sampler.choose(logp, self.state))
+
+
 class UniformTape:
     """A uniform source that replays recorded draws in order (parity tapes)."""
 
@@ -736,6 +757,20 @@ class Qwen2LM(nn.Module):
         """One embedding per row (``[B, D]``, e.g. ``embed_inputs([s.next_input() for s in states])``)
         -> log-probs ``[B, V]`` at the new position."""
         return self.log_probs(self.forward_inputs(rows.reshape(rows.shape[0], 1, -1), cache)[:, -1])
+
+    # -- the batch runner's SpeechLM protocol (cosyserve.interfaces) ------------------------------
+
+    def prefill_logp(self, prefixes: Tensor, cache: KVCache) -> Tensor:
+        """Left-padded prefixes ``[B, L, D]`` into an empty cache -> log-probs ``[B, V]``."""
+        return self.log_probs(self.prefill_hidden(prefixes.to(self.device, self.backbone.dtype), cache))
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """Speech tokens ``[B]`` -> their input embeddings ``[B, 1, D]``."""
+        return self.speech_embedding(tokens.reshape(-1, 1).to(self.device)).to(self.backbone.dtype)
+
+    def decode_embeddings(self, inputs: Tensor, cache: KVCache) -> Tensor:
+        """One input embedding per row ``[B, 1, D]`` -> log-probs ``[B, V]``."""
+        return self.decode_inputs(inputs.to(self.device, self.backbone.dtype), cache)
 
     # -- per-request states ----------------------------------------------------------------------
 
@@ -923,6 +958,7 @@ def load_llm(
 __all__ = [
     "BistreamDecoder",
     "DecodeState",
+    "DecodeStateSampler",
     "InputKind",
     "LMInput",
     "Qwen2LM",

@@ -147,8 +147,8 @@ class SilentTokenFilter:
     ``CosyVoice3Model.llm_job``): the run counter grows with every silent token, kept or not, and
     any other token resets it."""
 
-    def __init__(self, silent_tokens: Iterable[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN):
-        self.silent_tokens = frozenset(int(t) for t in silent_tokens)
+    def __init__(self, silent: Iterable[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN):
+        self.silent_tokens = frozenset(int(t) for t in silent)
         self.max_run = int(max_run)
         self._run = 0
 
