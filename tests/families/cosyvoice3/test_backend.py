@@ -259,3 +259,31 @@ def test_synthesizer_and_launcher(tiny_v3_model_dir: Path, tmp_path: Path) -> No
     family = open_family(tiny_v3_model_dir)
     assert family.__name__ == "cosyserve.families.cosyvoice3"
     assert warm_up(tts.backend) > 0  # a generated prompt recording: no built-in speaker needed
+
+
+def test_fp16_guard_wraps_the_dit_sampler(tiny_v3_model_dir: Path, tmp_path: Path) -> None:
+    """The FP16 plan's guard sits on the DiT CFM's solve_euler (which takes the streaming flag):
+    guarded calls equal unguarded ones, streaming or not, and a bad mel trips it."""
+    from cosyserve.acceleration.fp16 import install_fp16_guard
+    from cosyserve.families.base import FamilyOptions
+
+    backend = CosyVoice3Backend.from_dir(tiny_v3_model_dir, FamilyOptions(device="cpu", voices_dir=tmp_path))
+    flow = backend.model.flow
+    features = backend.prompt_encoder.encode(prompt())
+    tokens = torch.arange(40).reshape(1, -1) * 37
+
+    def mels() -> list[torch.Tensor]:
+        return [
+            flow.decode([flow.prepare(tokens, None, None, features.embedding, streaming=s, finalize=not s)])[
+                0
+            ]
+            for s in (False, True)
+        ]
+
+    plain = mels()
+    guard = install_fp16_guard(backend, backend.accel_targets())
+    assert not guard.tripped and backend.audio_guard is not None
+    for guarded, ref in zip(mels(), plain):
+        torch.testing.assert_close(guarded, ref, rtol=0, atol=0)
+    silent = backend.audio_guard(np.zeros(24000, np.float32))
+    assert guard.tripped and not silent.any()
