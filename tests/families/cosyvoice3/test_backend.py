@@ -287,3 +287,29 @@ def test_fp16_guard_wraps_the_dit_sampler(tiny_v3_model_dir: Path, tmp_path: Pat
         torch.testing.assert_close(guarded, ref, rtol=0, atol=0)
     silent = backend.audio_guard(np.zeros(24000, np.float32))
     assert guard.tripped and not silent.any()
+
+
+def test_a_full_attention_estimator_runner_leaves_streaming_to_the_dit(
+    tiny_v3_model_dir: Path, tmp_path: Path
+) -> None:
+    """An ONNX / TensorRT runner has no chunk-masked attention: streaming calls run the eager DiT,
+    and once a plan released its weights they are refused with a clear error."""
+    from cosyserve.families.base import FamilyOptions
+
+    backend = CosyVoice3Backend.from_dir(tiny_v3_model_dir, FamilyOptions(device="cpu", voices_dir=tmp_path))
+    cfm = backend.model.flow.decoder
+    request = SynthesisRequest(TEXT, mode="zero_shot", prompt=prompt(), seed=8, stream=True)
+    _, reference = solo(backend, request, num_tokens=60)
+    calls: list[int] = []
+
+    def full_attention(x, mask, mu, t, spks, cond):  # the 6 inputs of an exported estimator
+        calls.append(x.shape[0])
+        return cfm.estimator(x, mask, mu, t, spks, cond)
+
+    cfm.estimator_runner = full_attention
+    _, chunks = solo(backend, request, num_tokens=60)
+    assert len(chunks) > 1 and calls  # the final (full-attention) call went to the runner
+    np.testing.assert_array_equal(audio_of(chunks), audio_of(reference))
+    cfm.estimator.to(device="meta")
+    with pytest.raises(UnsupportedModeError, match="chunk-masked attention"):
+        solo(backend, request, num_tokens=60)
