@@ -114,8 +114,8 @@ class Synthesizer:
     ) -> tuple[Iterator[AudioChunk], SynthesisInfo]:
         """Start a synthesis; returns a lazy iterator of audio chunks and its (live) info record.
 
-        The mode follows from the arguments: ``instruct`` → instruct (SFT voice + instruction), or
-        instruct2 (a ``prompt`` or saved ``voice`` + instruction) on models without v1's instruct;
+        The mode follows from the arguments: ``instruct`` → the model's instruct mode (CosyVoice v1:
+        an SFT voice + instruction; CosyVoice2/3: instruct2, with ``prompt`` or ``voice``);
         ``prompt`` + ``prompt_text`` → zero-shot cloning; ``prompt`` alone → cross-lingual;
         otherwise the SFT or saved ``voice``. Bad input raises
         :class:`~cosyserve.errors.InvalidRequestError` (or a subclass) before any work starts.
