@@ -282,6 +282,11 @@ class DecodeState:
         return (self.vocab.ignore_eos_id,) if self.ignore_eos else ()
 
     @property
+    def redrawn_ids(self) -> frozenset[int]:
+        """Ids that, drawn at this step, are drawn again with them masked (instead of failing)."""
+        return frozenset()
+
+    @property
     def history(self) -> Sequence[int]:
         """The decoded tokens the repetition-aware sampler looks back on."""
         return self.emitted
@@ -382,6 +387,10 @@ class BistreamDecoder(DecodeState):
 
     ``max_token_text_ratio`` bounds the final phase (emitted tokens <= ratio x text tokens pushed);
     the reference decodes until EOS without a bound. None: unbounded.
+
+    ``redraw_invalid``: a stop id the phase cannot take (while text streams in, anything but FILL;
+    after it, anything but EOS), which makes the reference fail the request, is drawn again with
+    those ids masked instead (CosyVoice3, whose ``ignore_eos`` never masks EOS).
     """
 
     def __init__(
@@ -394,9 +403,18 @@ class BistreamDecoder(DecodeState):
         split_at_endofprompt: bool = False,
         endofprompt_id: int = ENDOFPROMPT_ID,
         max_token_text_ratio: float | None = MAX_TOKEN_TEXT_RATIO,
+        redraw_invalid: bool = False,
     ):
         super().__init__(vocab)
         self.mix_text, self.mix_speech = int(mix_ratio[0]), int(mix_ratio[1])
+        self._redraw = (
+            {
+                _Phase.TEXT: vocab.stop_ids - {vocab.fill},
+                _Phase.FINAL: vocab.stop_ids - {vocab.eos},
+            }
+            if redraw_invalid
+            else {}
+        )
         self.max_token_text_ratio = max_token_text_ratio
         prompt_text = [int(i) for i in prompt_text_ids]
         self._inputs = [SOS_INPUT]
@@ -524,6 +542,10 @@ class BistreamDecoder(DecodeState):
         return self._phase is _Phase.TEXT
 
     @property
+    def redrawn_ids(self) -> frozenset[int]:
+        return self._redraw.get(self._phase, frozenset())
+
+    @property
     def history(self) -> Sequence[int]:
         return self._outputs
 
@@ -603,7 +625,13 @@ class SpeechTokenSampler:
         if masked:
             row = row.clone()
             row[list(masked)] = float("-inf")
-        return ras_sampling(row, state.history, self.generator, self.sampling, self.uniform)
+        token = ras_sampling(row, state.history, self.generator, self.sampling, self.uniform)
+        redrawn = state.redrawn_ids
+        if token in redrawn:
+            row = row.clone()
+            row[sorted(redrawn)] = float("-inf")
+            token = ras_sampling(row, state.history, self.generator, self.sampling, self.uniform)
+        return token
 
 
 class DecodeStateSampler:

@@ -14,8 +14,9 @@ state machines and sampler):
 Reference quirks kept (parity README "Upstream quirks recorded as-is"): ``ignore_eos`` masks id
 6561, which is SOS here, so EOS is never masked and ``min_len`` is not enforced; with text
 streamed in and no prompt speech, the first 15 speech tokens are decoded from ``[sos, instruct]``
-before any TTS text is fed; a stop id other than FILL while text streams in (or other than EOS
-after it) is an error.
+before any TTS text is fed. Not kept: a stop id other than FILL while text streams in (or other
+than EOS after it), an error that ends the reference's request, is drawn again with those ids
+masked (the draws of every run that does not meet one are unchanged).
 
 :class:`SilentTokenFilter` is the reference ``llm_job``'s filter of long runs of silent tokens.
 """
@@ -128,6 +129,7 @@ class CosyVoice3LM(Qwen2LM):
             split_at_endofprompt=True,
             endofprompt_id=self.endofprompt_id,
             max_token_text_ratio=max_token_text_ratio,
+            redraw_invalid=True,
         )
 
 

@@ -313,3 +313,27 @@ def test_a_full_attention_estimator_runner_leaves_streaming_to_the_dit(
     cfm.estimator.to(device="meta")
     with pytest.raises(UnsupportedModeError, match="chunk-masked attention"):
         solo(backend, request, num_tokens=60)
+
+
+def test_stop_ids_while_text_streams_in_are_drawn_again(tiny_v3_backend: CosyVoice3Backend) -> None:
+    """The reference fails a request whose LLM draws EOS (or any stop id but FILL) while text is
+    still streaming in (its ignore_eos masks SOS, not EOS); here that draw is made again with those
+    ids masked. Whole-text decoding still stops on any stop id."""
+    from cosyserve.families.cosyvoice2.llm import SpeechTokenSampler
+
+    lm = tiny_v3_backend.llm
+    vocab = lm.vocab
+    prompt_ids = tiny_v3_backend.frontend.tokenize("You are a helpful assistant.<|endofprompt|>")
+    state = lm.bistream(prompt_ids)
+    state.push_text(tiny_v3_backend.frontend.tokenize("收到好友从远方寄来的生日礼物，让我很开心。"))
+    state.take_inputs()
+    assert state.output_due and state.phase == "text" and state.forced_token is None
+    logp = torch.full((vocab.head_size,), -30.0)
+    logp[vocab.eos] = 0.0  # EOS takes (almost) all the mass
+    logp[[7, 8]] = -5.0
+    sampler = SpeechTokenSampler(lm.cfg.sampling, generator=0)
+    token = sampler.choose(logp.log_softmax(0), state)
+    assert token in (7, 8) and state.accept(token) == token
+    whole = lm.unistream([1, 2, 3], prompt_ids, max_len=10)
+    whole.take_inputs()
+    assert sampler.choose(logp.log_softmax(0), whole) == vocab.eos  # min_len unenforced: the quirk
