@@ -61,14 +61,14 @@ class DownloadError(CosyserveError):
     code = "download_error"
 
 
-class BackendUnavailableError(CosyserveError):
-    """An optional acceleration backend (TensorRT, CUDA, ...) is not usable here."""
+class AcceleratorUnavailableError(CosyserveError):
+    """An optional accelerator (TensorRT, CUDA, ONNX Runtime, an int8 engine, ...) is not usable here."""
 
     status_code = 409
-    code = "backend_unavailable"
+    code = "accelerator_unavailable"
 
 
-class AccelerationMismatchError(BackendUnavailableError):
+class AccelerationMismatchError(AcceleratorUnavailableError):
     """An accelerated module does not reproduce the eager one (stale file, wrong weights, bug)."""
 
 

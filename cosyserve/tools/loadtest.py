@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from cosyserve.errors import BackendUnavailableError, InvalidRequestError
+from cosyserve.errors import AcceleratorUnavailableError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -382,10 +382,14 @@ class _UrlDriver(_HttpDriver):
             response = conn.getresponse()
             data = response.read()
             if response.status != 200:
-                raise BackendUnavailableError(f"GET {self.url}{path}: HTTP {response.status}: {data[:200]!r}")
+                raise AcceleratorUnavailableError(
+                    f"GET {self.url}{path}: HTTP {response.status}: {data[:200]!r}"
+                )
             return json.loads(data)
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
-            raise BackendUnavailableError(f"cannot use {self.url} as a cosyserve endpoint: {exc}") from exc
+            raise AcceleratorUnavailableError(
+                f"cannot use {self.url} as a cosyserve endpoint: {exc}"
+            ) from exc
         finally:
             conn.close()
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from cosyserve import __version__
-from cosyserve.errors import BackendUnavailableError
+from cosyserve.errors import AcceleratorUnavailableError
 from cosyserve.server.metrics import CONTENT_TYPE
 from cosyserve.server.routers.common import ServerState, get_state
 
@@ -106,12 +106,12 @@ async def performance_info(state: ServerState = Depends(get_state)) -> dict[str,
 async def warmup_trt(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     paths = accelerated_paths(state.backend.describe())
     if not paths:
-        raise BackendUnavailableError(
+        raise AcceleratorUnavailableError(
             "nothing accelerated is loaded, so there is nothing to warm up: start the server with "
             "--load_trt (and/or --load_jit) on a CUDA machine"
         )
     warmed = await state.engine.call(state.backend.warmup)
     if not warmed:
-        raise BackendUnavailableError(f"the backend reports {', '.join(paths)} but warmed nothing")
+        raise AcceleratorUnavailableError(f"the backend reports {', '.join(paths)} but warmed nothing")
     logger.info("warmup: %s", warmed)
     return {"status": "ok", "warmed": warmed}
