@@ -703,8 +703,13 @@ class TextFrontend:
         raise InvalidRequestError("text has nothing to speak (it is empty or only punctuation and symbols)")
 
 
+_SPEAKABLE = regex.compile(r"[\p{L}\p{N}]")
+
+
 def _speakable(segment: str) -> bool:
-    return not is_only_punctuation(_WHITESPACE.sub("", segment))
+    # A letter or a digit of any script: punctuation, symbols, emoji, combining marks without a
+    # base and invisible characters (zero-width spaces) alone give the model nothing to say.
+    return _SPEAKABLE.search(segment) is not None
 
 
 def _require_speech(segments: list[str]) -> None:
