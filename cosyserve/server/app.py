@@ -4,6 +4,7 @@ point (``uvicorn --factory cosyserve.server.app:create_app`` works too)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -17,7 +18,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,7 +28,9 @@ from cosyserve import __version__
 from cosyserve.engine.loop import EngineLoop
 from cosyserve.errors import BackendUnavailableError, CosyserveError, QueueFullError
 from cosyserve.interfaces import Backend
+from cosyserve.server.guard import BrowserGuard
 from cosyserve.server.metrics import ServerMetrics
+from cosyserve.server.openapi import install_openapi
 from cosyserve.server.routers import openai as openai_router
 from cosyserve.server.routers import ops, seed, voices
 from cosyserve.server.routers.common import HealthChecker, ServerState, StreamAbortedError
@@ -55,6 +57,8 @@ EXPOSED_HEADERS = [
 _REQUEST_ID = re.compile(r"^[\w\-.:]{1,64}$")
 # Text fields and base64 overhead on top of the largest accepted upload.
 _BODY_SLACK_BYTES = 256 * 1024
+# Modes that take a prompt recording: a backend with one of them decodes uploads.
+PROMPT_MODES = frozenset({"zero_shot", "cross_lingual"})
 
 
 def build_backend(settings: Settings) -> tuple[Backend, dict[str, Any]]:
@@ -267,7 +271,21 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         )
     else:
         code, message = "http_error", str(exc.detail)
-    return _json_error(status, code, message, request.url.path, headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:
+        # Starlette names the methods of the first route that matched the path; a path served
+        # by several routes (GET and POST /inference_sft) allows all of theirs.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return _json_error(status, code, message, request.url.path, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,10 +326,17 @@ def create_app(
         launch_report=dict(launch_report or {}),
     )
     state.health = HealthChecker(engine, backend, settings.health_cache_s)
+    if settings.decode_workers > 0:
+        from cosyserve.audio.sandbox import DecodeSandbox
+
+        state.decoder = DecodeSandbox(settings.decode_workers, settings.decode_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
         engine.start()
+        if state.decoder is not None and backend.modes & PROMPT_MODES:
+            state.decoder.start()  # the workers import PyAV while the server starts
         logger.info(
             "engine ready: backend %s, %d slots, queue %d", backend.name, engine.max_active, engine.max_queue
         )
@@ -319,7 +344,19 @@ def create_app(
             yield
         finally:
             finished = await engine.shutdown(settings.shutdown_timeout_s)
-            logger.info("engine stopped (%s)", "all requests finished" if finished else "some cancelled")
+            if state.decoder is not None:
+                state.decoder.close()
+            requests = state.requests
+            if requests.cut_streams or requests.cut_waiting:
+                logger.warning(
+                    "engine stopped: %d streams and %d requests waiting for audio were cut at the "
+                    "shutdown deadline (%g s)",
+                    requests.cut_streams,
+                    requests.cut_waiting,
+                    settings.shutdown_timeout_s,
+                )
+            else:
+                logger.info("engine stopped (%s)", "all requests finished" if finished else "some cancelled")
 
     app = FastAPI(
         title="cosyserve",
@@ -347,7 +384,14 @@ def create_app(
         app.add_middleware(
             APIKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=frozenset(open_paths)
         )
-        _document_bearer_auth(app)
+    else:  # a cross-site page cannot send the key; without one, browsers must be told apart
+        app.add_middleware(
+            BrowserGuard,
+            allowed_origins=settings.cors_origins,
+            allowed_hosts=settings.allowed_hosts,
+            localhost_origin_regex=LOCALHOST_ORIGIN_REGEX,
+        )
+    install_openapi(app, settings, bearer=settings.api_key is not None)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
@@ -373,21 +417,3 @@ def _playground_router() -> Any:
     except ImportError:
         return None
     return playground
-
-
-def _document_bearer_auth(app: FastAPI) -> None:
-    """Show the key requirement in /docs (its Authorize button) without a per-route dependency."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"}
-            }
-            schema["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cosyserve.api import MAX_SEED
 from cosyserve.errors import CosyserveError
 
 # --------------------------------------------------------------------------------------------
@@ -40,6 +41,12 @@ class ConflictError(CosyserveError):
 class NotFoundError(CosyserveError):
     status_code = 404
     code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """An OpenAI ``model`` this server does not serve (OpenAI answers 404 too)."""
+
+    code = "model_not_found"
 
 
 def openai_error_type(status: int) -> str:
@@ -100,13 +107,26 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_response(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+# What every route may answer whatever it does (the middleware's refusals).
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: error_response("missing or wrong API key (only when the server has one)"),
+    403: error_response("a browser request from a foreign origin or host name (only without an API key)"),
+    413: error_response("request body too large"),
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "invalid input (the message says what to fix)"},
-    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
-    404: {"model": ErrorResponse, "description": "unknown voice"},
-    413: {"model": ErrorResponse, "description": "upload too large"},
-    429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
-    503: {"model": ErrorResponse, "description": "shutting down"},
+    400: error_response("invalid input (the message says what to fix)"),
+    **COMMON_ERRORS,
+    404: error_response("unknown voice (or model)"),
+    415: error_response("a body in a format this route does not read (the message says what to send)"),
+    429: error_response("queue full; see Retry-After") | {"headers": _RETRY_AFTER},
+    500: error_response("the synthesis failed (the message has the request id for the server log)"),
+    503: error_response("shutting down, or no audio decoder available; see Retry-After")
+    | {"headers": _RETRY_AFTER},
 }
 
 # --------------------------------------------------------------------------------------------
@@ -116,30 +136,55 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 SeedFormat = Literal["stream", "wav", "pcm", "mp3", "opus", "aac", "flac"]
 
 
+# Text fields that the server bounds by COSYSERVE_MAX_TEXT_CHARS (see openapi.set_text_limits).
+TEXT_FIELDS = frozenset({"tts_text", "prompt_text", "instruct_text", "input", "instructions", "transcript"})
+
+
 class SeedParams(BaseModel):
     """Fields of ``/inference_*``. ``format=stream`` streams raw PCM s16le mono as it is made
     (sample rate in ``X-Sample-Rate``); any other format answers one file."""
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
-    tts_text: str = Field(..., description="text to speak")
+    # Bounds that only the schema states are checked by the server with clearer messages.
+    tts_text: str = Field(
+        ..., description="text to speak (with something to say in it)", json_schema_extra={"minLength": 1}
+    )
     spk_id: str | None = Field(None, description="built-in or saved voice (sft, instruct)")
     prompt_text: str | None = Field(None, description="transcript of prompt_wav (zero-shot)")
     instruct_text: str | None = Field(None, description="style instruction (instruct)")
     format: SeedFormat = Field("stream", description="stream (raw PCM s16le, chunked) | wav | mp3 | ...")
-    speed: float = Field(1.0, description="0.5 to 2.0")
+    speed: float = Field(1.0, description="0.5 to 2.0", json_schema_extra={"minimum": 0.5, "maximum": 2.0})
     stream: bool | None = Field(
         None, description="model-level streaming (smaller first chunk); default: on for format=stream"
     )
-    max_text_length: int | None = Field(None, description="split text into segments of at most this length")
+    max_text_length: int | None = Field(
+        None,
+        description="split text into segments of at most this length",
+        json_schema_extra={"minimum": 10, "maximum": 1000},
+    )
     enable_smart_split: bool = True
-    seed: int | None = Field(None, description="random seed for reproducible sampling")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed for reproducible sampling")
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A form cannot send null: an optional field is simply left out, so the form's schema
+    offers the field's own type only."""
+    properties = {}
+    for name, prop in schema.get("properties", {}).items():
+        options = prop.get("anyOf")
+        if isinstance(options, list):
+            kept = [o for o in options if o.get("type") != "null"]
+            prop = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+            prop.update(kept[0] if len(kept) == 1 else {"anyOf": kept})
+        properties[name] = prop
+    return {**schema, "properties": properties}
 
 
 def seed_request_schema(*, prompt: bool) -> dict[str, Any]:
     """OpenAPI requestBody for a seed route: the same fields as JSON or multipart form."""
     schema = SeedParams.model_json_schema()
-    form = {**schema, "properties": dict(schema.get("properties", {}))}
+    form = _without_null(schema)
     json_schema = {**schema, "properties": dict(schema.get("properties", {}))}
     if prompt:
         form["properties"]["prompt_wav"] = {
@@ -153,12 +198,15 @@ def seed_request_schema(*, prompt: bool) -> dict[str, Any]:
         }
         form["required"] = [*form.get("required", []), "prompt_wav"]
         json_schema["required"] = [*json_schema.get("required", []), "prompt_wav"]
+    urlencoded = {**form, "properties": dict(form["properties"])}
+    if prompt:  # a urlencoded form has no files: the recording goes base64, as in JSON
+        urlencoded["properties"]["prompt_wav"] = json_schema["properties"]["prompt_wav"]
     return {
         "requestBody": {
             "required": True,
             "content": {
                 "multipart/form-data": {"schema": form},
-                "application/x-www-form-urlencoded": {"schema": json_schema},
+                "application/x-www-form-urlencoded": {"schema": urlencoded},
                 "application/json": {"schema": json_schema},
             },
         }
@@ -170,6 +218,9 @@ def seed_request_schema(*, prompt: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
+# Formats whose header states the length: streamed, they would carry "unknown", which many
+# readers (libsndfile, so Python's soundfile) refuse; they come whole unless asked to stream.
+WHOLE_BY_DEFAULT = frozenset({"wav", "flac"})
 
 
 class VoiceRef(BaseModel):
@@ -184,21 +235,47 @@ class SpeechRequest(BaseModel):
     model: str = Field(
         "tts-1", description="tts-1, tts-1-hd, gpt-4o-mini-tts or cosyvoice (all the loaded model)"
     )
-    input: str = Field(..., description="text to speak")
+    input: str = Field(
+        ..., description="text to speak (with something to say in it)", json_schema_extra={"minLength": 1}
+    )
     voice: str | VoiceRef = Field(
         ...,
         description="a voice id from /v1/audio/voices, or an OpenAI name (alloy, echo, ...) mapped to one",
     )
     instructions: str | None = Field(None, description="style instruction (needs a model with instruct mode)")
     response_format: ResponseFormat = "mp3"
-    speed: float = Field(1.0, description="0.5 to 2.0 on this server")
+    speed: float = Field(
+        1.0, description="0.5 to 2.0 on this server", json_schema_extra={"minimum": 0.5, "maximum": 2.0}
+    )
     stream_format: Literal["audio", "sse"] = "audio"
-    stream: bool = Field(True, description="send audio as it is made (false: one body with timing headers)")
-    seed: int | None = None
+    stream: bool | None = Field(
+        None,
+        description="send audio as it is made (false: one complete body with timing headers). Default: "
+        "streamed for mp3, opus, aac and pcm; wav and flac come whole, with their length in the header, "
+        "unless stream is true",
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed for reproducible sampling")
+
+    @property
+    def streams(self) -> bool:
+        """Whether the audio is sent as it is made (see ``stream``)."""
+        if self.stream is not None:
+            return self.stream
+        return self.response_format not in WHOLE_BY_DEFAULT
 
     @property
     def voice_id(self) -> str:
         return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
+
+
+# Models that routes reading their own bodies refer to (added to the OpenAPI components).
+REFERENCED_MODELS: tuple[type[BaseModel], ...] = (SpeechRequest,)
+SPEECH_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SpeechRequest"}}},
+    }
+}
 
 
 class ModelCard(BaseModel):

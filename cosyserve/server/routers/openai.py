@@ -11,14 +11,16 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from cosyserve.api import MAX_SPEED, MIN_SPEED, SynthesisRequest
-from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.errors import CosyserveError, InvalidRequestError, UnknownVoiceError
 from cosyserve.interfaces import Backend
 from cosyserve.server.routers.common import (
     ServerState,
     file_audio,
     get_state,
+    read_json_body,
     resolve_voice_id,
     stream_audio,
     validate_synthesis,
@@ -26,13 +28,15 @@ from cosyserve.server.routers.common import (
 from cosyserve.server.routers.voices import create_voice, delete_voice, voice_list
 from cosyserve.server.schemas import (
     ERROR_RESPONSES,
+    SPEECH_REQUEST_BODY,
     ModelCard,
     ModelList,
-    NotFoundError,
+    ModelNotFoundError,
     SpeechRequest,
     VoiceDeletedOut,
     VoiceListOut,
     VoiceOut,
+    describe_validation_error,
 )
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
@@ -58,11 +62,13 @@ _FEMALE_PREFS = ("英文女", "中文女", "粤语女", "韩语女")
 _MALE_PREFS = ("英文男", "中文男", "日语男")
 _MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "cosyvoice")
 _CREATED = int(time.time())
+_SPEECH_EXAMPLE = '{"model": "tts-1", "input": "Hello!", "voice": "alloy"}'
+# A speech body is text and a few short fields: JSON may spend up to 12 bytes per character
+# (an escaped surrogate pair), plus room for the rest.
+_SPEECH_BODY_SLACK = 64 * 1024
 
 
-def _bad(
-    param: str, message: str, error: type[InvalidRequestError] = InvalidRequestError
-) -> InvalidRequestError:
+def _bad(param: str, message: str, error: type[CosyserveError] = InvalidRequestError) -> CosyserveError:
     exc = error(message)
     exc.param = param  # type: ignore[attr-defined]  # read by the OpenAI-shaped error handler
     return exc
@@ -82,6 +88,7 @@ def check_model(model: str, backend: Backend) -> None:
         "model",
         f"unknown model {model!r}: this server speaks with its one loaded model; "
         f"use one of {', '.join(model_ids(backend))}",
+        ModelNotFoundError,
     )
 
 
@@ -124,10 +131,18 @@ def map_voice(name: str, backend: Backend) -> str:
         **ERROR_RESPONSES,
     },
     summary="Create speech (OpenAI API)",
+    openapi_extra=SPEECH_REQUEST_BODY,
 )
-async def create_speech(
-    body: SpeechRequest, request: Request, state: ServerState = Depends(get_state)
-) -> Response:
+async def create_speech(request: Request, state: ServerState = Depends(get_state)) -> Response:
+    # The body is read here, not by FastAPI: an oversized one is refused as it arrives (413),
+    # and every way a body can be wrong gets its own message.
+    limit = 12 * state.settings.max_text_chars + _SPEECH_BODY_SLACK
+    payload = await read_json_body(request, limit, _SPEECH_EXAMPLE)
+    try:
+        body = SpeechRequest.model_validate(payload)
+    except ValidationError as exc:
+        message, param = describe_validation_error(exc)
+        raise _bad(param or "body", message) from exc
     backend = state.backend
     check_model(body.model, backend)
     if not (MIN_SPEED <= body.speed <= MAX_SPEED):
@@ -155,12 +170,12 @@ async def create_speech(
         voice=voice,
         mode=mode,
         instruct=instruct,
-        stream=body.stream or sse,
+        stream=body.streams or sse,
         speed=body.speed,
         seed=body.seed,
     )
     validate_synthesis(state, synthesis)
-    if sse or body.stream:
+    if sse or body.streams:
         return await stream_audio(state, request, synthesis, body.response_format, sse=sse, what="speech")
     return await file_audio(state, request, synthesis, body.response_format, what="speech")
 
@@ -199,5 +214,5 @@ async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
 @router.get("/models/{model_id}", response_model=ModelCard)
 async def get_model(model_id: str, state: ServerState = Depends(get_state)) -> ModelCard:
     if model_id not in model_ids(state.backend):
-        raise NotFoundError(f"no model {model_id!r}; GET /v1/models lists them")
+        raise ModelNotFoundError(f"no model {model_id!r}; GET /v1/models lists them")
     return ModelCard(id=model_id, created=_CREATED)
