@@ -391,7 +391,13 @@ def create_app(
             allowed_hosts=settings.allowed_hosts,
             localhost_origin_regex=LOCALHOST_ORIGIN_REGEX,
         )
-    install_openapi(app, settings, bearer=settings.api_key is not None)
+    install_openapi(
+        app,
+        settings,
+        bearer=settings.api_key is not None,
+        open_paths=frozenset(open_paths),
+        examples=lambda: ([v.id for v in backend.voices()], openai_router.model_ids(backend)),
+    )
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,

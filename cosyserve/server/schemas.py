@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cosyserve.api import MAX_SEED
 from cosyserve.errors import CosyserveError
@@ -140,6 +140,10 @@ SeedFormat = Literal["stream", "wav", "pcm", "mp3", "opus", "aac", "flac"]
 TEXT_FIELDS = frozenset({"tts_text", "prompt_text", "instruct_text", "input", "instructions", "transcript"})
 
 
+# The spellings of a boolean a form or query field may use.
+FORM_BOOLEANS = ("true", "false", "1", "0", "yes", "no", "on", "off")
+
+
 class SeedParams(BaseModel):
     """Fields of ``/inference_*``. ``format=stream`` streams raw PCM s16le mono as it is made
     (sample rate in ``X-Sample-Rate``); any other format answers one file."""
@@ -166,50 +170,94 @@ class SeedParams(BaseModel):
     enable_smart_split: bool = True
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed for reproducible sampling")
 
+    @field_validator("stream", "enable_smart_split", mode="before")
+    @classmethod
+    def _form_boolean(cls, value: Any) -> Any:
+        # Form and query values are text: exactly the words the schema lists (pydantic alone
+        # would also take "T", "Y", "OFF", ...).
+        if isinstance(value, str) and value not in FORM_BOOLEANS:
+            raise ValueError(f"must be one of {', '.join(FORM_BOOLEANS)}")
+        return value
 
-def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
-    """A form cannot send null: an optional field is simply left out, so the form's schema
-    offers the field's own type only."""
-    properties = {}
-    for name, prop in schema.get("properties", {}).items():
+
+# The fields each seed route needs besides tts_text (the server refuses the request without them).
+SEED_REQUIRED: dict[str, tuple[str, ...]] = {
+    "sft": ("spk_id",),
+    "instruct": ("spk_id", "instruct_text"),
+    "zero_shot": ("prompt_text", "prompt_wav"),
+    "cross_lingual": ("prompt_wav",),
+}
+_SEED_UNUSED: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt_text", "instruct_text"),
+    "instruct": ("prompt_text",),
+    "zero_shot": ("spk_id", "instruct_text"),
+    "cross_lingual": ("spk_id", "prompt_text", "instruct_text"),
+}
+_NON_EMPTY = {"type": "string", "minLength": 1}
+
+
+def _seed_fields(mode: str, *, nullable: bool) -> dict[str, Any]:
+    """The properties of a seed route's body. A form cannot send null (an optional field is
+    left out), so a form's schema offers each field's own type only; a required field is never
+    null nor empty."""
+    schema = SeedParams.model_json_schema()
+    required = ("tts_text", *SEED_REQUIRED[mode])
+    properties: dict[str, Any] = {}
+    for name, prop in schema["properties"].items():
+        if name in _SEED_UNUSED[mode]:
+            continue
         options = prop.get("anyOf")
-        if isinstance(options, list):
+        if isinstance(options, list) and (not nullable or name in required):
             kept = [o for o in options if o.get("type") != "null"]
             prop = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
             prop.update(kept[0] if len(kept) == 1 else {"anyOf": kept})
+        if name in required and prop.get("type") == "string":
+            prop = {**prop, "minLength": 1}
+        if not nullable and prop.get("type") == "boolean":
+            text = {"type": "string", "enum": list(FORM_BOOLEANS)}
+            prop = {k: v for k, v in prop.items() if k != "type"} | {"anyOf": [{"type": "boolean"}, text]}
         properties[name] = prop
-    return {**schema, "properties": properties}
+    return {"type": "object", "properties": properties, "required": list(required)}
 
 
-def seed_request_schema(*, prompt: bool) -> dict[str, Any]:
-    """OpenAPI requestBody for a seed route: the same fields as JSON or multipart form."""
-    schema = SeedParams.model_json_schema()
-    form = _without_null(schema)
-    json_schema = {**schema, "properties": dict(schema.get("properties", {}))}
-    if prompt:
-        form["properties"]["prompt_wav"] = {
-            "type": "string",
-            "format": "binary",
-            "description": "prompt recording",
-        }
-        json_schema["properties"]["prompt_wav"] = {
-            "type": "string",
-            "description": "prompt recording, base64 (or a data: URL)",
-        }
-        form["required"] = [*form.get("required", []), "prompt_wav"]
-        json_schema["required"] = [*json_schema.get("required", []), "prompt_wav"]
-    urlencoded = {**form, "properties": dict(form["properties"])}
-    if prompt:  # a urlencoded form has no files: the recording goes base64, as in JSON
-        urlencoded["properties"]["prompt_wav"] = json_schema["properties"]["prompt_wav"]
+def _with_prompt(schema: dict[str, Any], *, binary: bool) -> dict[str, Any]:
+    prompt = (
+        {"type": "string", "format": "binary", "description": "prompt recording (wav, flac, mp3, ogg, ...)"}
+        if binary
+        else {**_NON_EMPTY, "format": "byte", "description": "prompt recording, base64 (or a data: URL)"}
+    )
+    return {**schema, "properties": {**schema["properties"], "prompt_wav": prompt}}
+
+
+def seed_request_schema(mode: str) -> dict[str, Any]:
+    """OpenAPI requestBody for the seed route of ``mode``: the same fields as JSON or a form
+    (multipart: the recording as a file; urlencoded: base64, as in JSON)."""
+    prompt = "prompt_wav" in SEED_REQUIRED[mode]
+    form = _seed_fields(mode, nullable=False)
+    json_schema = _seed_fields(mode, nullable=True)
+    multipart = _with_prompt(form, binary=True) if prompt else form
+    urlencoded = _with_prompt(form, binary=False) if prompt else form
+    json_body = _with_prompt(json_schema, binary=False) if prompt else json_schema
     return {
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {"schema": form},
+                "multipart/form-data": {"schema": multipart},
                 "application/x-www-form-urlencoded": {"schema": urlencoded},
-                "application/json": {"schema": json_schema},
+                "application/json": {"schema": json_body},
             },
         }
+    }
+
+
+def seed_query_schema(mode: str) -> dict[str, Any]:
+    """The query parameters of upstream's GET form of a seed route (no recording: sft, instruct)."""
+    form = _seed_fields(mode, nullable=False)
+    return {
+        "parameters": [
+            {"name": name, "in": "query", "required": name in form["required"], "schema": prop}
+            for name, prop in form["properties"].items()
+        ]
     }
 
 

@@ -12,6 +12,9 @@ MAX_NAME_LENGTH = 64
 # Letters/digits/underscore of any script, then also '.' and '-'; the first character is a word
 # character, so no hidden files, no '.', '..', no separators: nothing can leave the directory.
 NAME_PATTERN = re.compile(r"\w[\w.\-]*")  # used with fullmatch (no "$": it allows a final newline)
+# The same rule for the OpenAPI schema (ECMA-262 regex; its \w is ASCII-only, so the schema
+# states the ASCII subset of what the server accepts).
+NAME_SCHEMA_PATTERN = r"^\w([\w.\-]*[\w\-])?$"
 NAME_RULE = (
     f"use 1-{MAX_NAME_LENGTH} letters or digits (any script), '_', '-' and '.', starting with a "
     "letter, digit or '_' and not ending with '.' (no spaces)"

@@ -143,7 +143,7 @@ async def read_fields(request: Request, settings: Settings) -> tuple[dict[str, A
     fields: dict[str, Any] = dict(request.query_params)
     uploads: dict[str, Upload] = {}
     ctype = content_type(request)
-    if ctype in _JSON_TYPES or ctype.endswith("+json"):
+    if is_json(request):
         fields.update(parse_json_object(await request.body()))
     elif ctype in _FORM_TYPES:
         try:
@@ -223,12 +223,23 @@ def _too_large(name: str, size: int, settings: Settings) -> PayloadTooLargeError
     )
 
 
-def parse_model(model: type[BaseModel], fields: dict[str, Any]) -> Any:
-    """Validate fields into ``model``; a failure is a 400 that names each bad field."""
-    cleaned = {k: (None if v == "" and k not in ("tts_text",) else v) for k, v in fields.items()}
-    cleaned = {k: v for k, v in cleaned.items() if v is not None}
+def is_json(request: Request) -> bool:
+    ctype = content_type(request)
+    return ctype in _JSON_TYPES or ctype.endswith("+json")
+
+
+def parse_model(model: type[BaseModel], fields: dict[str, Any], *, strict: bool = False) -> Any:
+    """Validate fields into ``model``; a failure is a 400 that names each bad field.
+
+    ``strict`` for JSON bodies: their values carry types, so ``"seed": false``, ``"stream":
+    "yes"`` or a null where the schema has none are refused, as the schema says. Form and query
+    values are all text: they are converted (``"1.5"``, ``"true"``) and an empty one is absent."""
+    if strict:
+        cleaned = fields
+    else:
+        cleaned = {k: v for k, v in fields.items() if v is not None and (v != "" or k == "tts_text")}
     try:
-        return model.model_validate(cleaned)
+        return model.model_validate(cleaned, strict=strict)
     except ValidationError as exc:
         message, _ = describe_validation_error(exc)
         raise InvalidRequestError(message) from exc

@@ -25,7 +25,14 @@ from cosyserve.server.routers.common import (
     stream_audio,
     validate_synthesis,
 )
-from cosyserve.server.routers.voices import create_voice, delete_voice, voice_list
+from cosyserve.server.routers.voices import (
+    DELETE_RESPONSES,
+    SAVE_RESPONSES,
+    VOICE_REQUEST_BODY,
+    create_voice,
+    delete_voice,
+    voice_list,
+)
 from cosyserve.server.schemas import (
     ERROR_RESPONSES,
     SPEECH_REQUEST_BODY,
@@ -37,6 +44,7 @@ from cosyserve.server.schemas import (
     VoiceListOut,
     VoiceOut,
     describe_validation_error,
+    error_response,
 )
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
@@ -139,7 +147,7 @@ async def create_speech(request: Request, state: ServerState = Depends(get_state
     limit = 12 * state.settings.max_text_chars + _SPEECH_BODY_SLACK
     payload = await read_json_body(request, limit, _SPEECH_EXAMPLE)
     try:
-        body = SpeechRequest.model_validate(payload)
+        body = SpeechRequest.model_validate(payload, strict=True)  # JSON values carry their types
     except ValidationError as exc:
         message, param = describe_validation_error(exc)
         raise _bad(param or "body", message) from exc
@@ -193,14 +201,21 @@ async def list_audio_voices(state: ServerState = Depends(get_state)) -> dict[str
     "/audio/voices",
     response_model=VoiceOut,
     status_code=200,
+    responses=SAVE_RESPONSES,
     summary="Create a voice from a recording (OpenAI: audio_sample, name)",
+    openapi_extra=VOICE_REQUEST_BODY,
 )
 async def create_audio_voice(request: Request, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     out = await create_voice(request, state)
     return {**out, "type": "audio_sample", "created_at": int(time.time())}
 
 
-@router.delete("/audio/voices/{voice_id}", response_model=VoiceDeletedOut, summary="Delete a saved voice")
+@router.delete(
+    "/audio/voices/{voice_id}",
+    response_model=VoiceDeletedOut,
+    responses=DELETE_RESPONSES,
+    summary="Delete a saved voice",
+)
 async def delete_audio_voice(voice_id: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     await delete_voice(voice_id, state)
     return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
@@ -211,7 +226,9 @@ async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
     return ModelList(data=[ModelCard(id=m, created=_CREATED) for m in model_ids(state.backend)])
 
 
-@router.get("/models/{model_id}", response_model=ModelCard)
+@router.get(
+    "/models/{model_id}", response_model=ModelCard, responses={404: error_response("no model of that name")}
+)
 async def get_model(model_id: str, state: ServerState = Depends(get_state)) -> ModelCard:
     if model_id not in model_ids(state.backend):
         raise ModelNotFoundError(f"no model {model_id!r}; GET /v1/models lists them")

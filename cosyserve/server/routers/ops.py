@@ -13,6 +13,7 @@ from cosyserve import __version__
 from cosyserve.errors import BackendUnavailableError
 from cosyserve.server.metrics import CONTENT_TYPE
 from cosyserve.server.routers.common import ServerState, get_state
+from cosyserve.server.schemas import error_response
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,11 @@ async def index(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     }
 
 
-@router.get("/health", summary="A tiny real synthesis through the engine (cached); 503 when it fails")
+@router.get(
+    "/health",
+    summary="A tiny real synthesis through the engine (cached); 503 when it fails",
+    responses={503: {"description": "unhealthy or shutting down (the body says which)"}},
+)
 async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
     assert state.health is not None  # noqa: S101 - set by create_app
     ok, payload = await state.health.check()
@@ -101,7 +106,14 @@ async def performance_info(state: ServerState = Depends(get_state)) -> dict[str,
     }
 
 
-@router.post("/warmup_trt", summary="Run a tiny synthesis through every accelerated path (TensorRT, JIT)")
+@router.post(
+    "/warmup_trt",
+    summary="Run a tiny synthesis through every accelerated path (TensorRT, JIT)",
+    responses={
+        409: error_response("nothing accelerated is loaded"),
+        503: error_response("shutting down"),
+    },
+)
 async def warmup_trt(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     paths = accelerated_paths(state.backend.describe())
     if not paths:

@@ -23,7 +23,7 @@ from cosyserve.server.schemas import (
     VoiceOut,
     error_response,
 )
-from cosyserve.voices.names import check_voice_name
+from cosyserve.voices.names import MAX_NAME_LENGTH, NAME_RULE, NAME_SCHEMA_PATTERN, check_voice_name
 
 router = APIRouter(prefix="/v1/voices", tags=["Voices"])
 
@@ -53,6 +53,9 @@ async def create_voice(request: Request, state: ServerState) -> dict[str, Any]:
     if not state.backend.modes & _CLONING_MODES:  # before reading (and decoding) any upload
         raise UnsupportedModeError(f"the loaded model ({state.backend.name}) cannot clone voices")
     fields, uploads = await read_fields(request, state.settings)
+    for field in ("name", *_TRANSCRIPT_FIELDS):
+        if fields.get(field) is not None and not isinstance(fields[field], str):
+            raise InvalidRequestError(f"'{field}' must be a string")
     name = str(fields.get("name") or "").strip()
     if not name:
         raise InvalidRequestError("name is required: the name to save the voice under")
@@ -83,6 +86,49 @@ async def delete_voice(name: str, state: ServerState) -> None:
     await state.engine.call(state.backend.delete_voice, voice.id)
 
 
+_NAME_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NAME_LENGTH,
+    "pattern": NAME_SCHEMA_PATTERN,
+    "description": "the name to save the voice under: " + NAME_RULE,
+}
+_VOICE_FIELDS = {
+    "name": _NAME_SCHEMA,
+    "transcript": {"type": "string", "description": "what the recording says (enables zero-shot quality)"},
+}
+VOICE_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "audio"],
+                    "properties": {
+                        **_VOICE_FIELDS,
+                        "audio": {"type": "string", "format": "binary", "description": "the recording"},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "audio"],
+                    "properties": {
+                        **_VOICE_FIELDS,
+                        "audio": {
+                            "type": "string",
+                            "format": "byte",
+                            "minLength": 1,
+                            "description": "base64",
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
 _STORE_ERRORS: dict[int | str, dict[str, Any]] = {
     503: error_response("the voice store cannot be written (read-only, permissions), or shutting down"),
     507: error_response("the disk holding saved voices is full"),
@@ -108,24 +154,7 @@ DELETE_RESPONSES: dict[int | str, dict[str, Any]] = {
     response_model_exclude_none=True,
     responses=SAVE_RESPONSES,
     summary="Save a voice: multipart 'audio' (file), 'name', optional 'transcript' (enables zero-shot quality)",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["name", "audio"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "audio": {"type": "string", "format": "binary"},
-                            "transcript": {"type": "string", "description": "what the recording says"},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=VOICE_REQUEST_BODY,
 )
 async def add_voice(request: Request, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     return await create_voice(request, state)
