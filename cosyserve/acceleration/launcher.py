@@ -178,6 +178,7 @@ def create_backend(settings: Any) -> tuple[Backend, dict[str, Any]]:
     from cosyserve.hub import resolve_model_dir
 
     local_dir = str(resolve_model_dir(model_dir))
+    check_model_config(local_dir)
     hw = detect_hardware()
     chain, why = plan_chain(hw, settings)
     report["hardware"] = asdict(hw)
@@ -203,6 +204,22 @@ def create_backend(settings: Any) -> tuple[Backend, dict[str, Any]]:
             logger.warning("plan %s failed (%s); falling back", plan.name, reason)
             _free_cuda()
     raise CosyserveError(f"no configuration could serve {model_dir}: {last_error}")
+
+
+def check_model_config(model_dir: str) -> None:
+    """Read the directory's config once, before any plan: a broken or hostile one (see the
+    yaml reader's limits) fails here, once, with the file named, not again for every plan."""
+    from cosyserve.families import detect
+
+    family = detect(model_dir)
+    try:
+        module = family.load()
+    except ImportError:  # a family whose code is not there yet: the plans will say so
+        return
+    try:
+        module.load_config(model_dir)
+    except ImportError:
+        return
 
 
 def _free_cuda() -> None:
