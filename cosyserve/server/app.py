@@ -241,7 +241,9 @@ async def _cosyserve_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif status == 503:
         headers["Retry-After"] = "5"
-    if status >= 500:
+    if status == 503:  # expected while shutting down or when a resource is unavailable
+        logger.info("request %s: %s: %s", _request_id(request), exc.code, exc.message)
+    elif status >= 500:
         logger.error("request %s: %s: %s", _request_id(request), exc.code, exc.message)
     return _json_error(
         status,
