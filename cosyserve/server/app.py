@@ -57,8 +57,6 @@ EXPOSED_HEADERS = [
 _REQUEST_ID = re.compile(r"^[\w\-.:]{1,64}$")
 # Text fields and base64 overhead on top of the largest accepted upload.
 _BODY_SLACK_BYTES = 256 * 1024
-# Modes that take a prompt recording: a backend with one of them decodes uploads.
-PROMPT_MODES = frozenset({"zero_shot", "cross_lingual"})
 
 
 def build_backend(settings: Settings) -> tuple[Backend, dict[str, Any]]:
@@ -277,17 +275,28 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 405:
         # Starlette names the methods of the first route that matched the path; a path served
         # by several routes (GET and POST /inference_sft) allows all of theirs.
-        headers["Allow"] = ", ".join(_allowed_methods(request))
+        methods = {m.strip() for m in headers.get("Allow", "").split(",") if m.strip()}
+        headers["Allow"] = ", ".join(sorted(methods | _allowed_methods(request.app.router.routes, request.scope)))
     return _json_error(status, code, message, request.url.path, headers=headers or None)
 
 
-def _allowed_methods(request: Request) -> list[str]:
+def _allowed_methods(routes: Any, scope: Scope) -> set[str]:
+    """The methods of every route whose path matches ``scope`` (included routers searched too)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
+    for route in routes:
+        nested = getattr(getattr(route, "original_router", None), "routes", None)
+        if nested is None and not hasattr(route, "methods"):
+            nested = getattr(route, "routes", None)
+        if nested is not None:
+            methods |= _allowed_methods(nested, scope)
+            continue
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # noqa: BLE001 - a route type that cannot match this scope
+            continue
         if match is not Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    return methods
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +337,9 @@ def create_app(
         launch_report=dict(launch_report or {}),
     )
     state.health = HealthChecker(engine, backend, settings.health_cache_s)
+    metrics.bind_streams(lambda: state.requests.streams)
     if settings.decode_workers > 0:
+        # Workers start with the first upload and stay: a server that never gets one never pays.
         from cosyserve.audio.sandbox import DecodeSandbox
 
         state.decoder = DecodeSandbox(settings.decode_workers, settings.decode_timeout_s)
@@ -337,8 +348,6 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
         engine.start()
-        if state.decoder is not None and backend.modes & PROMPT_MODES:
-            state.decoder.start()  # the workers import PyAV while the server starts
         logger.info(
             "engine ready: backend %s, %d slots, queue %d", backend.name, engine.max_active, engine.max_queue
         )

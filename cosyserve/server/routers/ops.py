@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from cosyserve import __version__
 from cosyserve.errors import BackendUnavailableError
-from cosyserve.server.metrics import CONTENT_TYPE
+from cosyserve.server.metrics import CONTENT_TYPE, resident_memory_bytes
 from cosyserve.server.routers.common import ServerState, get_state
 from cosyserve.server.schemas import error_response
 
@@ -89,6 +89,7 @@ async def metrics(state: ServerState = Depends(get_state)) -> Response:
 async def performance_info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     description = state.backend.describe()
     settings = state.settings
+    rss = resident_memory_bytes()
     return {
         "version": __version__,
         "uptime_s": round(state.uptime_s, 1),
@@ -102,6 +103,13 @@ async def performance_info(state: ServerState = Depends(get_state)) -> dict[str,
             "policy": type(state.engine.policy).__name__,
         },
         "engine": state.engine.stats(),
+        "http": {
+            "open_streams": state.requests.streams,
+            "waiting_for_audio": state.requests.waiting,
+            "draining": state.requests.draining,
+        },
+        "process": {"rss_mb": None if rss is None else round(rss / 2**20, 1)},
+        "decoder": state.decoder.describe() if state.decoder is not None else {"workers": 0},
         "settings": settings.public_dict(),
     }
 
