@@ -125,6 +125,8 @@ def decode_audio(
                 raise InvalidRequestError(f"the audio {what} contains no audio stream")
             stream = container.streams.audio[0]
             codec = stream.codec_context
+            if codec is None:
+                raise InvalidRequestError(f"the audio {what} uses a codec this server cannot decode")
             _check_format(what, int(codec.channels or 0), int(codec.sample_rate or 0))
             declared = _declared_seconds(container, stream)
             if (
