@@ -135,7 +135,10 @@ def test_sigkill_during_saves_keeps_every_acknowledged_voice(tmp_path) -> None:
     acknowledged: dict[str, int] = {}
     for round_ in range(4):
         saver = subprocess.Popen(
-            [sys.executable, "-c", _SAVER, str(root), str(100_000 * round_)], stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-c", _SAVER, str(root), str(100_000 * round_)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         assert saver.stdout is not None
         lines: list[str] = []

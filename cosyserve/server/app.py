@@ -276,7 +276,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette names the methods of the first route that matched the path; a path served
         # by several routes (GET and POST /inference_sft) allows all of theirs.
         methods = {m.strip() for m in headers.get("Allow", "").split(",") if m.strip()}
-        headers["Allow"] = ", ".join(sorted(methods | _allowed_methods(request.app.router.routes, request.scope)))
+        headers["Allow"] = ", ".join(
+            sorted(methods | _allowed_methods(request.app.router.routes, request.scope))
+        )
     return _json_error(status, code, message, request.url.path, headers=headers or None)
 
 

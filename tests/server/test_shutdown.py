@@ -60,16 +60,16 @@ def test_sigterm_cuts_streams_cleanly_at_the_deadline() -> None:
 
         def stream(name: str, method: str, path: str, **kwargs) -> None:
             try:
-                with httpx.Client(base_url=base, timeout=60) as client:
-                    with client.stream(method, path, **kwargs) as response:
-                        pieces = []
-                        first = True
-                        for piece in response.iter_bytes():
-                            pieces.append(piece)
-                            if first:
-                                first = False
-                                started.wait(30)
-                        results[name] = (response.status_code, b"".join(pieces))
+                with (
+                    httpx.Client(base_url=base, timeout=60) as client,
+                    client.stream(method, path, **kwargs) as response,
+                ):
+                    pieces = []
+                    for piece in response.iter_bytes():
+                        pieces.append(piece)
+                        if len(pieces) == 1:
+                            started.wait(30)
+                    results[name] = (response.status_code, b"".join(pieces))
             except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
                 results[name] = exc
 
