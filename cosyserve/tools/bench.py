@@ -520,6 +520,10 @@ def main(args: argparse.Namespace) -> int:
         print(RESULT_PREFIX + json.dumps(result, ensure_ascii=False), flush=True)
         return 0
     try:
+        if getattr(args, "soak", None) or (args.concurrency and getattr(args, "url", None)):
+            from cosyserve.tools.loadtest import bench_main
+
+            return bench_main(args)  # a running server: nothing to load here
         if args.model_dir is None:
             if not args.synthetic:
                 print(

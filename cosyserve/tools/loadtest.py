@@ -198,8 +198,140 @@ class _InProcessDriver:
 # --------------------------------------------------------------------------------------------
 
 
-class _HttpDriver:
-    """The real FastAPI app under uvicorn on 127.0.0.1, driven by client threads."""
+def split_url(url: str) -> tuple[str, str, int, str]:
+    """``(scheme, host, port, path prefix)`` of a server's base URL (a prefix such as a Ray Serve
+    route is kept: requests go to ``{prefix}/inference_sft``)."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def http_connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to the server at ``url`` and the path prefix to put before routes."""
+    scheme, host, port, prefix = split_url(url)
+    cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    return cls(host, port, timeout=max(1.0, timeout)), prefix
+
+
+def fetch_json(url: str, path: str, timeout: float = 10.0) -> dict[str, Any] | None:
+    """``GET {url}{path}`` as JSON, or None when the server does not answer it (not every server
+    behind a URL is cosyserve)."""
+    conn, prefix = http_connection(url, timeout)
+    try:
+        conn.request("GET", prefix + path)
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            return None
+        data = json.loads(body)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+class HttpDriver:
+    """Runs phases against a server over HTTP: ``N`` client threads, each request a POST of
+    ``/inference_sft`` (raw PCM streaming) under ``url``. The server may be this process's
+    (``--http``) or any other that speaks the CosyVoice API (``--url``: another cosyserve, a
+    Ray Serve deployment). ``stats()`` gives the server's batching figures where it has them."""
+
+    def __init__(self, url: str, stats: Callable[[], dict[str, Any] | None] | None = None):
+        split_url(url)  # refuse a bad URL before any phase
+        self.url = url
+        self.stats = stats or (lambda: _remote_batching(url))
+
+    def run_phase(
+        self, name: str, requests: list[Any], concurrent: bool, first_chunk_only: bool, max_seconds: float
+    ) -> PhaseResult:
+        n = len(requests)
+        results = [RequestResult(i) for i in range(n)]
+        barrier = _FirstChunkBarrier(n if concurrent else 1)
+        deadline = time.perf_counter() + max_seconds
+        before = dict(self.stats() or {})
+        started = time.perf_counter()
+        if concurrent:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="loadtest-client") as pool:
+                futures = [
+                    pool.submit(self._one, r, results[i], barrier, first_chunk_only, deadline)
+                    for i, r in enumerate(requests)
+                ]
+                for future in futures:
+                    future.result()
+        else:
+            for i, r in enumerate(requests):
+                self._one(r, results[i], _FirstChunkBarrier(1), first_chunk_only, deadline)
+        wall = time.perf_counter() - started
+        stats = self.stats()
+        if stats is not None and "steps" in stats:
+            stats["steps_in_phase"] = stats["steps"] - before.get("steps", 0)
+        return PhaseResult(name, n if concurrent else 1, wall, results, stats)
+
+    def _one(
+        self,
+        request: Any,
+        result: RequestResult,
+        barrier: _FirstChunkBarrier,
+        first_chunk_only: bool,
+        deadline: float,
+    ) -> None:
+        fields = {
+            "tts_text": request.text,
+            "spk_id": request.voice,
+            "format": "stream",
+            "stream": "true" if request.stream else "false",
+        }
+        if request.seed is not None:
+            fields["seed"] = str(request.seed)
+        body = urllib.parse.urlencode(fields)
+        conn, prefix = http_connection(self.url, deadline - time.perf_counter())
+        t0 = time.perf_counter()
+        try:
+            conn.request(
+                "POST", prefix + "/inference_sft", body, {"Content-Type": "application/x-www-form-urlencoded"}
+            )
+            response = conn.getresponse()
+            if response.status != 200:
+                result.error = f"HTTP {response.status}: {response.read(300)!r}"
+                return
+            rate = int(response.headers.get("X-Sample-Rate", "22050"))
+            received = 0
+            while True:
+                data = response.read1(65536)  # blocking; the socket timeout is the phase's limit
+                if not data:
+                    result.ok = True
+                    break
+                if received == 0:
+                    result.first_chunk_s = time.perf_counter() - t0
+                    barrier.arrive()
+                received += len(data)
+                if first_chunk_only:
+                    # Keep the stream open until every client has its first chunk; closing the
+                    # connection then cancels the request on the server.
+                    result.ok = barrier.wait(deadline - time.perf_counter())
+                    if not result.ok:
+                        result.error = "other streams' first chunks did not arrive in time"
+                    break
+            result.audio_s = received / 2 / rate
+        except Exception as exc:  # noqa: BLE001 - reported per request
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            result.total_s = time.perf_counter() - t0
+            conn.close()
+
+
+def _remote_batching(url: str) -> dict[str, Any] | None:
+    info = fetch_json(url, "/performance_info")
+    engine = (info or {}).get("engine")
+    batching = engine.get("batching") if isinstance(engine, dict) else None
+    return dict(batching) if isinstance(batching, dict) else None
+
+
+class _LocalServer:
+    """The real FastAPI app under uvicorn on 127.0.0.1 (an ephemeral port), for ``--http``."""
 
     def __init__(self, backend: Any, batch_settings: SimpleNamespace, concurrency: int, max_seconds: float):
         import uvicorn
@@ -232,7 +364,7 @@ class _HttpDriver:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="loadtest-uvicorn", daemon=True)
 
-    def __enter__(self) -> _HttpDriver:
+    def __enter__(self) -> _LocalServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
@@ -242,91 +374,19 @@ class _HttpDriver:
         self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
         return self
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def driver(self) -> HttpDriver:
+        return HttpDriver(self.url, stats=lambda: dict(self.policy.stats()))
+
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(30)
         if self.thread.is_alive():
             self.server.force_exit = True
             self.thread.join(5)
-
-    def run_phase(
-        self, name: str, requests: list[Any], concurrent: bool, first_chunk_only: bool, max_seconds: float
-    ) -> PhaseResult:
-        n = len(requests)
-        results = [RequestResult(i) for i in range(n)]
-        barrier = _FirstChunkBarrier(n if concurrent else 1)
-        deadline = time.perf_counter() + max_seconds
-        before = dict(self.policy.stats())
-        started = time.perf_counter()
-        if concurrent:
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="loadtest-client") as pool:
-                futures = [
-                    pool.submit(self._one, r, results[i], barrier, first_chunk_only, deadline)
-                    for i, r in enumerate(requests)
-                ]
-                for future in futures:
-                    future.result()
-        else:
-            for i, r in enumerate(requests):
-                self._one(r, results[i], _FirstChunkBarrier(1), first_chunk_only, deadline)
-        wall = time.perf_counter() - started
-        stats = self.policy.stats()
-        stats["steps_in_phase"] = stats["steps"] - before.get("steps", 0)
-        return PhaseResult(name, n if concurrent else 1, wall, results, stats)
-
-    def _one(
-        self,
-        request: Any,
-        result: RequestResult,
-        barrier: _FirstChunkBarrier,
-        first_chunk_only: bool,
-        deadline: float,
-    ) -> None:
-        body = urllib.parse.urlencode(
-            {
-                "tts_text": request.text,
-                "spk_id": request.voice,
-                "format": "stream",
-                "stream": "true" if request.stream else "false",
-                "seed": str(request.seed),
-            }
-        )
-        conn = http.client.HTTPConnection(
-            "127.0.0.1", self.port, timeout=max(1.0, deadline - time.perf_counter())
-        )
-        t0 = time.perf_counter()
-        try:
-            conn.request(
-                "POST", "/inference_sft", body, {"Content-Type": "application/x-www-form-urlencoded"}
-            )
-            response = conn.getresponse()
-            if response.status != 200:
-                result.error = f"HTTP {response.status}: {response.read(300)!r}"
-                return
-            rate = int(response.headers.get("X-Sample-Rate", "22050"))
-            received = 0
-            while True:
-                data = response.read1(65536)  # blocking; the socket timeout is the phase's limit
-                if not data:
-                    result.ok = True
-                    break
-                if received == 0:
-                    result.first_chunk_s = time.perf_counter() - t0
-                    barrier.arrive()
-                received += len(data)
-                if first_chunk_only:
-                    # Keep the stream open until every client has its first chunk; closing the
-                    # connection then cancels the request on the server.
-                    result.ok = barrier.wait(deadline - time.perf_counter())
-                    if not result.ok:
-                        result.error = "other streams' first chunks did not arrive in time"
-                    break
-            result.audio_s = received / 2 / rate
-        except Exception as exc:  # noqa: BLE001 - reported per request
-            result.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            result.total_s = time.perf_counter() - t0
-            conn.close()
 
 
 class _FirstChunkBarrier:
@@ -432,6 +492,7 @@ def run_concurrency_bench(
     warmup: bool = True,
     baseline_requests: int | None = None,
     backend: Any = None,
+    url: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the concurrency benchmark and return its report (also written to ``json_out``:
@@ -447,7 +508,16 @@ def run_concurrency_bench(
     ``throughput_ratio`` (batched ÷ one-at-a-time aggregate audio s per wall s),
     ``first_chunk_p50_s`` / ``first_chunk_p95_s`` (concurrent streams) and
     ``first_chunk_max_ratio`` (slowest concurrent first chunk ÷ the single-stream one).
+
+    ``url``: drive an already running server there instead (any server of the CosyVoice API,
+    e.g. another host or a Ray Serve deployment; its path prefix is kept). Nothing is loaded
+    here, so the token count is the server's own (``tokens`` is not forced) and the batching
+    figures come from its ``/performance_info`` when it has one.
     """
+    if url is not None:
+        return _run_against_url(
+            url, int(concurrency), stream, json_out, text, voice, max_seconds, baseline_requests, progress
+        )
     import torch
 
     if not 1 <= int(concurrency) <= MAX_CONCURRENCY:
@@ -488,20 +558,60 @@ def run_concurrency_bench(
             say("warming up")
             report["warmup_s"] = round(_warm_up(backend, tokens, text, voice), 3)
         if http:
-            with _HttpDriver(backend, batch_settings, concurrency, max_seconds) as driver:
-                report["url"] = f"http://127.0.0.1:{driver.port}"
-                _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
+            with _LocalServer(backend, batch_settings, concurrency, max_seconds) as server:
+                report["url"] = server.url
+                _run_modes(
+                    server.driver(), report, concurrency, stream, text, voice, max_seconds, say, baseline
+                )
         else:
             driver = _InProcessDriver(backend, batch_settings)
             _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
     finally:
         backend.options.num_tokens, backend.options.stream_first_hop = saved
+    _write_report(report, json_out)
+    return report
+
+
+def _write_report(report: dict[str, Any], json_out: str | Path | None) -> None:
     if json_out is not None:
         text_out = json.dumps(report, indent=2, ensure_ascii=False)
         if str(json_out) == "-":
             sys.stdout.write(text_out + "\n")
         else:
             Path(json_out).write_text(text_out + "\n", encoding="utf-8")
+
+
+def _run_against_url(
+    url: str,
+    concurrency: int,
+    stream: bool | None,
+    json_out: str | Path | None,
+    text: str,
+    voice: str,
+    max_seconds: float,
+    baseline_requests: int | None,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency}")
+    say = progress or (lambda message: logger.info("%s", message))
+    baseline = max(1, min(concurrency, 4) if baseline_requests is None else int(baseline_requests))
+    driver = HttpDriver(url)
+    info = fetch_json(url, "/performance_info") or {}
+    backend = info.get("backend") if isinstance(info.get("backend"), dict) else {}
+    report: dict[str, Any] = {
+        "mode": "url",
+        "url": url,
+        "concurrency": concurrency,
+        "tokens": None,  # the server decides: nothing is forced from here
+        "plan": (info.get("launch") or {}).get("plan") if isinstance(info.get("launch"), dict) else None,
+        "device": backend.get("device"),
+        "text": text,
+        "voice": voice,
+        "baseline_requests": baseline,
+    }
+    _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
+    _write_report(report, json_out)
     return report
 
 
@@ -516,7 +626,7 @@ def _merge(name: str, parts: Sequence[PhaseResult]) -> PhaseResult:
 
 
 def _run_modes(
-    driver: _InProcessDriver | _HttpDriver,
+    driver: _InProcessDriver | HttpDriver,
     report: dict[str, Any],
     n: int,
     stream: bool | None,
@@ -604,6 +714,39 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --concurrency: drive the real server over 127.0.0.1 instead of the engine in-process",
     )
     group.add_argument(
+        "--url",
+        default=None,
+        metavar="URL",
+        help="with --concurrency: drive an already running server at URL (any CosyVoice API server, "
+        "e.g. http://host:8000/prefix); nothing is loaded here and the model flags are ignored",
+    )
+    group.add_argument(
+        "--voice",
+        default=None,
+        help="with --url: the voice to ask for (default: the server's first built-in)",
+    )
+    group.add_argument(
+        "--soak",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="with --url: N clients for MINUTES, every format, streamed and whole, some leaving "
+        "mid-stream; reports statuses, undecodable bodies, server RSS and whether it drained",
+    )
+    group.add_argument(
+        "--disconnect-fraction",
+        type=float,
+        default=0.15,
+        help="with --soak: share of streams abandoned after their first chunk (default 0.15)",
+    )
+    group.add_argument(
+        "--soak-warmup-s",
+        dest="soak_warmup_s",
+        type=float,
+        default=60.0,
+        help="with --soak: RSS growth is measured from this long after the start (at most half the run)",
+    )
+    group.add_argument(
         "--max-seconds",
         type=float,
         default=1800.0,
@@ -630,11 +773,36 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def soak_main(args: argparse.Namespace) -> int:
+    """``--soak MINUTES --url URL``: the soak of :mod:`cosyserve.tools.soak`."""
+    from cosyserve.tools.soak import format_soak, run_soak, soak_ok
+
+    if not getattr(args, "url", None):
+        print("cosyserve bench: --soak drives a running server: give its --url", file=sys.stderr)
+        return 2
+    report = run_soak(
+        args.url,
+        clients=args.concurrency or 16,
+        minutes=args.soak,
+        voice=args.voice,
+        disconnect_fraction=args.disconnect_fraction,
+        warmup_s=args.soak_warmup_s,
+    )
+    json_flag = getattr(args, "json", False)
+    if json_flag:
+        _write_report(report, "-" if json_flag is True else json_flag)
+    else:
+        print(format_soak(report))
+    return 0 if soak_ok(report) else 1
+
+
 def bench_main(args: argparse.Namespace) -> int:
     """``cosyserve bench --concurrency N``: the bench's own flags (``--model_dir`` already
     resolved, ``--tokens``, ``--json``, ``--stream_first_hop``) plus
     :func:`add_concurrency_arguments`'. Both modes always run: the streaming first-chunk
     phases are half of what this benchmark is for."""
+    if getattr(args, "soak", None):
+        return soak_main(args)
     report = run_concurrency_bench(
         args.model_dir,
         concurrency=args.concurrency,
@@ -649,6 +817,8 @@ def bench_main(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         token_budget=args.token_budget,
         flow_batch=args.flow_batch,
+        url=getattr(args, "url", None),
+        voice=args.voice or DEFAULT_VOICE,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     if not getattr(args, "json", False):
@@ -669,7 +839,8 @@ def _all_ok(report: dict[str, Any]) -> bool:
 def format_summary(report: dict[str, Any]) -> str:
     """A few lines for people (the JSON has everything)."""
     lines = [
-        f"concurrency {report['concurrency']}, {report['tokens']} tokens, {report['mode']}, plan {report.get('plan')}"
+        f"concurrency {report['concurrency']}, {report['tokens'] or 'server-chosen'} tokens, {report['mode']}, "
+        f"plan {report.get('plan')}"
     ]
     ns = report.get("non_stream")
     if ns:
@@ -690,7 +861,7 @@ def format_summary(report: dict[str, Any]) -> str:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Standalone use (``python -m cosyserve.tools.loadtest``)."""
-    parser.add_argument("--model", required=True, help="CosyVoice model directory")
+    parser.add_argument("--model", default=None, help="CosyVoice model directory (not with --url)")
     parser.add_argument("--tokens", type=int, default=250, help="speech tokens per request (default 250)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -704,6 +875,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.soak:
+        return soak_main(args)
+    if args.model is None and args.url is None:
+        print("cosyserve-loadtest: give --model DIR or --url URL", file=sys.stderr)
+        return 2
     report = run_concurrency_bench(
         args.model,
         concurrency=args.concurrency or 8,
@@ -719,6 +895,8 @@ def main(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         token_budget=args.token_budget,
         flow_batch=args.flow_batch,
+        url=args.url,
+        voice=args.voice or DEFAULT_VOICE,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     if args.json is None:
