@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from cosyserve import errors
 from cosyserve.api import SynthesisRequest
-from cosyserve.errors import InsufficientStorageError, StorageUnavailableError, SynthesisFailedError
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = 24
@@ -92,7 +92,7 @@ def test_a_request_that_breaks_a_batched_step_fails_alone(backend) -> None:
     ]
     alone = [asyncio.run(_run(backend, [r], set()))[0] for r in (requests[0], requests[2])]
     together = asyncio.run(_run(backend, requests, poison={12}))
-    assert isinstance(together[1], SynthesisFailedError), together[1]
+    assert isinstance(together[1], errors.SynthesisFailedError), together[1]
     assert "IndexError" in together[1].message and "request id" in together[1].message
     for solo, batched in zip(alone, (together[0], together[2])):
         assert isinstance(batched, np.ndarray) and len(batched) == len(solo) > 0
@@ -188,11 +188,11 @@ def _features(value: float = 1.0):
 @pytest.mark.parametrize(
     ("code", "error", "status"),
     [
-        (errno.ENOSPC, InsufficientStorageError, 507),
-        (errno.EDQUOT, InsufficientStorageError, 507),
-        (errno.EROFS, StorageUnavailableError, 503),
-        (errno.EACCES, StorageUnavailableError, 503),
-        (errno.EIO, StorageUnavailableError, 503),
+        (errno.ENOSPC, "InsufficientStorageError", 507),
+        (errno.EDQUOT, "InsufficientStorageError", 507),
+        (errno.EROFS, "StorageUnavailableError", 503),
+        (errno.EACCES, "StorageUnavailableError", 503),
+        (errno.EIO, "StorageUnavailableError", 503),
     ],
 )
 def test_store_on_a_failing_file_system_is_a_typed_error_and_unchanged(
@@ -210,6 +210,7 @@ def test_store_on_a_failing_file_system_is_a_typed_error_and_unchanged(
 
     # Data is written, then fsync reports the device's refusal (as a full disk does).
     monkeypatch.setattr(store_module.os, "fsync", failing_fsync)
+    error = getattr(errors, error)
     with pytest.raises(error) as info:
         store.save("new", _features())
     assert info.value.status_code == status and "new" in info.value.message

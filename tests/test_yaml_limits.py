@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cosyserve.errors import ModelConfigError
-from cosyserve.nn.yaml_reader import MAX_YAML_BYTES, load_yaml_tree, parse_yaml_tree
+from cosyserve.nn.yaml_reader import load_yaml_tree, parse_yaml_tree
 
 HOSTILE = {
     # A string doubled at every level of !ref: 2**33 characters at the end.
@@ -54,6 +54,8 @@ def test_an_oversized_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
     with pytest.raises(ModelConfigError, match=str(path)) as info:
         load_yaml_tree(path)
     assert time.perf_counter() - started < 1.0
+    from cosyserve.nn.yaml_reader import MAX_YAML_BYTES
+
     assert f"{MAX_YAML_BYTES:,}" in info.value.message
 
 

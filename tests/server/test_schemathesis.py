@@ -33,6 +33,9 @@ MIN_REQUESTS = 1000
 CONFIG = """
 hooks = "tests.server.st_hooks"
 
+[cache]
+enabled = false
+
 [generation]
 database = "none"
 
