@@ -213,12 +213,8 @@ def check_model_config(model_dir: str) -> None:
 
     family = detect(model_dir)
     try:
-        module = family.load()
+        family.load().load_config(model_dir)
     except ImportError:  # a family whose code is not there yet: the plans will say so
-        return
-    try:
-        module.load_config(model_dir)
-    except ImportError:
         return
 
 
