@@ -24,6 +24,7 @@ MODES: tuple[str, ...] = ("sft", "zero_shot", "cross_lingual", "instruct", "inst
 
 MIN_SPEED, MAX_SPEED = 0.5, 2.0
 MAX_TEXT_CHARS = 50_000
+MAX_SEED = 2**64 - 1  # torch generators take seeds in [0, 2**64)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class SynthesisRequest:
             raise InvalidRequestError(
                 f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {self.speed!r}"
             )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise InvalidRequestError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.max_text_length is not None and not (10 <= self.max_text_length <= 1000):
             raise InvalidRequestError(
                 f"max_text_length must be between 10 and 1000 characters, got {self.max_text_length}"

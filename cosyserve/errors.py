@@ -89,6 +89,27 @@ class RequestTimeoutError(CosyserveError):
     code = "timeout"
 
 
+class InsufficientStorageError(CosyserveError):
+    """The disk under the voice store is full (ENOSPC, EDQUOT): nothing was written."""
+
+    status_code = 507
+    code = "insufficient_storage"
+
+
+class StorageUnavailableError(CosyserveError):
+    """The voice store cannot be written (read-only file system, permissions, I/O error)."""
+
+    status_code = 503
+    code = "storage_unavailable"
+
+
+class DecoderUnavailableError(CosyserveError):
+    """No audio decoder process can be started (the machine is out of processes or memory)."""
+
+    status_code = 503
+    code = "decoder_unavailable"
+
+
 class SynthesisFailedError(CosyserveError):
     """An unexpected exception inside a backend job; only that request fails."""
 

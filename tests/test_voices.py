@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.errors import InsufficientStorageError, InvalidRequestError, UnknownVoiceError
 from cosyserve.voices.prompt import PromptFeatures
 from cosyserve.voices.store import VOICE_SUFFIX, SavedVoice, VoiceStore, VoiceStoreError
 
@@ -99,12 +100,13 @@ def test_crash_mid_write_keeps_old_voice(tmp_path: Path, monkeypatch):
 
     def crash(f, arrays):
         f.write(b"PK\x03\x04 half of a zip archive")  # some bytes reach the disk...
-        raise OSError("disk full")  # ...then the write fails
+        raise OSError(errno.ENOSPC, "No space left on device")  # ...then the write fails
 
     monkeypatch.setattr(VoiceStore, "_write_payload", staticmethod(crash))
-    with pytest.raises(OSError, match="disk full"):
+    # A typed error (507 over HTTP), not a bare OSError
+    with pytest.raises(InsufficientStorageError, match="disk holding saved voices is full"):
         store.save("alice", features(1), overwrite=True)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InsufficientStorageError):
         store.save("bob", features(2))
     monkeypatch.undo()
 

@@ -189,23 +189,51 @@ class BatchRunner:
         if rows:
             assert self._cache is not None  # noqa: S101 - runner invariant
             try:
-                logp = self._decode(rows).float().cpu()
-            except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests, not the loop
-                logger.exception("batched LLM decode failed for %d requests", len(rows))
-                failed, rows = rows, []
-                self._rows, self._cache = [], None
-                for task in failed:
-                    yield self._fail(task, exc)
+                logp = self._decode_rows(rows, self._cache)
+            except Exception as exc:  # noqa: BLE001 - one request's fault must not fail the batch
+                logger.warning(
+                    "batched LLM decode failed for %d requests (%s: %s); stepping them one by one",
+                    len(rows),
+                    type(exc).__name__,
+                    exc,
+                )
+                rows, logps, failures = self._decode_alone(rows)
+                for task, error in failures:
+                    yield self._fail(task, error)
+                sampled += list(zip(rows, logps))
             else:
                 sampled += [(t, logp[i]) for i, t in enumerate(rows)]
+        prefixes: list[Tensor] = []
+        for task in list(joiners):
+            try:
+                prefixes.append(task.take_prefix())
+            except Exception as exc:  # noqa: BLE001 - a task in a bad state fails alone
+                joiners.remove(task)
+                yield self._fail(task, exc)
         if joiners:
             try:
-                logp_new, cache = self._prefill(joiners)
-            except Exception as exc:  # noqa: BLE001
-                logger.exception("batched LLM prefill failed for %d requests", len(joiners))
-                for task in joiners:
-                    yield self._fail(task, exc)
-            else:
+                logp_new, cache = self._prefill(prefixes)
+            except Exception as exc:  # noqa: BLE001 - as above: find the request that causes it
+                logger.warning(
+                    "batched LLM prefill failed for %d requests (%s: %s); prefilling them one by one",
+                    len(joiners),
+                    type(exc).__name__,
+                    exc,
+                )
+                joined: list[tuple[BatchTask, Tensor, KVCache]] = []
+                for task, prefix in zip(joiners, prefixes):
+                    try:
+                        one_logp, one_cache = self._prefill([prefix])
+                    except Exception as error:  # noqa: BLE001 - this request alone fails
+                        logger.exception("LLM prefill failed for one request")
+                        yield self._fail(task, error)
+                    else:
+                        joined.append((task, one_logp[0], one_cache))
+                joiners = [task for task, _, _ in joined]
+                if joined:
+                    logp_new = torch.stack([row for _, row, _ in joined])
+                    cache = type(joined[0][2]).stack([c for _, _, c in joined])
+            if joiners:
                 sampled += [(t, logp_new[i]) for i, t in enumerate(joiners)]
                 if self._cache is None:
                     self._cache = cache
@@ -235,27 +263,56 @@ class BatchRunner:
             if task in self._tasks:
                 yield TaskEvent(task)
 
-    def _prefill(self, tasks: list[BatchTask]) -> tuple[Tensor, KVCache]:
+    def _decode_rows(self, rows: list[BatchTask], cache: KVCache) -> Tensor:
+        """One decode step for ``rows`` (the rows of ``cache``) → log-probs ``[B, V]`` on the CPU:
+        speech tokens for every row (the common case, the model's fast step), or input embeddings
+        where some row feeds something else (text streamed in)."""
+        inputs = [t.next_input() for t in rows]
+        if all(isinstance(x, int) for x in inputs):
+            logp = self.llm.decode_step(torch.tensor(inputs, dtype=torch.long), cache)
+        else:
+            embedded = [
+                self.llm.embed_tokens(torch.tensor([x], dtype=torch.long))[0, 0] if isinstance(x, int) else x
+                for x in inputs
+            ]
+            logp = self.llm.decode_embeddings(torch.stack(embedded).unsqueeze(1), cache)
+        return logp.float().cpu()
+
+    def _decode_alone(
+        self, rows: list[BatchTask]
+    ) -> tuple[list[BatchTask], list[Tensor], list[tuple[BatchTask, BaseException]]]:
+        """After a failed batched decode: each row steps alone on its own slice of the cache
+        (a failed step leaves the cache as it was: its length advances only at the end). The
+        rows that fail alone are returned as failures; the others form the new batch."""
+        assert self._cache is not None  # noqa: S101 - runner invariant
+        kept: list[BatchTask] = []
+        logps: list[Tensor] = []
+        caches: list[KVCache] = []
+        failures: list[tuple[BatchTask, BaseException]] = []
+        for index, task in enumerate(rows):
+            cache = self._cache.select([index])
+            try:
+                logps.append(self._decode_rows([task], cache)[0])
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                logger.exception("LLM decode failed for one request on its own")
+                failures.append((task, exc))
+                continue
+            kept.append(task)
+            caches.append(cache)
+        self._rows = kept
+        self._cache = (
+            type(caches[0]).stack(caches, extra_capacity=self.config.cache_headroom) if caches else None
+        )
+        return kept, logps, failures
+
+    def _prefill(self, prefixes: list[Tensor]) -> tuple[Tensor, KVCache]:
         """Left-padded batched prefill of the joining tasks' prefixes → (log-probs, cache)."""
-        prefixes = [t.take_prefix() for t in tasks]
         longest = max(p.shape[1] for p in prefixes)
         pad = [longest - p.shape[1] for p in prefixes]
         lm_input = torch.cat([F.pad(p, (0, 0, n, 0)) for p, n in zip(prefixes, pad)])
-        cache = self.llm.new_cache(len(tasks), longest + self.config.cache_headroom, pad=pad)
+        cache = self.llm.new_cache(len(prefixes), longest + self.config.cache_headroom, pad=pad)
         logp = self.llm.prefill_logp(lm_input, cache).float().cpu()
         return logp, cache
-
-    def _decode(self, rows: list[BatchTask]) -> Tensor:
-        """One decode step: speech tokens for every row (the common case, the model's fast step),
-        or input embeddings where some row feeds something else (text streamed in)."""
-        inputs = [t.next_input() for t in rows]
-        if all(isinstance(x, int) for x in inputs):
-            return self.llm.decode_step(torch.tensor(inputs, dtype=torch.long), self._cache)  # type: ignore[arg-type]
-        embedded = [
-            self.llm.embed_tokens(torch.tensor([x], dtype=torch.long))[0, 0] if isinstance(x, int) else x
-            for x in inputs
-        ]
-        return self.llm.decode_embeddings(torch.stack(embedded).unsqueeze(1), self._cache)  # type: ignore[arg-type]
 
     # ---- audio ---------------------------------------------------------------------------
 
@@ -325,9 +382,14 @@ class BatchRunner:
         try:
             mels = group[0][1].sink.flow.decode([w.prepared for _, w in group])
         except Exception as exc:  # noqa: BLE001
-            logger.exception("batched flow decode failed for %d requests", len(group))
-            for task, _ in group:
-                yield self._fail(task, exc)
+            if len(group) == 1:
+                logger.exception("flow decode failed for one request")
+                yield self._fail(group[0][0], exc)
+                return
+            # The inputs are prepared (noise drawn): each item alone gives the same mel.
+            logger.warning("batched flow decode failed for %d requests (%s); one by one", len(group), exc)
+            for entry in group:
+                yield from self._decode_group([entry])
             return
         flow_seconds = time.perf_counter() - t0
         for (task, work), mel in zip(group, mels):

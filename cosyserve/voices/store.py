@@ -27,7 +27,6 @@ import errno
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -41,17 +40,24 @@ import numpy as np
 import torch
 
 from cosyserve.api import VoiceInfo
-from cosyserve.errors import CosyserveError, InvalidRequestError, UnknownVoiceError
+from cosyserve.errors import (
+    CosyserveError,
+    InsufficientStorageError,
+    InvalidRequestError,
+    StorageUnavailableError,
+    UnknownVoiceError,
+)
+from cosyserve.voices.names import NAME_PATTERN, check_voice_name
 from cosyserve.voices.prompt import PromptFeatures
 
 logger = logging.getLogger(__name__)
 
 VOICE_SUFFIX = ".voice.npz"
 FORMAT_VERSION = 1
-MAX_NAME_LENGTH = 64
-# Letters/digits/underscore of any script, then also '.' and '-'; the first character is a word
-# character, so no hidden files, no '.', '..', no separators: nothing can leave the directory.
-_NAME_RE = re.compile(r"\w[\w.\-]*")  # used with fullmatch (no "$": it allows a final newline)
+_NAME_RE = NAME_PATTERN
+# The disk is full: 507 (Insufficient Storage). Any other write failure (read-only file system,
+# permissions, I/O error) makes the store unavailable: 503.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _STALE_TMP_SECONDS = 3600.0
 _TMP_PREFIX = ".tmp-"
 _LOCK_NAME = ".lock"
@@ -126,7 +132,10 @@ class VoiceStore:
 
     def __init__(self, root: str | Path, reserved_names: Iterable[str] = ()):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a model directory mounted read-only: serve, refuse saves
+            logger.warning("voice store %s cannot be created (%s): saving voices will fail", self.root, exc)
         self._reserved = {n.casefold() for n in reserved_names}
         self._lock = threading.RLock()
         self._cache: dict[str, tuple[tuple[int, int, int], SavedVoice]] = {}
@@ -140,18 +149,7 @@ class VoiceStore:
 
     def validate_name(self, name: str) -> str:
         """Return the canonical (NFC) form of a new voice name or raise InvalidRequestError."""
-        if not isinstance(name, str) or not name.strip():
-            raise InvalidRequestError("a voice name is required")
-        canonical = unicodedata.normalize("NFC", name)
-        if len(canonical) > MAX_NAME_LENGTH:
-            raise InvalidRequestError(
-                f"voice name is too long ({len(canonical)} characters; at most {MAX_NAME_LENGTH})"
-            )
-        if not _NAME_RE.fullmatch(canonical) or canonical.endswith("."):
-            raise InvalidRequestError(
-                f"invalid voice name {name!r}: use letters, digits, '_', '-' and '.', "
-                "starting with a letter or digit and not ending with '.'"
-            )
+        canonical = check_voice_name(name)
         if canonical.casefold() in self._reserved:
             raise InvalidRequestError(f"voice name {canonical!r} is taken by a built-in speaker")
         return canonical
@@ -279,7 +277,10 @@ class VoiceStore:
             for existing in self.names():
                 if existing.casefold() == folded and (existing != name or not overwrite):
                     raise self._exists(existing, name)
-            self._write_atomic(self._path(name), arrays, replace=overwrite, name=name)
+            try:
+                self._write_atomic(self._path(name), arrays, replace=overwrite, name=name)
+            except OSError as exc:
+                raise self._storage_error(f"cannot save voice {name!r}", exc) from exc
             self._cache.pop(name, None)
         logger.info("saved voice %r (%d prompt tokens)", name, meta["num_tokens"])
         return self.get(name)
@@ -290,6 +291,14 @@ class VoiceStore:
             f"a saved voice named {existing!r} already exists"
             + ("" if existing != name else "; delete it first or overwrite it")
         )
+
+    def _storage_error(self, what: str, exc: OSError) -> CosyserveError:
+        """The typed error for a failed write; the store is unchanged (see ``_write_atomic``)."""
+        reason = exc.strerror or type(exc).__name__
+        logger.error("%s: %s (voice store %s)", what, reason, self.root)
+        if exc.errno in _NO_SPACE:
+            return InsufficientStorageError(f"{what}: the disk holding saved voices is full ({reason})")
+        return StorageUnavailableError(f"{what}: the voice store cannot be written ({reason})")
 
     def _write_atomic(
         self, path: Path, arrays: dict[str, np.ndarray], *, replace: bool = True, name: str = ""
@@ -373,6 +382,8 @@ class VoiceStore:
                 self._path(canonical).unlink()
             except FileNotFoundError:
                 raise UnknownVoiceError(f"no saved voice named {name!r}") from None
+            except OSError as exc:
+                raise self._storage_error(f"cannot delete voice {canonical!r}", exc) from exc
             self._cache.pop(canonical, None)
         _fsync_dir(self.root)
         logger.info("deleted saved voice %r", canonical)

@@ -64,10 +64,12 @@ def _segments(text: str, max_text_length: int | None, enable_smart_split: bool) 
 
     Same defaults as :func:`cosyserve.text.frontend.split_for_synthesis` (its lazy form)."""
     from cosyserve.text import frontend
+    from cosyserve.text.sanitize import clean_text
 
     limit = frontend.DEFAULT_MAX_TEXT_LENGTH if max_text_length is None else max_text_length
+    # espeak takes C strings of UTF-8: no NUL, no lone surrogate.
     return frontend.default_frontend().iter_segments(
-        text, max_text_length=limit, enable_smart_split=enable_smart_split
+        clean_text(text), max_text_length=limit, enable_smart_split=enable_smart_split
     )
 
 

@@ -11,8 +11,9 @@ from fastapi.responses import JSONResponse, Response
 
 from cosyserve import __version__
 from cosyserve.errors import AcceleratorUnavailableError
-from cosyserve.server.metrics import CONTENT_TYPE
+from cosyserve.server.metrics import CONTENT_TYPE, resident_memory_bytes
 from cosyserve.server.routers.common import ServerState, get_state
+from cosyserve.server.schemas import error_response
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,11 @@ async def index(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     }
 
 
-@router.get("/health", summary="A tiny real synthesis through the engine (cached); 503 when it fails")
+@router.get(
+    "/health",
+    summary="A tiny real synthesis through the engine (cached); 503 when it fails",
+    responses={503: {"description": "unhealthy or shutting down (the body says which)"}},
+)
 async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
     assert state.health is not None  # noqa: S101 - set by create_app
     ok, payload = await state.health.check()
@@ -84,6 +89,7 @@ async def metrics(state: ServerState = Depends(get_state)) -> Response:
 async def performance_info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     description = state.backend.describe()
     settings = state.settings
+    rss = resident_memory_bytes()
     return {
         "version": __version__,
         "instance": state.instance_id,
@@ -98,11 +104,25 @@ async def performance_info(state: ServerState = Depends(get_state)) -> dict[str,
             "policy": type(state.engine.policy).__name__,
         },
         "engine": state.engine.stats(),
+        "http": {
+            "open_streams": state.requests.streams,
+            "waiting_for_audio": state.requests.waiting,
+            "draining": state.requests.draining,
+        },
+        "process": {"rss_mb": None if rss is None else round(rss / 2**20, 1)},
+        "decoder": state.decoder.describe() if state.decoder is not None else {"workers": 0},
         "settings": settings.public_dict(),
     }
 
 
-@router.post("/warmup_trt", summary="Run a tiny synthesis through every accelerated path (TensorRT, JIT)")
+@router.post(
+    "/warmup_trt",
+    summary="Run a tiny synthesis through every accelerated path (TensorRT, JIT)",
+    responses={
+        409: error_response("nothing accelerated is loaded"),
+        503: error_response("shutting down"),
+    },
+)
 async def warmup_trt(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     paths = accelerated_paths(state.backend.describe())
     if not paths:

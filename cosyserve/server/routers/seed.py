@@ -9,11 +9,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from cosyserve.api import Mode, SynthesisRequest
+from cosyserve.audio.encode import MEDIA_TYPES
 from cosyserve.server.routers.common import (
     ServerState,
     ensure_mode,
     file_audio,
     get_state,
+    is_json,
     parse_model,
     read_fields,
     read_prompt,
@@ -21,7 +23,7 @@ from cosyserve.server.routers.common import (
     validate_synthesis,
     voice_out,
 )
-from cosyserve.server.schemas import ERROR_RESPONSES, SeedParams, seed_request_schema
+from cosyserve.server.schemas import ERROR_RESPONSES, SeedParams, seed_query_schema, seed_request_schema
 
 router = APIRouter(tags=["CosyVoice API"])
 
@@ -29,7 +31,7 @@ _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "format=stream: raw PCM s16le mono, chunked as made (rate in X-Sample-Rate); "
         "otherwise one audio file with X-Processing-Time, X-Audio-Duration and X-RTF headers",
-        "content": {"audio/pcm": {}, "audio/wav": {}},
+        "content": {media_type: {} for media_type in dict.fromkeys(MEDIA_TYPES.values())},
     },
     **ERROR_RESPONSES,
 }
@@ -38,7 +40,7 @@ _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def _synthesise(request: Request, state: ServerState, mode: Mode) -> Response:
     ensure_mode(state.backend, mode)
     fields, uploads = await read_fields(request, state.settings)
-    params: SeedParams = parse_model(SeedParams, fields)
+    params: SeedParams = parse_model(SeedParams, fields, strict=is_json(request))
     prompt = None
     if mode in ("zero_shot", "cross_lingual"):
         prompt = await read_prompt(
@@ -66,11 +68,16 @@ async def _synthesise(request: Request, state: ServerState, mode: Mode) -> Respo
     return await file_audio(state, request, synthesis, params.format, what=f"inference_{mode}")
 
 
-@router.get("/inference_sft", include_in_schema=False)  # upstream answers GET with query fields too
+@router.get(  # upstream answers GET with query fields too
+    "/inference_sft",
+    responses=_AUDIO_RESPONSES,
+    openapi_extra=seed_query_schema("sft"),
+    summary="Speak text with a built-in or saved voice (query fields, as upstream's GET)",
+)
 @router.post(
     "/inference_sft",
     responses=_AUDIO_RESPONSES,
-    openapi_extra=seed_request_schema(prompt=False),
+    openapi_extra=seed_request_schema("sft"),
     summary="Speak text with a built-in or saved voice (tts_text, spk_id)",
 )
 async def inference_sft(request: Request, state: ServerState = Depends(get_state)) -> Response:
@@ -80,7 +87,7 @@ async def inference_sft(request: Request, state: ServerState = Depends(get_state
 @router.post(
     "/inference_zero_shot",
     responses=_AUDIO_RESPONSES,
-    openapi_extra=seed_request_schema(prompt=True),
+    openapi_extra=seed_request_schema("zero_shot"),
     summary="Clone the voice of prompt_wav (with its transcript prompt_text) to speak tts_text",
 )
 async def inference_zero_shot(request: Request, state: ServerState = Depends(get_state)) -> Response:
@@ -90,18 +97,23 @@ async def inference_zero_shot(request: Request, state: ServerState = Depends(get
 @router.post(
     "/inference_cross_lingual",
     responses=_AUDIO_RESPONSES,
-    openapi_extra=seed_request_schema(prompt=True),
+    openapi_extra=seed_request_schema("cross_lingual"),
     summary="Speak tts_text (any language) in the voice of prompt_wav, no transcript needed",
 )
 async def inference_cross_lingual(request: Request, state: ServerState = Depends(get_state)) -> Response:
     return await _synthesise(request, state, "cross_lingual")
 
 
-@router.get("/inference_instruct", include_in_schema=False)
+@router.get(
+    "/inference_instruct",
+    responses=_AUDIO_RESPONSES,
+    openapi_extra=seed_query_schema("instruct"),
+    summary="Speak tts_text with spk_id, styled by instruct_text (query fields, as upstream's GET)",
+)
 @router.post(
     "/inference_instruct",
     responses=_AUDIO_RESPONSES,
-    openapi_extra=seed_request_schema(prompt=False),
+    openapi_extra=seed_request_schema("instruct"),
     summary="Speak tts_text with spk_id, styled by instruct_text",
 )
 async def inference_instruct(request: Request, state: ServerState = Depends(get_state)) -> Response:
