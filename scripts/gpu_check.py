@@ -68,6 +68,7 @@ def llm_decode_tps(llm, emb, batch: int, steps: int | None = None) -> float:
 
 
 def main() -> int:
+    global DEVICE, TOKENS
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
@@ -77,7 +78,6 @@ def main() -> int:
     )
     parser.add_argument("--tokens", type=int, default=TOKENS, help="speech tokens per run (dry run: fewer)")
     args = parser.parse_args()
-    global DEVICE, TOKENS
     DEVICE = args.device
     TOKENS = args.tokens
     start = time.perf_counter()

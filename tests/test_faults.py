@@ -33,9 +33,10 @@ TOKENS = 24
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir, tmp_path_factory):
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.families.base import FamilyOptions
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
 
-    options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"), num_tokens=TOKENS)
+    options = FamilyOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"), num_tokens=TOKENS)
     return CosyVoiceBackend.from_dir(tiny_model_dir, options)
 
 

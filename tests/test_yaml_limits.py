@@ -90,7 +90,7 @@ def test_a_hostile_model_directory_fails_once_before_any_plan(tiny_model_copy: P
     monkeypatch.setattr(yaml_reader, "parse_yaml_tree", counting_parse)
     built = []
     monkeypatch.setattr(
-        launcher, "build_cosyvoice", lambda *a, **k: built.append(a) or pytest.fail("plan tried")
+        launcher, "build_backend", lambda *a, **k: built.append(a) or pytest.fail("plan tried")
     )
     settings = SimpleNamespace(model_dir=str(tiny_model_copy), force_config=None, auto=True)
     with pytest.raises(ModelConfigError) as info:

@@ -632,9 +632,9 @@ def _run_against_url(
     if info is None:
         raise AcceleratorUnavailableError(f"cannot use {url} as a cosyserve endpoint (no /performance_info)")
     backend = info.get("backend") if isinstance(info.get("backend"), dict) else {}
-    if voice is None:  # the server's first voice
+    if voice is None:  # the default voice where the server has it, else its first
         voices = (fetch_json(url, "/v1/voices") or {}).get("voices") or []
-        voice = voices[0] if voices else DEFAULT_VOICE
+        voice = DEFAULT_VOICE if DEFAULT_VOICE in voices or not voices else voices[0]
     report: dict[str, Any] = {
         "mode": "url",
         "url": url,
@@ -763,7 +763,8 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--voice",
         default=None,
-        help="with --url: the voice to ask for (default: the server's first built-in)",
+        help="with --url or --realtime: the voice to ask for (default: the server's first voice; "
+        "--realtime: the first English built-in voice)",
     )
     group.add_argument(
         "--soak",

@@ -66,11 +66,12 @@ def _http_statuses(app) -> dict[str, float]:
 
 @pytest.mark.timeout(600)
 def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(tiny_model_dir, tmp_path, live_server) -> None:
-    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend, CosyVoiceOptions
+    from cosyserve.families.base import FamilyOptions
+    from cosyserve.families.cosyvoice1.backend import CosyVoiceBackend
     from cosyserve.server.app import create_app
 
     # 8 speech tokens per segment: every synthesis is small whatever the random weights do.
-    options = CosyVoiceOptions(device="cpu", voices_dir=tmp_path / "voices", num_tokens=8)
+    options = FamilyOptions(device="cpu", voices_dir=tmp_path / "voices", num_tokens=8)
     backend = CosyVoiceBackend.from_dir(tiny_model_dir, options)
     # Short texts keep each generated synthesis small (the limit is in the schema).
     settings = make_settings(max_text_chars=40, max_active=2, max_queue=16, decode_workers=1)
