@@ -123,9 +123,11 @@ class SeedParams(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
     tts_text: str = Field(..., description="text to speak")
-    spk_id: str | None = Field(None, description="built-in or saved voice (sft, instruct)")
-    prompt_text: str | None = Field(None, description="transcript of prompt_wav (zero-shot)")
-    instruct_text: str | None = Field(None, description="style instruction (instruct)")
+    spk_id: str | None = Field(
+        None, description="built-in or saved voice (sft, instruct; instruct2 without prompt_wav)"
+    )
+    prompt_text: str | None = Field(None, description="transcript of prompt_wav (zero_shot)")
+    instruct_text: str | None = Field(None, description="style instruction (instruct, instruct2)")
     format: SeedFormat = Field("stream", description="stream (raw PCM s16le, chunked) | wav | mp3 | ...")
     speed: float = Field(1.0, description="0.5 to 2.0")
     stream: bool | None = Field(
@@ -136,7 +138,7 @@ class SeedParams(BaseModel):
     seed: int | None = Field(None, description="random seed for reproducible sampling")
 
 
-def seed_request_schema(*, prompt: bool) -> dict[str, Any]:
+def seed_request_schema(*, prompt: bool, prompt_required: bool = True) -> dict[str, Any]:
     """OpenAPI requestBody for a seed route: the same fields as JSON or multipart form."""
     schema = SeedParams.model_json_schema()
     form = {**schema, "properties": dict(schema.get("properties", {}))}
@@ -151,8 +153,9 @@ def seed_request_schema(*, prompt: bool) -> dict[str, Any]:
             "type": "string",
             "description": "prompt recording, base64 (or a data: URL)",
         }
-        form["required"] = [*form.get("required", []), "prompt_wav"]
-        json_schema["required"] = [*json_schema.get("required", []), "prompt_wav"]
+        if prompt_required:
+            form["required"] = [*form.get("required", []), "prompt_wav"]
+            json_schema["required"] = [*json_schema.get("required", []), "prompt_wav"]
     return {
         "requestBody": {
             "required": True,
@@ -189,7 +192,11 @@ class SpeechRequest(BaseModel):
         ...,
         description="a voice id from /v1/audio/voices, or an OpenAI name (alloy, echo, ...) mapped to one",
     )
-    instructions: str | None = Field(None, description="style instruction (needs a model with instruct mode)")
+    instructions: str | None = Field(
+        None,
+        description="how to speak (as gpt-4o-mini-tts takes it): instruct mode on CosyVoice v1 Instruct "
+        "models, instruct2 on CosyVoice2/3; ignored by models without either",
+    )
     response_format: ResponseFormat = "mp3"
     speed: float = Field(1.0, description="0.5 to 2.0 on this server")
     stream_format: Literal["audio", "sse"] = "audio"
@@ -234,6 +241,9 @@ class VoiceListOut(BaseModel):
     data: list[VoiceOut]
     voices: list[str] = Field(description="the voice ids, for quick use")
     openai_aliases: dict[str, str] | None = Field(None, description="OpenAI voice name -> voice used")
+    family: str | None = Field(None, description="the loaded model's family (cosyvoice1, cosyvoice2, ...)")
+    modes: list[str] | None = Field(None, description="its synthesis modes")
+    sample_rate: int | None = Field(None, description="its output sample rate (Hz)")
 
 
 class VoiceDeletedOut(BaseModel):

@@ -18,7 +18,7 @@ import torch
 
 from cosyserve.api import SynthesisRequest
 from cosyserve.errors import InvalidRequestError, UnsupportedModeError
-from cosyserve.families.base import FamilyBackend, FamilyOptions, SegmentPlan, pick_device
+from cosyserve.families.base import FamilyBackend, FamilyOptions, SampledDecoder, SegmentPlan, pick_device
 from cosyserve.families.cosyvoice1.llm import TransformerLM, length_limits
 from cosyserve.families.cosyvoice1.loader import LoadedModel, load_model_directory
 from cosyserve.families.cosyvoice1.token2wav import TOKEN_HOP_LEN, ChunkedToken2Wav, WholeToken2Wav
@@ -140,12 +140,13 @@ class CosyVoiceBackend(FamilyBackend):
     def plan_segment(
         self,
         request: SynthesisRequest,
-        segment: str,
+        segment: str | None,
         prompt: PromptFeatures | None,
         generators: tuple[torch.Generator, torch.Generator],
         num_tokens: int | None,
     ) -> SegmentPlan:
         llm_generator, audio_generator = generators
+        assert segment is not None  # noqa: S101 - v1 takes no text stream (accepts_text_stream False)
         inputs = self._segment_inputs(request, segment, prompt)
         llm = self.llm
         lo, hi = length_limits(int(inputs.text_ids.numel()), llm.cfg)
@@ -170,7 +171,7 @@ class CosyVoiceBackend(FamilyBackend):
             prefix = llm.build_prefix(
                 inputs.text_ids, inputs.prompt_text_ids, inputs.llm_prompt_tokens, inputs.llm_embedding
             )
-        return SegmentPlan(prefix, sampler, sink)
+        return SegmentPlan(SampledDecoder(prefix, sampler), sink)
 
     # -- operations ------------------------------------------------------------------------------
 

@@ -735,7 +735,22 @@ class Qwen2LM(nn.Module):
     def decode_inputs(self, rows: Tensor, cache: KVCache) -> Tensor:
         """One embedding per row (``[B, D]``, e.g. ``embed_inputs([s.next_input() for s in states])``)
         -> log-probs ``[B, V]`` at the new position."""
-        return self.log_probs(self.forward_inputs(rows.reshape(rows.shape[0], 1, -1), cache)[:, -1])
+        return self.decode_embeddings(rows.reshape(rows.shape[0], 1, -1), cache)
+
+    # -- the batch runner's SpeechLM protocol (cosyserve.interfaces) ------------------------------
+
+    def prefill_logp(self, prefixes: Tensor, cache: KVCache) -> Tensor:
+        """Positions ``[B, L, D]`` appended to ``cache`` (an empty one: a left-padded prefill) ->
+        log-probs ``[B, V]`` after the last one."""
+        return self.log_probs(self.prefill_hidden(prefixes, cache))
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """Speech tokens ``[B]`` -> their input embeddings ``[B, 1, D]``."""
+        return self.speech_embedding(tokens.reshape(-1, 1).to(self.device))
+
+    def decode_embeddings(self, inputs: Tensor, cache: KVCache) -> Tensor:
+        """One input embedding per row ``[B, 1, D]`` -> log-probs ``[B, V]``."""
+        return self.log_probs(self.forward_inputs(inputs, cache)[:, -1])
 
     # -- per-request states ----------------------------------------------------------------------
 
