@@ -61,6 +61,17 @@ from cosyserve.text.frontend import TextFrontend
 from cosyserve.voices.prompt import PromptEncoder, PromptFeatures, warmup_prompt
 from cosyserve.voices.store import VoiceStore
 
+# Languages of the seven SFT speakers the official releases name in spk2info.pt, for /list_voices.
+SFT_LANGUAGES = {
+    "中文女": "zh",
+    "中文男": "zh",
+    "日语男": "ja",
+    "粤语女": "yue",
+    "英文女": "en",
+    "英文男": "en",
+    "韩语女": "ko",
+}
+
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":

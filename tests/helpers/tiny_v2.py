@@ -42,9 +42,10 @@ def _grow(table: torch.Tensor, rows: int, generator: torch.Generator) -> torch.T
     return torch.cat([table, extra.to(table.dtype)])
 
 
-def make_tiny_v2_dir(out: Path, seed: int = 1234) -> Path:
-    """Write the tiny CosyVoice2 directory into ``out`` (see the module doc); returns it."""
-    source = parity_v2_dir()
+def make_tiny_v2_dir(out: Path, seed: int = 1234, source: Path | None = None) -> Path:
+    """Write the tiny CosyVoice2 directory made from the parity set ``source`` (default: set A)
+    into ``out`` (see the module doc); returns it."""
+    source = source or parity_v2_dir()
     if not (source / "cosyvoice2.yaml").is_file():
         import pytest
 

@@ -18,7 +18,14 @@ import torch
 
 from cosyserve.api import SynthesisRequest
 from cosyserve.errors import InvalidRequestError, UnsupportedModeError
-from cosyserve.families.base import FamilyBackend, FamilyOptions, SampledDecoder, SegmentPlan, pick_device
+from cosyserve.families.base import (
+    SFT_LANGUAGES,
+    FamilyBackend,
+    FamilyOptions,
+    SampledDecoder,
+    SegmentPlan,
+    pick_device,
+)
 from cosyserve.families.cosyvoice1.llm import TransformerLM, length_limits
 from cosyserve.families.cosyvoice1.loader import LoadedModel, load_model_directory
 from cosyserve.families.cosyvoice1.token2wav import TOKEN_HOP_LEN, ChunkedToken2Wav, WholeToken2Wav
@@ -31,16 +38,6 @@ from cosyserve.voices.prompt import PromptEncoder, PromptFeatures
 
 logger = logging.getLogger(__name__)
 
-# Languages of the seven SFT speakers, for /list_voices.
-SFT_LANGUAGES = {
-    "中文女": "zh",
-    "中文男": "zh",
-    "日语男": "ja",
-    "粤语女": "yue",
-    "英文女": "en",
-    "英文男": "en",
-    "韩语女": "ko",
-}
 INSTRUCT_SUFFIX = "<endofprompt>"
 MODES = frozenset({"sft", "zero_shot", "cross_lingual", "instruct"})
 

@@ -26,7 +26,14 @@ from torch import Tensor
 
 from cosyserve.api import SynthesisRequest, TextStreamRequest
 from cosyserve.errors import ModelDirectoryError, UnsupportedModeError
-from cosyserve.families.base import FamilyBackend, FamilyOptions, SegmentDecoder, SegmentPlan, pick_device
+from cosyserve.families.base import (
+    SFT_LANGUAGES,
+    FamilyBackend,
+    FamilyOptions,
+    SegmentDecoder,
+    SegmentPlan,
+    pick_device,
+)
 from cosyserve.families.cosyvoice2.frontend import CosyVoice2Frontend, ModelInput, StreamedTextTokenizer
 from cosyserve.families.cosyvoice2.llm import (
     BistreamDecoder,
@@ -146,6 +153,7 @@ class CosyVoice2Backend(FamilyBackend):
                 speech_tokenizer_file=SPEECH_TOKENIZER_FILE,
             ),
             text=self.frontend.text,
+            speaker_languages=SFT_LANGUAGES,
         )
         self.model = model
         self.config = config

@@ -4,6 +4,7 @@ mode, streaming, batching against solo runs, saved voices across families, warm-
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,12 @@ SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples at 24 kHz
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_v2_backend) -> CosyVoice2Backend:
+def backend(tiny_v2_backend) -> Iterator[CosyVoice2Backend]:
+    # Tiny networks: a second thread only adds synchronisation (costly on a busy machine).
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    return tiny_v2_backend
+    yield tiny_v2_backend
+    torch.set_num_threads(previous)
 
 
 def prompt(text: str | None = "A prompt transcript.") -> PromptAudio:

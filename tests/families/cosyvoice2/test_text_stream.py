@@ -5,6 +5,7 @@ aside, no decode row spent), and the engine sleeps while every request waits."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,9 +25,12 @@ PIECES = ["Hello there, ", "this is text ", "that arrives ", "in pieces, ", "as 
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_v2_backend) -> CosyVoice2Backend:
+def backend(tiny_v2_backend) -> Iterator[CosyVoice2Backend]:
+    # Tiny networks: a second thread only adds synchronisation (costly on a busy machine).
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    return tiny_v2_backend
+    yield tiny_v2_backend
+    torch.set_num_threads(previous)
 
 
 def streamed_ids(backend: CosyVoice2Backend, pieces: list[str]) -> list[int]:
