@@ -419,6 +419,7 @@ class BistreamDecoder(DecodeState):
         self._text_ended = False
         self._n_text = 0
         self._phase = _Phase.IDLE
+        self._masked: dict[_Phase, tuple[int, ...]] = {}  # masked_ids per phase
 
     # -- text events ---------------------------------------------------------------------------
 
@@ -522,6 +523,20 @@ class BistreamDecoder(DecodeState):
     @property
     def ignore_eos(self) -> bool:
         return self._phase is _Phase.TEXT
+
+    @property
+    def masked_ids(self) -> tuple[int, ...]:
+        """Beyond the reference's EOS rule, the ids it fails on (raises) in this phase are never
+        drawn: a stop id other than FILL while text streams in, other than EOS after it. A trained
+        model all but never draws them; a served request must not fail when one would."""
+        masked = self._masked.get(self._phase)
+        if masked is None:
+            vocab = self.vocab
+            valid = vocab.fill if self._phase is _Phase.TEXT else vocab.eos
+            masked = self._masked[self._phase] = tuple(
+                sorted({*super().masked_ids, *(vocab.stop_ids - {valid})})
+            )
+        return masked
 
     @property
     def history(self) -> Sequence[int]:
