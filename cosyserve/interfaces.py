@@ -278,7 +278,9 @@ class AccelTargets:
     model_dir: Path
     llm: Any  # nn.Module: FP16, int8 linears, a CUDA-graph decode step
     flow: Any  # nn.Module: FP16
-    cfm: Any  # the flow's sampler: ``.estimator`` (nn.Module), ``.estimator_runner`` hook, ``.solve_euler``
+    # the flow's sampler: ``.estimator`` (nn.Module), ``.estimator_runner`` hook, ``.solve_euler``,
+    # ``.serves_eager_estimator`` (some calls still run the torch estimator once a runner is set)
+    cfm: Any
     vocoder: Any  # nn.Module with ``inference``: the allocation policy, ONNX Runtime
     vocoder_blocks: tuple[type, ...] = ()  # its residual blocks (free heap pages go back after each)
     cold_weights: list[Any] = field(default_factory=list)  # read only when a cache grows: paged out

@@ -168,7 +168,9 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         threads = torch.get_num_threads()
         runner, desc = load_or_export_estimator(model_dir, cfm.estimator, threads)
         cfm.estimator_runner = runner
-        _release_estimator_weights(targets)
+        # Chunk-aware flows (CosyVoice2) still stream through the torch estimator: keep it then.
+        if not getattr(cfm, "serves_eager_estimator", False):
+            _release_estimator_weights(targets)
         applied.append(desc)
         if CPU_ORT_VOCODER:
             _, desc = install_ort_hift(model_dir, targets.vocoder, threads)

@@ -254,3 +254,17 @@ def test_health_without_a_built_in_speaker(tiny_v2_model_dir: Path, tmp_path: Pa
     assert health.json()["status"] == "ok" and "latency_s" in health.json()
     assert voices["voices"] == [] and voices["modes"] == ["cross_lingual", "instruct2", "sft", "zero_shot"]
     assert speech.status_code == 404 and "POST /v1/voices" in speech.json()["error"]["message"]
+
+
+def test_serve_model_dir_builds_the_cosyvoice2_backend(tiny_v2_model_copy: Path, tmp_path: Path) -> None:
+    """`cosyserve serve --model_dir DIR`: the launcher detects the family, applies the best CPU
+    plan and warms the model up before the app answers."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(make_settings(model_dir=str(tiny_v2_model_copy), voices_dir=str(tmp_path)))
+    with TestClient(app) as client:
+        info = client.get("/performance_info").json()
+        assert info["backend"]["family"] == "cosyvoice2" and info["launch"]["plan"] == "cpu_fast"
+        assert info["launch"]["warmup_s"] > 0 and info["launch"]["fallbacks"] == []
+        speech = client.post("/inference_sft", data={"tts_text": "Hi.", "spk_id": "中文女", "format": "wav"})
+        assert_audio(speech)

@@ -314,3 +314,27 @@ def test_hub_name_maps_to_the_official_repository(tmp_path: Path, monkeypatch: p
         if any(fnmatch.fnmatch(name, p) for p in patterns)
     ]
     assert fetched[-1] != "CosyVoice-BlankEN/model.safetensors" and len(fetched) == 9
+
+
+@pytest.mark.parametrize("plan", ["cpu_onnx", "cpu_int8"])
+def test_cpu_plans_serve_streams(tiny_v2_model_copy: Path, tmp_path: Path, plan: str) -> None:
+    """The CPU plans apply to this family; ONNX Runtime serves the full-attention estimator calls
+    and the torch estimator (kept) the block-causal streamed chunks."""
+    from types import SimpleNamespace
+
+    from cosyserve.acceleration.launcher import PLANS, build_backend
+
+    backend = build_backend(
+        open_family(tiny_v2_model_copy),
+        str(tiny_v2_model_copy),
+        PLANS[plan],
+        SimpleNamespace(voices_dir=tmp_path, stream_first_hop=None),
+    )
+    cfm = backend.model.flow.decoder
+    assert (cfm.estimator_runner is not None) == (plan == "cpu_onnx")
+    assert next(cfm.estimator.parameters()).device.type == "cpu"  # not released to "meta"
+    task, chunks = solo(
+        backend, SynthesisRequest(text="Hello there.", voice="中文女", seed=1, stream=True), 60
+    )
+    assert len(chunks) >= 2
+    check_audio(audio_of(chunks), 60)
