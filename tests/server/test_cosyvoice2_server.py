@@ -244,16 +244,22 @@ def test_health_without_a_built_in_speaker(tiny_v2_model_dir: Path, tmp_path: Pa
     model = tmp_path / "model"
     shutil.copytree(tiny_v2_model_dir, model, ignore=shutil.ignore_patterns("spk2info.pt", "voices"))
     backend = CosyVoice2Backend.from_dir(model, FamilyOptions(device="cpu", voices_dir=tmp_path / "voices"))
-    with LiveServer(create_app(make_settings(), backend=backend)) as live:
-        health = httpx.get(f"{live.url}/health", timeout=300)
-        voices = httpx.get(f"{live.url}/v1/audio/voices", timeout=30).json()
-        speech = httpx.post(
-            f"{live.url}/v1/audio/speech", json={"input": "Hi.", "voice": "alloy"}, timeout=30
-        )
+    app = create_app(make_settings(), backend=backend)
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=300) as http:
+        health = http.get("/health")
+        voices = http.get("/v1/audio/voices").json()
+        speech = http.post("/v1/audio/speech", json={"input": "Hi.", "voice": "alloy"})
+        # Once the model has a voice of its own family, the OpenAI names speak with it.
+        http.post("/v1/voices", data={"name": "mine"}, files={"audio": PROMPT["prompt_wav"]})
+        aliases = http.get("/v1/audio/voices").json()["openai_aliases"]
+        body = {"input": "Hi.", "voice": "alloy", "response_format": "wav", "stream": False, "seed": 1}
+        spoken = http.post("/v1/audio/speech", json=body)
     assert health.status_code == 200, health.text
     assert health.json()["status"] == "ok" and "latency_s" in health.json()
     assert voices["voices"] == [] and voices["modes"] == ["cross_lingual", "instruct2", "sft", "zero_shot"]
     assert speech.status_code == 404 and "POST /v1/voices" in speech.json()["error"]["message"]
+    assert set(aliases.values()) == {"mine"}
+    assert_audio(spoken)
 
 
 def test_serve_model_dir_builds_the_cosyvoice2_backend(tiny_v2_model_copy: Path, tmp_path: Path) -> None:
