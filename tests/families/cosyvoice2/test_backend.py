@@ -338,3 +338,15 @@ def test_cpu_plans_serve_streams(tiny_v2_model_copy: Path, tmp_path: Path, plan:
     )
     assert len(chunks) >= 2
     check_audio(audio_of(chunks), 60)
+
+
+def test_the_library_opens_a_cosyvoice2_directory(tiny_v2_model_dir: Path, tmp_path: Path) -> None:
+    from cosyserve.synthesizer import Synthesizer
+
+    tts = Synthesizer(str(tiny_v2_model_dir), device="cpu", voices_dir=tmp_path, num_threads=1)
+    assert tts.sample_rate == SAMPLE_RATE and tts.backend.family == "cosyvoice2"
+    recording = prompt(None)
+    for kwargs in ({"voice": "中文女"}, {"prompt": (recording.audio, recording.sample_rate)}):
+        audio, info = tts.synthesize_to_array("Good morning.", instruct="Speak happily.", seed=1, **kwargs)
+        assert info.speech_tokens > 0  # instruct= means instruct2 on this family
+        check_audio(audio, info.speech_tokens)
