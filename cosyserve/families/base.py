@@ -32,6 +32,7 @@ tokens whether the request streams or not.
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -39,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -55,11 +56,15 @@ from cosyserve.api import (
     VoiceInfo,
 )
 from cosyserve.errors import UnknownVoiceError, UnsupportedModeError
-from cosyserve.interfaces import AudioSink, AudioWork, Backend, BatchTask
+from cosyserve.interfaces import AccelTargets, AudioSink, AudioWork, Backend, BatchTask
+from cosyserve.nn.conformer import RelPositionMultiHeadedAttention
+from cosyserve.nn.hift import ResBlock
 from cosyserve.nn.sampling import TokenSampler, make_generator
 from cosyserve.text.frontend import TextFrontend
 from cosyserve.voices.prompt import PromptEncoder, PromptFeatures, warmup_prompt
 from cosyserve.voices.store import VoiceStore
+
+logger = logging.getLogger(__name__)
 
 # Languages of the seven SFT speakers the official releases name in spk2info.pt, for /list_voices.
 SFT_LANGUAGES = {
@@ -189,6 +194,12 @@ class FamilyBackend(Backend):
 
     name = "cosyvoice"
     batchable = True
+    # The family's directory loader: (model_dir, device=...) -> its loaded model (``files.root``
+    # and the ``llm``, ``flow``, ``hift`` networks), kept as :attr:`model`.
+    load_directory: ClassVar[Callable[..., Any]]
+    # The official directories may hold TorchScript exports of the networks (v1's JIT plan).
+    official_torchscript: ClassVar[bool] = False
+    model: Any
 
     def __init__(
         self,
@@ -213,14 +224,35 @@ class FamilyBackend(Backend):
         self._lock = threading.Lock()
         self.requests_served = 0
 
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, options: FamilyOptions | None = None) -> Any:
+        """Load ``model_dir`` (the family's :attr:`load_directory`) and serve it with ``options``."""
+        options = options or FamilyOptions()
+        if options.num_threads:
+            torch.set_num_threads(int(options.num_threads))
+        device = pick_device(options.device)
+        t0 = time.perf_counter()
+        model = cls.load_directory(model_dir, device=device)
+        if options.fp16:
+            if device.type != "cuda":
+                raise UnsupportedModeError("fp16 needs a CUDA device")
+            model.llm.half()
+            model.flow.half()
+        logger.info("model loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - t0)
+        return cls(model, options)  # type: ignore[call-arg] - every family takes (model, options)
+
     @property
     def llm(self) -> Any:
         """The family's :class:`~cosyserve.interfaces.SpeechLM`."""
-        raise NotImplementedError
+        return self.model.llm
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.llm.parameters()).device
 
     @property
     def flow_device(self) -> torch.device:
-        return torch.device("cpu")
+        return next(self.model.flow.parameters()).device
 
     def _voices_dir(self) -> Path:
         if self.options.voices_dir is not None:
@@ -334,9 +366,56 @@ class FamilyBackend(Backend):
         """The family's part of a segment (``None``: text streamed in): its decoder and its sink."""
         raise NotImplementedError
 
+    # -- operations ------------------------------------------------------------------------------
+
+    def _probe_flow(self, ids: Tensor, embedding: Tensor, generator: torch.Generator) -> Tensor:
+        """One flow call over ``ids`` ``[1, N]`` -> its mel (the FP16 guard's probe)."""
+        raise NotImplementedError
+
+    def accel_targets(self) -> AccelTargets:
+        model = self.model
+        flow = model.flow
+
+        def probe_flow() -> Tensor:
+            gen = torch.Generator().manual_seed(0)
+            device = next(flow.parameters()).device
+            ids = torch.randint(0, flow.cfg.vocab_size, (1, 60), generator=gen).to(device)
+            embedding = (
+                next(iter(self.speakers.values()))
+                if self.speakers
+                else torch.randn(1, flow.cfg.spk_embed_dim, generator=gen)
+            )
+            return self._probe_flow(ids, embedding.to(device), gen)
+
+        return AccelTargets(
+            model_dir=Path(model.files.root),
+            llm=model.llm,
+            flow=flow,
+            cfm=flow.decoder,
+            vocoder=model.hift,
+            vocoder_blocks=(ResBlock,),
+            # Read only when a position cache grows (~80 MB full size): not resident between requests.
+            cold_weights=[
+                m.linear_pos.weight
+                for net in (model.llm, flow)
+                for m in net.modules()
+                if isinstance(m, RelPositionMultiHeadedAttention)
+            ],
+            torchscript=self.official_torchscript,
+            probe_flow=probe_flow,
+            extra=self.options.extra,
+        )
+
     def describe(self) -> dict[str, Any]:
+        params = {
+            name: sum(p.numel() for p in getattr(self.model, name).parameters())
+            for name in ("llm", "flow", "hift")
+        }
         return {
             **super().describe(),
+            "device": str(self.device),
+            "precision": "fp16" if self.options.fp16 else "fp32",
+            "parameters": params,
             "model_dir": str(self.model_dir),
             "speakers": list(self.speakers),
             "saved_voices": len(self.voice_store.list()),

@@ -17,8 +17,6 @@ CosyVoice2 segment is made of:
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +30,6 @@ from cosyserve.families.base import (
     FamilyOptions,
     SegmentDecoder,
     SegmentPlan,
-    pick_device,
 )
 from cosyserve.families.cosyvoice2.frontend import CosyVoice2Frontend, ModelInput, StreamedTextTokenizer
 from cosyserve.families.cosyvoice2.llm import (
@@ -50,9 +47,6 @@ from cosyserve.families.cosyvoice2.token2wav import (
     WholeSegment,
     WholeSink,
 )
-from cosyserve.interfaces import AccelTargets
-from cosyserve.nn.conformer import RelPositionMultiHeadedAttention
-from cosyserve.nn.hift import ResBlock
 from cosyserve.voices.prompt import PromptEncoder, PromptFeatures
 
 logger = logging.getLogger(__name__)
@@ -136,6 +130,8 @@ class StateDecoder(SegmentDecoder):
 class CosyVoice2Backend(FamilyBackend):
     family = "cosyvoice2"
     accepts_text_stream = True
+    load_directory = staticmethod(load_model_directory)
+    model: LoadedModel
 
     def __init__(self, model: LoadedModel, options: FamilyOptions | None = None):
         options = options or FamilyOptions()
@@ -158,7 +154,6 @@ class CosyVoice2Backend(FamilyBackend):
         self.model = model
         self.config = config
         self.sample_rate = int(config.sample_rate)
-        self.device = model.llm.device
         voices = bool(self.speakers) or self.prompt_encoder.available
         if not voices:
             raise ModelDirectoryError(
@@ -169,29 +164,9 @@ class CosyVoice2Backend(FamilyBackend):
         # sft: a built-in speaker or a saved voice; instruct2: either of those, or a recording.
         self.modes = frozenset({"sft", "instruct2", *cloning})
 
-    @classmethod
-    def from_dir(cls, model_dir: str | Path, options: FamilyOptions | None = None) -> CosyVoice2Backend:
-        options = options or FamilyOptions()
-        if options.num_threads:
-            torch.set_num_threads(int(options.num_threads))
-        device = pick_device(options.device)
-        t0 = time.perf_counter()
-        model = load_model_directory(model_dir, device=device)
-        if options.fp16:
-            if device.type != "cuda":
-                raise UnsupportedModeError("fp16 needs a CUDA device")
-            model.llm.half()
-            model.flow.half()
-        logger.info("model loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - t0)
-        return cls(model, options)
-
     @property
     def llm(self) -> Qwen2LM:
         return self.model.llm
-
-    @property
-    def flow_device(self) -> torch.device:
-        return next(self.model.flow.parameters()).device
 
     # -- the pipeline ----------------------------------------------------------------------------
 
@@ -269,45 +244,8 @@ class CosyVoice2Backend(FamilyBackend):
 
     # -- operations ------------------------------------------------------------------------------
 
-    def accel_targets(self) -> AccelTargets:
-        model = self.model
-        flow = model.flow
-
-        def probe_flow() -> Tensor:
-            gen = torch.Generator().manual_seed(0)
-            device = next(flow.parameters()).device
-            ids = torch.randint(0, flow.cfg.vocab_size, (1, 60), generator=gen).to(device)
-            embedding = (
-                next(iter(self.speakers.values()))
-                if self.speakers
-                else torch.randn(1, flow.cfg.spk_embed_dim, generator=gen)
-            )
-            return flow.inference(ids, embedding=embedding.to(device))
-
-        return AccelTargets(
-            model_dir=Path(model.files.root),
-            llm=model.llm,
-            flow=flow,
-            cfm=flow.decoder,
-            vocoder=model.hift,
-            vocoder_blocks=(ResBlock,),
-            # Read only when a position cache grows: not resident between requests.
-            cold_weights=[
-                m.linear_pos.weight for m in flow.modules() if isinstance(m, RelPositionMultiHeadedAttention)
-            ],
-            probe_flow=probe_flow,
-            extra=self.options.extra,
-        )
+    def _probe_flow(self, ids: Tensor, embedding: Tensor, generator: torch.Generator) -> Tensor:
+        return self.model.flow.inference(ids, embedding=embedding)  # no randomness: the fixed noise
 
     def describe(self) -> dict[str, Any]:
-        params = {
-            name: sum(p.numel() for p in getattr(self.model, name).parameters())
-            for name in ("llm", "flow", "hift")
-        }
-        return {
-            **super().describe(),
-            "device": str(self.device),
-            "precision": "fp16" if self.options.fp16 else "fp32",
-            "parameters": params,
-            "text_stream": self.accepts_text_stream,
-        }
+        return {**super().describe(), "text_stream": self.accepts_text_stream}
