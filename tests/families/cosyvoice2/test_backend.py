@@ -4,7 +4,6 @@ mode, streaming, batching against solo runs, saved voices across families, warm-
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,6 @@ pytestmark = pytest.mark.timeout(600)
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples at 24 kHz
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_v2_backend) -> Iterator[CosyVoice2Backend]:
-    # Tiny networks: a second thread only adds synchronisation (costly on a busy machine).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_v2_backend
-    torch.set_num_threads(previous)
 
 
 def prompt(text: str | None = "A prompt transcript.") -> PromptAudio:

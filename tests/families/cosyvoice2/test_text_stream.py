@@ -5,11 +5,9 @@ aside, no decode row spent), and the engine sleeps while every request waits."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 
 from cosyserve.api import SynthesisRequest, TextStream, TextStreamRequest
 from cosyserve.engine.batching import BatchConfig, BatchingPolicy, BatchRunner, run_alone
@@ -22,15 +20,6 @@ from tests.test_batching import audio_of
 pytestmark = pytest.mark.timeout(600)
 
 PIECES = ["Hello there, ", "this is text ", "that arrives ", "in pieces, ", "as an LLM ", "writes it."]
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_v2_backend) -> Iterator[CosyVoice2Backend]:
-    # Tiny networks: a second thread only adds synchronisation (costly on a busy machine).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_v2_backend
-    torch.set_num_threads(previous)
 
 
 def streamed_ids(backend: CosyVoice2Backend, pieces: list[str]) -> list[int]:
