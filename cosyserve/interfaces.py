@@ -285,5 +285,6 @@ class AccelTargets:
     vocoder_blocks: tuple[type, ...] = ()  # its residual blocks (free heap pages go back after each)
     cold_weights: list[Any] = field(default_factory=list)  # read only when a cache grows: paged out
     torchscript: bool = False  # the directory may hold official TorchScript exports of its parts
+    graphed_decode: bool = False  # the LLM's decode step can be captured as a CUDA graph (jit plans)
     probe_flow: Callable[[], Any] | None = None  # one short flow call (the FP16 guard's probe)
     extra: dict[str, Any] = field(default_factory=dict)  # what was applied, for describe()

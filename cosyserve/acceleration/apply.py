@@ -156,8 +156,9 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         if targets.torchscript:
             applied += jit.load_torchscript_parts(model_dir, targets.llm, targets.flow, plan.fp16)
         if plan.device == "cuda":
-            jit.install_graphed_decoder(targets.llm)
-            applied.append("cuda-graph llm decode step")
+            if targets.graphed_decode:
+                jit.install_graphed_decoder(targets.llm)
+                applied.append("cuda-graph llm decode step")
             if not plan.trt:
                 applied.append(jit.compile_estimator(cfm))
     if plan.trt:

@@ -197,8 +197,10 @@ class FamilyBackend(Backend):
     # The family's directory loader: (model_dir, device=...) -> its loaded model (``files.root``
     # and the ``llm``, ``flow``, ``hift`` networks), kept as :attr:`model`.
     load_directory: ClassVar[Callable[..., Any]]
-    # The official directories may hold TorchScript exports of the networks (v1's JIT plan).
+    # The official directories may hold TorchScript exports of the networks (v1's JIT plan), and
+    # the jit plans can capture the LLM's decode step as a CUDA graph (acceleration/jit.py).
     official_torchscript: ClassVar[bool] = False
+    graphed_decode: ClassVar[bool] = False
     model: Any
 
     def __init__(
@@ -402,6 +404,7 @@ class FamilyBackend(Backend):
                 if isinstance(m, RelPositionMultiHeadedAttention)
             ],
             torchscript=self.official_torchscript,
+            graphed_decode=self.graphed_decode,
             probe_flow=probe_flow,
             extra=self.options.extra,
         )

@@ -53,6 +53,7 @@ class CosyVoiceBackend(FamilyBackend):
     modes = MODES
     load_directory = staticmethod(load_model_directory)
     official_torchscript = True
+    graphed_decode = True
     model: LoadedModel
 
     def __init__(self, model: LoadedModel, options: FamilyOptions | None = None):

@@ -57,6 +57,11 @@ def test_the_directory_opens_through_its_family(tiny_v2_model_dir: Path, tmp_pat
         ["cross_lingual", "instruct2", "sft", "zero_shot"],
     )
     assert not (tiny_v2_model_dir / "CosyVoice-BlankEN" / "model.safetensors").exists()
+    # What acceleration plans may touch: no TorchScript exports, no (v1) CUDA-graph decode step.
+    targets = backend.accel_targets()
+    assert targets.cfm is backend.model.flow.decoder and targets.llm is backend.llm
+    assert not targets.torchscript and not targets.graphed_decode
+    assert tuple(targets.probe_flow().shape) == (1, 80, 120)  # 60 tokens x 2 frames
 
 
 @pytest.mark.parametrize(
