@@ -43,15 +43,12 @@ def backend(tiny_model_dir, tmp_path_factory):
 def _poison_after(task, tokens: int) -> None:
     """From its ``tokens``-th token on, the task feeds the LLM a token id past the embedding
     table: the next batched decode step raises (an IndexError inside torch)."""
-    accept = task.accept
+    next_input = task.next_input
 
-    def poisoned(logp):
-        alive = accept(logp)
-        if task.info.speech_tokens >= tokens:
-            task.last_token = 10**7
-        return alive
+    def poisoned():
+        return 10**7 if task.info.speech_tokens >= tokens else next_input()
 
-    task.accept = poisoned
+    task.next_input = poisoned
 
 
 async def _run(backend, requests: list[SynthesisRequest], poison: set[int]) -> list[object]:

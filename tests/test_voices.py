@@ -13,7 +13,7 @@ import torch
 
 from cosyserve.errors import InsufficientStorageError, InvalidRequestError, UnknownVoiceError
 from cosyserve.voices.prompt import PromptFeatures
-from cosyserve.voices.store import VOICE_SUFFIX, SavedVoice, VoiceStore, VoiceStoreError
+from cosyserve.voices.store import VOICE_SUFFIX, SavedVoice, VoiceFamilyError, VoiceStore, VoiceStoreError
 
 BUILTIN = ["中文女", "中文男", "英文女", "英文男"]
 
@@ -188,3 +188,33 @@ def test_cache_sees_changes_from_another_store(tmp_path: Path):
     a.delete("alice")
     with pytest.raises(UnknownVoiceError):
         b.get("alice")
+
+
+def test_voices_belong_to_their_model_family(tmp_path: Path):
+    """A voice's tokens and mel only mean something to the family that made them: each store
+    serves its own family's voices; files saved before the tag existed are CosyVoice v1 voices."""
+    import json
+
+    v1, v2 = VoiceStore(tmp_path), VoiceStore(tmp_path, family="cosyvoice2")
+    v1.save("old", features(0))
+    v2.save("new", features(1))
+    # A file written before voices were tagged: its meta has no family.
+    path = tmp_path / f"old{VOICE_SUFFIX}"
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    assert meta.pop("family") == "cosyvoice1"
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+    assert [v.id for v in v1.list()] == ["old"] and [v.id for v in v2.list()] == ["new"]
+    assert_same(features(0), v1.get("old").features)
+    assert v2.get("new").family == "cosyvoice2"
+    with pytest.raises(VoiceFamilyError, match="'old' was made with a cosyvoice1 model") as err:
+        v2.get("old")
+    assert err.value.status_code == 409
+    with pytest.raises(VoiceFamilyError, match="cosyvoice2 model"):
+        v1.get("new")
+    with pytest.raises(InvalidRequestError, match="already exists"):  # one name space for both
+        v2.save("old", features(2))

@@ -156,8 +156,9 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         if targets.torchscript:
             applied += jit.load_torchscript_parts(model_dir, targets.llm, targets.flow, plan.fp16)
         if plan.device == "cuda":
-            jit.install_graphed_decoder(targets.llm)
-            applied.append("cuda-graph llm decode step")
+            if targets.graphed_decode:
+                jit.install_graphed_decoder(targets.llm)
+                applied.append("cuda-graph llm decode step")
             if not plan.trt:
                 applied.append(jit.compile_estimator(cfm))
     if plan.trt:
@@ -168,7 +169,9 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         threads = torch.get_num_threads()
         runner, desc = load_or_export_estimator(model_dir, cfm.estimator, threads)
         cfm.estimator_runner = runner
-        _release_estimator_weights(targets)
+        # Chunk-aware flows (CosyVoice2) still stream through the torch estimator: keep it then.
+        if not getattr(cfm, "serves_eager_estimator", False):
+            _release_estimator_weights(targets)
         applied.append(desc)
         if CPU_ORT_VOCODER:
             _, desc = install_ort_hift(model_dir, targets.vocoder, threads)

@@ -154,9 +154,11 @@ class SeedParams(BaseModel):
     tts_text: str = Field(
         ..., description="text to speak (with something to say in it)", json_schema_extra={"minLength": 1}
     )
-    spk_id: str | None = Field(None, description="built-in or saved voice (sft, instruct)")
-    prompt_text: str | None = Field(None, description="transcript of prompt_wav (zero-shot)")
-    instruct_text: str | None = Field(None, description="style instruction (instruct)")
+    spk_id: str | None = Field(
+        None, description="built-in or saved voice (sft, instruct; instruct2 without prompt_wav)"
+    )
+    prompt_text: str | None = Field(None, description="transcript of prompt_wav (zero_shot)")
+    instruct_text: str | None = Field(None, description="style instruction (instruct, instruct2)")
     format: SeedFormat = Field("stream", description="stream (raw PCM s16le, chunked) | wav | mp3 | ...")
     speed: float = Field(1.0, description="0.5 to 2.0", json_schema_extra={"minimum": 0.5, "maximum": 2.0})
     stream: bool | None = Field(
@@ -186,12 +188,14 @@ SEED_REQUIRED: dict[str, tuple[str, ...]] = {
     "instruct": ("spk_id", "instruct_text"),
     "zero_shot": ("prompt_text", "prompt_wav"),
     "cross_lingual": ("prompt_wav",),
+    "instruct2": ("instruct_text",),  # and a voice: prompt_wav or a saved voice as spk_id
 }
 _SEED_UNUSED: dict[str, tuple[str, ...]] = {
     "sft": ("prompt_text", "instruct_text"),
     "instruct": ("prompt_text",),
     "zero_shot": ("spk_id", "instruct_text"),
     "cross_lingual": ("spk_id", "prompt_text", "instruct_text"),
+    "instruct2": ("prompt_text",),
 }
 _NON_EMPTY = {"type": "string", "minLength": 1}
 
@@ -232,7 +236,7 @@ def _with_prompt(schema: dict[str, Any], *, binary: bool) -> dict[str, Any]:
 def seed_request_schema(mode: str) -> dict[str, Any]:
     """OpenAPI requestBody for the seed route of ``mode``: the same fields as JSON or a form
     (multipart: the recording as a file; urlencoded: base64, as in JSON)."""
-    prompt = "prompt_wav" in SEED_REQUIRED[mode]
+    prompt = "prompt_wav" in SEED_REQUIRED[mode] or mode == "instruct2"  # instruct2: optional
     form = _seed_fields(mode, nullable=False)
     json_schema = _seed_fields(mode, nullable=True)
     multipart = _with_prompt(form, binary=True) if prompt else form
@@ -290,7 +294,11 @@ class SpeechRequest(BaseModel):
         ...,
         description="a voice id from /v1/audio/voices, or an OpenAI name (alloy, echo, ...) mapped to one",
     )
-    instructions: str | None = Field(None, description="style instruction (needs a model with instruct mode)")
+    instructions: str | None = Field(
+        None,
+        description="how to speak (as gpt-4o-mini-tts takes it): instruct mode on CosyVoice v1 Instruct "
+        "models, instruct2 on CosyVoice2/3; ignored by models without either",
+    )
     response_format: ResponseFormat = "mp3"
     speed: float = Field(
         1.0, description="0.5 to 2.0 on this server", json_schema_extra={"minimum": 0.5, "maximum": 2.0}
@@ -359,6 +367,9 @@ class VoiceListOut(BaseModel):
     data: list[VoiceOut]
     voices: list[str] = Field(description="the voice ids, for quick use")
     openai_aliases: dict[str, str] | None = Field(None, description="OpenAI voice name -> voice used")
+    family: str | None = Field(None, description="the loaded model's family (cosyvoice1, cosyvoice2, ...)")
+    modes: list[str] | None = Field(None, description="its synthesis modes")
+    sample_rate: int | None = Field(None, description="its output sample rate (Hz)")
 
 
 class VoiceDeletedOut(BaseModel):

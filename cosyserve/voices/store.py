@@ -8,7 +8,9 @@ per voice instead of rewriting one pickle of all voices).
 Layout: ``<root>/<name>.voice.npz``, a plain ``numpy.savez`` archive (no pickle: loaded with
 ``allow_pickle=False``) holding ``embedding`` [1,192] float32, ``speech_tokens`` [1,N] int64,
 ``speech_feat`` [1,T,80] float32 and ``meta``, a JSON string (name, transcript, created-at,
-source info, format version). Each save writes a temporary file in the same directory, fsyncs
+source info, format version, and the model family the features belong to: a voice's speech tokens
+and mel only mean something to the family that made them, so a store serves only its own
+family's voices; files written before the tag existed are CosyVoice v1 voices). Each save writes a temporary file in the same directory, fsyncs
 it and renames it over the target, so a crash at any point leaves either the old voice or the new
 one, never a partial file. Stale temporary files are removed when a store is opened.
 
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 VOICE_SUFFIX = ".voice.npz"
 FORMAT_VERSION = 1
 _NAME_RE = NAME_PATTERN
+LEGACY_FAMILY = "cosyvoice1"  # voices saved before the family tag: only v1 was served then
 # The disk is full: 507 (Insufficient Storage). Any other write failure (read-only file system,
 # permissions, I/O error) makes the store unavailable: 503.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -77,6 +80,13 @@ class VoiceStoreError(CosyserveError):
     code = "voice_store_error"
 
 
+class VoiceFamilyError(InvalidRequestError):
+    """A saved voice made by a model of another family (its tokens and mel mean nothing here)."""
+
+    status_code = 409
+    code = "incompatible_voice"
+
+
 class VoiceExistsError(InvalidRequestError):
     """A voice of that name exists already (perhaps saved a moment ago by another replica)."""
 
@@ -90,6 +100,7 @@ class SavedVoice:
     features: PromptFeatures  # CPU tensors, shared with the store's cache: do not modify in place
     created_at: float  # unix time
     source: dict[str, Any] = field(default_factory=dict)
+    family: str = LEGACY_FAMILY  # the model family whose prompt features these are
 
     @property
     def text(self) -> str | None:
@@ -127,11 +138,14 @@ class VoiceStore:
     """Saved voices under ``root``; a new store over the same directory sees them all.
 
     ``reserved_names``: built-in speaker ids (e.g. the SFT speakers) that saved voices must not
-    shadow. Safe to use from several threads of one process.
+    shadow. ``family``: the model family whose voices this store saves and serves; a voice of
+    another family is not listed and is refused by :meth:`get` (:class:`VoiceFamilyError`). Safe to
+    use from several threads of one process.
     """
 
-    def __init__(self, root: str | Path, reserved_names: Iterable[str] = ()):
+    def __init__(self, root: str | Path, reserved_names: Iterable[str] = (), family: str = LEGACY_FAMILY):
         self.root = Path(root)
+        self.family = family
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # e.g. a model directory mounted read-only: serve, refuse saves
@@ -189,17 +203,31 @@ class VoiceStore:
         return len(self.names())
 
     def list(self) -> list[VoiceInfo]:
-        """Every readable saved voice (unreadable files are logged and skipped)."""
+        """Every readable saved voice of this store's family (unreadable files are logged and
+        skipped; other families' voices are left out)."""
         infos = []
         for name in self.names():
             try:
                 infos.append(self.get(name).info())
+            except VoiceFamilyError:
+                continue
             except (VoiceStoreError, UnknownVoiceError) as exc:  # deleted meanwhile or corrupt
                 logger.warning("skipping saved voice %r: %s", name, exc.message)
         return infos
 
     def get(self, name: str) -> SavedVoice:
-        """The saved voice ``name`` (cached; reloaded if the file changed on disk)."""
+        """The saved voice ``name`` (cached; reloaded if the file changed on disk);
+        :class:`VoiceFamilyError` when another family's model made it."""
+        voice = self._get(name)
+        if voice.family != self.family:
+            raise VoiceFamilyError(
+                f"saved voice {voice.name!r} was made with a {voice.family} model; this server's model is "
+                f"{self.family}, which cannot use it: save the voice again from its recording (under "
+                "another name, or after deleting this one with the server that made it)"
+            )
+        return voice
+
+    def _get(self, name: str) -> SavedVoice:
         canonical = self._lookup_name(name)
         path = self._path(canonical)
         try:
@@ -238,6 +266,7 @@ class VoiceStore:
             features=features,
             created_at=float(meta.get("created_at", 0.0)),
             source=meta.get("source") or {},
+            family=str(meta.get("family") or LEGACY_FAMILY),
         )
 
     # ---------------------------------------------------------------- changes
@@ -258,6 +287,7 @@ class VoiceStore:
         meta = {
             "format": FORMAT_VERSION,
             "name": name,
+            "family": self.family,
             "text": features.text,
             "created_at": created_at,
             "source": dict(source or {}),

@@ -419,6 +419,7 @@ class BistreamDecoder(DecodeState):
         self._text_ended = False
         self._n_text = 0
         self._phase = _Phase.IDLE
+        self._masked: dict[_Phase, tuple[int, ...]] = {}  # masked_ids per phase
 
     # -- text events ---------------------------------------------------------------------------
 
@@ -522,6 +523,20 @@ class BistreamDecoder(DecodeState):
     @property
     def ignore_eos(self) -> bool:
         return self._phase is _Phase.TEXT
+
+    @property
+    def masked_ids(self) -> tuple[int, ...]:
+        """Beyond the reference's EOS rule, the ids it fails on (raises) in this phase are never
+        drawn: a stop id other than FILL while text streams in, other than EOS after it. A trained
+        model all but never draws them; a served request must not fail when one would."""
+        masked = self._masked.get(self._phase)
+        if masked is None:
+            vocab = self.vocab
+            valid = vocab.fill if self._phase is _Phase.TEXT else vocab.eos
+            masked = self._masked[self._phase] = tuple(
+                sorted({*super().masked_ids, *(vocab.stop_ids - {valid})})
+            )
+        return masked
 
     @property
     def history(self) -> Sequence[int]:
@@ -735,7 +750,22 @@ class Qwen2LM(nn.Module):
     def decode_inputs(self, rows: Tensor, cache: KVCache) -> Tensor:
         """One embedding per row (``[B, D]``, e.g. ``embed_inputs([s.next_input() for s in states])``)
         -> log-probs ``[B, V]`` at the new position."""
-        return self.log_probs(self.forward_inputs(rows.reshape(rows.shape[0], 1, -1), cache)[:, -1])
+        return self.decode_embeddings(rows.reshape(rows.shape[0], 1, -1), cache)
+
+    # -- the batch runner's SpeechLM protocol (cosyserve.interfaces) ------------------------------
+
+    def prefill_logp(self, prefixes: Tensor, cache: KVCache) -> Tensor:
+        """Positions ``[B, L, D]`` appended to ``cache`` (an empty one: a left-padded prefill) ->
+        log-probs ``[B, V]`` after the last one."""
+        return self.log_probs(self.prefill_hidden(prefixes, cache))
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """Speech tokens ``[B]`` -> their input embeddings ``[B, 1, D]``."""
+        return self.speech_embedding(tokens.reshape(-1, 1).to(self.device))
+
+    def decode_embeddings(self, inputs: Tensor, cache: KVCache) -> Tensor:
+        """One input embedding per row ``[B, 1, D]`` -> log-probs ``[B, V]``."""
+        return self.log_probs(self.forward_inputs(inputs, cache)[:, -1])
 
     # -- per-request states ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import time
@@ -265,7 +266,7 @@ def validate_synthesis(state: ServerState, request: SynthesisRequest) -> None:
     if request.prompt is not None and request.prompt.text is not None:
         request.prompt.text = _bounded(clean_text(request.prompt.text, "prompt_text"), "prompt_text", limit)
     state.backend.check_request(request)
-    if request.mode in ("sft", "instruct") and request.voice:
+    if request.voice and request.prompt is None:
         request.voice = resolve_voice_id(state.backend, request.voice)
 
 
@@ -273,6 +274,18 @@ def _bounded(text: str, name: str, limit: int) -> str:
     if len(text) > limit:
         raise InvalidRequestError(f"{name} has {len(text)} characters; this server accepts at most {limit}")
     return text
+
+
+def instruction_mode(backend: Backend, instructions: str | None) -> tuple[str, str | None]:
+    """(mode, instruct) for a named voice with optional style instructions (OpenAI's
+    ``instructions``): the model's instruct mode (CosyVoice v1 ``instruct``, CosyVoice2/3
+    ``instruct2``) when it has one; otherwise the instructions are ignored, as OpenAI's tts-1 does."""
+    text = (instructions or "").strip()
+    if text:
+        for mode in ("instruct", "instruct2"):
+            if mode in backend.modes:
+                return mode, text
+    return "sft", None
 
 
 def ensure_mode(backend: Backend, mode: str) -> None:
@@ -300,6 +313,11 @@ def _list(ids: list[str], limit: int = 20) -> str:
         return "none"
     shown = ", ".join(ids[:limit])
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def model_summary(backend: Backend) -> dict[str, Any]:
+    """What the voice listings say about the loaded model: its family, modes and sample rate."""
+    return {"family": backend.family, "modes": sorted(backend.modes), "sample_rate": backend.sample_rate}
 
 
 def voice_out(voice: VoiceInfo) -> dict[str, Any]:
@@ -682,12 +700,16 @@ def _sse_done(handle: RequestHandle) -> bytes:
 
 
 def probe_request(backend: Backend) -> SynthesisRequest | None:
-    """The tiniest real synthesis this backend can do, or None when it needs a prompt."""
+    """The tiniest real synthesis this backend can do: with a built-in voice, else with what its
+    warm-up uses (a saved voice or a generated prompt recording); None when it has neither."""
     voices = backend.voices()
     if "sft" in backend.modes and voices:
         builtin = [v for v in voices if v.kind != "saved"] or voices
         return SynthesisRequest(text="Hi.", voice=builtin[0].id, mode="sft")
-    return None
+    warmup = backend.warmup_request()
+    if warmup.voice is None and warmup.prompt is None:
+        return None
+    return dataclasses.replace(warmup, text="Hi.")
 
 
 class HealthChecker:

@@ -20,6 +20,8 @@ from cosyserve.server.routers.common import (
     ServerState,
     file_audio,
     get_state,
+    instruction_mode,
+    model_summary,
     read_json_body,
     resolve_voice_id,
     stream_audio,
@@ -168,10 +170,7 @@ async def create_speech(request: Request, state: ServerState = Depends(get_state
             f"{state.settings.max_text_chars}: split it into several requests",
         )
     voice = map_voice(body.voice_id, backend)
-    mode, instruct = "sft", None
-    if body.instructions and body.instructions.strip() and "instruct" in backend.modes:
-        mode, instruct = "instruct", body.instructions.strip()
-    # Otherwise instructions are ignored, as OpenAI's tts-1 does.
+    mode, instruct = instruction_mode(backend, body.instructions)
     sse = body.stream_format == "sse"
     synthesis = SynthesisRequest(
         text=body.input,
@@ -194,7 +193,7 @@ async def list_audio_voices(state: ServerState = Depends(get_state)) -> dict[str
     listing["openai_aliases"] = (
         {name: map_voice(name, state.backend) for name in OPENAI_VOICES} if listing["voices"] else {}
     )
-    return listing
+    return {**listing, **model_summary(state.backend)}
 
 
 @router.post(

@@ -61,6 +61,7 @@ async def index(state: ServerState = Depends(get_state)) -> dict[str, Any]:
             "/inference_zero_shot",
             "/inference_cross_lingual",
             "/inference_instruct",
+            "/inference_instruct2",
             "/v1/audio/speech",
             "/v1/voices",
             "/health",
