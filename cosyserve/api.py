@@ -1,14 +1,17 @@
 """The request/response vocabulary shared by the library, the engine, the server and the CLI.
 
-Plain data, no torch: what a client asks for (:class:`SynthesisRequest`, :class:`PromptAudio`),
-what it gets back (:class:`AudioChunk`, :class:`SynthesisInfo`) and what a model offers
-(:class:`VoiceInfo`, the modes).
+Plain data, no torch: what a client asks for (:class:`SynthesisRequest`, :class:`PromptAudio`,
+and :class:`TextStreamRequest` when the text arrives while the model speaks), what it gets back
+(:class:`AudioChunk`, :class:`SynthesisInfo`) and what a model offers (:class:`VoiceInfo`, the modes).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +27,7 @@ MODES: tuple[str, ...] = ("sft", "zero_shot", "cross_lingual", "instruct", "inst
 
 MIN_SPEED, MAX_SPEED = 0.5, 2.0
 MAX_TEXT_CHARS = 50_000
+MAX_SEED = 2**64 - 1  # torch generators take seeds in [0, 2**64)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,10 @@ class SynthesisRequest:
             raise InvalidRequestError(
                 f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {self.speed!r}"
             )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise InvalidRequestError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.max_text_length is not None and not (10 <= self.max_text_length <= 1000):
             raise InvalidRequestError(
                 f"max_text_length must be between 10 and 1000 characters, got {self.max_text_length}"
@@ -92,6 +100,119 @@ class SynthesisRequest:
             raise InvalidRequestError(
                 "instruct2 needs a voice: a prompt recording (prompt_wav) or a saved voice"
             )
+
+    def subscribe_input(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever more of the request's input arrives (an engine waiting for
+        it wakes up). A plain request has all of its input up front: nothing will arrive."""
+
+
+# --------------------------------------------------------------------------------------------
+# Text streamed in: a request whose text arrives while the model speaks
+# --------------------------------------------------------------------------------------------
+
+
+class TextStream:
+    """The text of one utterance, written as it arrives (a WebSocket session on the event loop)
+    and read by the request's job (the engine thread). Thread-safe; reads never block.
+    Subscribers (:meth:`subscribe`) are called after every write, close and cancel."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pieces: deque[str] = deque()
+        self._closed = False
+        self._cancelled = False
+        self._subscribers: list[Callable[[], None]] = []
+        self.chars = 0
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self._subscribers):
+            callback()
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            if self._closed:
+                raise InvalidRequestError("the utterance's text is already complete")
+            if not text:
+                return
+            self._pieces.append(text)
+            self.chars += len(text)
+        self._changed()
+
+    def close(self) -> None:
+        """No more text will come (the utterance ended)."""
+        with self._lock:
+            self._closed = True
+        self._changed()
+
+    def cancel(self) -> None:
+        """The utterance was cancelled: the reader should stop."""
+        with self._lock:
+            self._closed = self._cancelled = True
+            self._pieces.clear()
+        self._changed()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def read(self) -> tuple[str, bool]:
+        """All text written since the last read, and whether the stream is finished (closed and
+        fully read)."""
+        with self._lock:
+            text = "".join(self._pieces)
+            self._pieces.clear()
+            return text, self._closed
+
+
+class IteratorTextStream(TextStream):
+    """Text pulled from an iterator of pieces (an LLM's output, say): each read takes the next
+    piece, waiting for it as the reference's text generator does. For the library's batch-1 path,
+    where the caller's iterator is the only source of text."""
+
+    def __init__(self, pieces: Iterable[str]):
+        super().__init__()
+        self._source = iter(pieces)
+
+    def read(self) -> tuple[str, bool]:
+        text, closed = super().read()
+        if text or closed:
+            return text, closed
+        piece = next(self._source, None)
+        if piece is None:
+            self.close()
+            return "", True
+        if not isinstance(piece, str):
+            raise InvalidRequestError(f"streamed text pieces must be strings, got {type(piece).__name__}")
+        self.chars += len(piece)
+        return piece, False
+
+
+@dataclass
+class TextStreamRequest(SynthesisRequest):
+    """A synthesis whose text arrives while it runs: ``text`` is empty, ``text_stream`` has it.
+    Backends that take it declare ``accepts_text_stream`` (:class:`~cosyserve.interfaces.Backend`)."""
+
+    text_stream: TextStream = field(default_factory=TextStream)
+
+    def validate(self) -> None:
+        # Everything but the text, which is still being written.
+        placeholder = SynthesisRequest(
+            text="-",
+            voice=self.voice,
+            mode=self.mode,
+            prompt=self.prompt,
+            instruct=self.instruct,
+            speed=self.speed,
+            seed=self.seed,
+        )
+        placeholder.validate()
+
+    def subscribe_input(self, callback: Callable[[], None]) -> None:
+        self.text_stream.subscribe(callback)
 
 
 @dataclass

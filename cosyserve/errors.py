@@ -61,14 +61,14 @@ class DownloadError(CosyserveError):
     code = "download_error"
 
 
-class BackendUnavailableError(CosyserveError):
-    """An optional acceleration backend (TensorRT, CUDA, ...) is not usable here."""
+class AcceleratorUnavailableError(CosyserveError):
+    """An optional accelerator (TensorRT, CUDA, ONNX Runtime, an int8 engine, ...) is not usable here."""
 
     status_code = 409
-    code = "backend_unavailable"
+    code = "accelerator_unavailable"
 
 
-class AccelerationMismatchError(BackendUnavailableError):
+class AccelerationMismatchError(AcceleratorUnavailableError):
     """An accelerated module does not reproduce the eager one (stale file, wrong weights, bug)."""
 
 
@@ -87,6 +87,27 @@ class EngineStoppedError(CosyserveError):
 class RequestTimeoutError(CosyserveError):
     status_code = 504
     code = "timeout"
+
+
+class InsufficientStorageError(CosyserveError):
+    """The disk under the voice store is full (ENOSPC, EDQUOT): nothing was written."""
+
+    status_code = 507
+    code = "insufficient_storage"
+
+
+class StorageUnavailableError(CosyserveError):
+    """The voice store cannot be written (read-only file system, permissions, I/O error)."""
+
+    status_code = 503
+    code = "storage_unavailable"
+
+
+class DecoderUnavailableError(CosyserveError):
+    """No audio decoder process can be started (the machine is out of processes or memory)."""
+
+    status_code = 503
+    code = "decoder_unavailable"
 
 
 class SynthesisFailedError(CosyserveError):

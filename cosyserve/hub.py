@@ -56,7 +56,8 @@ _SOURCE_ALIASES = {"hf": "huggingface", "hugging_face": "huggingface", "ms": "mo
 _LOCAL_HINT = (
     "To run without network, download the model directory elsewhere (e.g. `hf download "
     "FunAudioLLM/CosyVoice-300M-SFT --local-dir CosyVoice-300M-SFT`) and pass its path instead of "
-    "the name (a directory with cosyvoice.yaml, llm.pt, flow.pt, hift.pt and spk2info.pt)."
+    "the name (a directory with its family's yaml, e.g. cosyvoice.yaml or cosyvoice2.yaml, and llm.pt, "
+    "flow.pt, hift.pt)."
 )
 
 
@@ -166,7 +167,7 @@ def resolve_model_dir(
     if path.is_dir():
         return path.resolve()
     if path.exists():
-        raise ModelDirectoryError(f"{path}: is a file; expected a model directory (with cosyvoice.yaml)")
+        raise ModelDirectoryError(f"{path}: is a file; expected a model directory (with cosyvoice*.yaml)")
     if not text.strip():
         raise ModelDirectoryError("no model given: pass a model directory or a name like CosyVoice-300M-SFT")
     if _looks_like_path(text):

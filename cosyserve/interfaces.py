@@ -73,6 +73,8 @@ class Backend(ABC):
     name: str = "backend"
     family: ClassVar[str] = ""  # the registry name of the model family ("cosyvoice1", "piper", ...)
     batchable: ClassVar[bool] = False  # open() returns BatchTasks that the batch runner can step
+    # open() takes a TextStreamRequest: the model reads an utterance's text as it arrives
+    accepts_text_stream: ClassVar[bool] = False
     sample_rate: int = 22050
     modes: frozenset[str] = frozenset({"sft"})
 
@@ -205,8 +207,11 @@ class BatchTask(ABC):
     The runner calls :meth:`setup` while :attr:`needs_setup`, prefills :meth:`take_prefix` when
     :attr:`wants_prefill`, then feeds :meth:`next_input` and hands back each log-prob row to
     :meth:`accept` until it returns False (its segment's tokens are done; the KV row is freed).
-    Audio work appears in :attr:`work`, in output order; the runner completes the head with
-    :meth:`finish_work`."""
+    A task holding a KV row asks for a prefill again when it has several positions to run at once
+    (:attr:`wants_prefill`: they run as one chunk on its own rows). A task :attr:`waiting` for
+    input (text streamed in) leaves the decode batch, keeping its KV rows, until input arrives;
+    :meth:`poll` hands it what arrived. Audio work appears in :attr:`work`, in output order; the
+    runner completes the head with :meth:`finish_work`."""
 
     backend: Backend  # the backend that opened it
     info: SynthesisInfo
@@ -228,6 +233,14 @@ class BatchTask(ABC):
     @property
     def has_audio(self) -> bool:
         return self.info.first_chunk_seconds is not None
+
+    @property
+    def waiting(self) -> bool:
+        """Nothing to run until more input arrives (its KV rows are kept aside meanwhile)."""
+        return False
+
+    def poll(self) -> None:  # noqa: B027 - optional hook
+        """Take in the input that arrived since the last step (text streamed in)."""
 
     @abstractmethod
     def setup(self) -> None: ...
@@ -265,10 +278,13 @@ class AccelTargets:
     model_dir: Path
     llm: Any  # nn.Module: FP16, int8 linears, a CUDA-graph decode step
     flow: Any  # nn.Module: FP16
-    cfm: Any  # the flow's sampler: ``.estimator`` (nn.Module), ``.estimator_runner`` hook, ``.solve_euler``
+    # the flow's sampler: ``.estimator`` (nn.Module), ``.estimator_runner`` hook, ``.solve_euler``,
+    # ``.serves_eager_estimator`` (some calls still run the torch estimator once a runner is set)
+    cfm: Any
     vocoder: Any  # nn.Module with ``inference``: the allocation policy, ONNX Runtime
     vocoder_blocks: tuple[type, ...] = ()  # its residual blocks (free heap pages go back after each)
     cold_weights: list[Any] = field(default_factory=list)  # read only when a cache grows: paged out
     torchscript: bool = False  # the directory may hold official TorchScript exports of its parts
+    graphed_decode: bool = False  # the LLM's decode step can be captured as a CUDA graph (jit plans)
     probe_flow: Callable[[], Any] | None = None  # one short flow call (the FP16 guard's probe)
     extra: dict[str, Any] = field(default_factory=dict)  # what was applied, for describe()

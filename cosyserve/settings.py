@@ -55,7 +55,13 @@ class Settings(BaseSettings):
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="extra allowed CORS origins, comma-separated ('*' = any); localhost is always allowed",
+        description="extra origins whose pages may call the API (CORS; without an API key, the only "
+        "browser origins accepted besides the server's own and localhost), comma-separated ('*' = any)",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names accepted besides the loopback ones while listening on loopback without "
+        "an API key (a DNS-rebinding defence), comma-separated ('*' = any)",
     )
 
     # --- limits and back-pressure ---
@@ -71,6 +77,14 @@ class Settings(BaseSettings):
     )
     max_text_chars: int = Field(5000, ge=1, le=50_000, description="longest accepted text")
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted prompt upload (MiB)")
+    decode_workers: int = Field(
+        2, ge=0, le=64, description="processes that decode uploaded audio (0: in the server process)"
+    )
+    decode_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="an upload still decoding after this long is refused (its decoder is restarted)",
+    )
     request_timeout_s: float = Field(
         300.0, gt=0, description="a request (queue + synthesis) running longer is cancelled"
     )
@@ -97,7 +111,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -8,19 +8,31 @@
         play(chunk.audio)
     print(info.rtf)
 
+    tts2 = Synthesizer("CosyVoice2-0.5B")
+    chunks, _ = tts2.synthesize(llm_answer_pieces(), voice="me", stream=True)  # text streamed in
+
 The server and the CLI are users of this class; so is the benchmark.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from cosyserve.api import AudioChunk, PromptAudio, SynthesisInfo, SynthesisRequest, VoiceInfo
+from cosyserve.api import (
+    AudioChunk,
+    IteratorTextStream,
+    PromptAudio,
+    SynthesisInfo,
+    SynthesisRequest,
+    TextStreamRequest,
+    VoiceInfo,
+)
 from cosyserve.engine.batching import run_alone
+from cosyserve.errors import UnsupportedModeError
 from cosyserve.hub import resolve_model_dir
 from cosyserve.interfaces import Backend
 
@@ -101,7 +113,7 @@ class Synthesizer:
 
     def synthesize(
         self,
-        text: str,
+        text: str | Iterable[str],
         voice: str | None = None,
         prompt: PromptSource | None = None,
         prompt_text: str | None = None,
@@ -119,6 +131,10 @@ class Synthesizer:
         ``prompt`` + ``prompt_text`` → zero-shot cloning; ``prompt`` alone → cross-lingual;
         otherwise the SFT or saved ``voice``. Bad input raises
         :class:`~cosyserve.errors.InvalidRequestError` (or a subclass) before any work starts.
+
+        ``text`` may be an iterable of text pieces (an LLM's answer as it is written) on models
+        that read text as it arrives (``accepts_text_stream``: CosyVoice2/3): the model takes each
+        piece when it needs more text, and audio comes out before the text ends.
         """
         prompt_audio = load_prompt(prompt, prompt_text) if prompt is not None else None
         if instruct is not None:
@@ -127,18 +143,26 @@ class Synthesizer:
             mode = "zero_shot" if (prompt_audio.text or "").strip() else "cross_lingual"
         else:
             mode = "sft"
-        request = SynthesisRequest(
-            text=text,
-            voice=voice,
-            mode=mode,  # type: ignore[arg-type]
-            prompt=prompt_audio,
-            instruct=instruct,
-            stream=stream,
-            speed=speed,
-            seed=seed,
-            max_text_length=max_text_length,
-            enable_smart_split=enable_smart_split,
-        )
+        options = {
+            "voice": voice,
+            "mode": mode,
+            "prompt": prompt_audio,
+            "instruct": instruct,
+            "stream": stream,
+            "speed": speed,
+            "seed": seed,
+            "max_text_length": max_text_length,
+            "enable_smart_split": enable_smart_split,
+        }
+        if isinstance(text, str):
+            request = SynthesisRequest(text=text, **options)  # type: ignore[arg-type]
+        elif self.backend.accepts_text_stream:
+            request = TextStreamRequest(text="", text_stream=IteratorTextStream(text), **options)  # type: ignore[arg-type]
+        else:
+            raise UnsupportedModeError(
+                f"the loaded model ({self.backend.family or self.backend.name}) takes whole text only, "
+                "not text streamed in pieces: pass a string"
+            )
         job = self.backend.open(request)
         return (chunk for chunk in run_alone(job) if chunk is not None), job.info
 

@@ -50,8 +50,9 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def llm_decode_tps(llm, emb, batch: int, steps: int = TOKENS) -> float:
+def llm_decode_tps(llm, emb, batch: int, steps: int | None = None) -> float:
     """Aggregate tokens/s of `steps` greedy decode steps for `batch` rows (sampling excluded)."""
+    steps = steps or TOKENS
     text = torch.randint(0, 50000, (1, 25), device=DEVICE)
     prefix = llm.build_prefix(text, embedding=emb)
 
@@ -67,6 +68,7 @@ def llm_decode_tps(llm, emb, batch: int, steps: int = TOKENS) -> float:
 
 
 def main() -> int:
+    global DEVICE, TOKENS
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
@@ -74,9 +76,10 @@ def main() -> int:
     parser.add_argument(
         "--deadline", type=float, default=420.0, help="skip remaining parts after this many s"
     )
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="speech tokens per run (dry run: fewer)")
     args = parser.parse_args()
-    global DEVICE
     DEVICE = args.device
+    TOKENS = args.tokens
     start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = False  # FP32 parity (TF32 convolutions break it)
     torch.backends.cudnn.allow_tf32 = False

@@ -9,6 +9,9 @@
 * `tiny_loaded_model`: session-scoped `LoadedModel` of `tiny_model_dir` (do not mutate it).
 * `tiny_backend`: session-scoped CPU backend of `tiny_model_dir` with its own voice store (tests
   that change options or the networks build their own).
+* `tiny_v2_model_dir`, `tiny_v2_model_copy`, `tiny_v2_backend`: the same for a tiny CosyVoice2
+  directory (built from the CosyVoice2 parity set, see `tests/helpers/tiny_v2.py`; skipped
+  without it).
 """
 
 from __future__ import annotations
@@ -63,3 +66,29 @@ def tiny_backend(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
     options = FamilyOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))
     return CosyVoiceBackend.from_dir(tiny_model_dir, options)
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers.tiny_v2 import make_tiny_v2_dir
+
+    return make_tiny_v2_dir(tmp_path_factory.mktemp("tiny_v2_model") / "CosyVoice2-tiny")
+
+
+@pytest.fixture
+def tiny_v2_model_copy(tiny_v2_model_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny CosyVoice2 model (official files only) that a test may modify."""
+    dest = tmp_path / tiny_v2_model_dir.name
+    shutil.copytree(tiny_v2_model_dir, dest, ignore=shutil.ignore_patterns("voices", "*.plan", "*.zip"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_backend(
+    tiny_v2_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+):  # -> CosyVoice2Backend
+    from cosyserve.families.base import FamilyOptions
+    from cosyserve.families.cosyvoice2.backend import CosyVoice2Backend
+
+    options = FamilyOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("v2_voices"))
+    return CosyVoice2Backend.from_dir(tiny_v2_model_dir, options)

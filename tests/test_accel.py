@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from cosyserve.acceleration import apply as accel
 from cosyserve.acceleration import fp16, jit, quant
 from cosyserve.acceleration import onnx_export as ox
-from cosyserve.errors import AccelerationMismatchError, BackendUnavailableError
+from cosyserve.errors import AccelerationMismatchError, AcceleratorUnavailableError
 from cosyserve.families.cosyvoice1.loader import load_model_directory
 from cosyserve.nn.config import EstimatorConfig
 from cosyserve.nn.unet import ConditionalDecoder
@@ -314,7 +314,7 @@ def test_int8_refuses_cuda_llm() -> None:
             super().__init__()
             self.w = nn.Parameter(torch.zeros(1, device="meta"))
 
-    with pytest.raises(BackendUnavailableError, match="CPU only"):
+    with pytest.raises(AcceleratorUnavailableError, match="CPU only"):
         quant.quantize_llm_int8(Fake())
 
 
@@ -506,10 +506,10 @@ def test_tensorrt_missing_is_reported_with_advice(monkeypatch: pytest.MonkeyPatc
 
     if trt.tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here")
-    with pytest.raises(BackendUnavailableError, match=r"TensorRT is not installed.*cosyserve\[gpu\]"):
+    with pytest.raises(AcceleratorUnavailableError, match=r"TensorRT is not installed.*cosyserve\[gpu\]"):
         trt.require_tensorrt()
     monkeypatch.setattr(accel, "_cuda_available", lambda: True)
-    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
+    with pytest.raises(AcceleratorUnavailableError, match="TensorRT is not installed"):
         accel.preflight(PLANS["trt_jit_fp16"])
     accel.preflight(PLANS["jit_fp16"])  # the next plan in the chain passes its preflight
 
@@ -532,11 +532,11 @@ def test_preflight_is_cheap_and_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     from cosyserve.acceleration.launcher import PLANS, AccelPlan
 
     monkeypatch.setattr(accel, "_cuda_available", lambda: False)
-    with pytest.raises(BackendUnavailableError, match="CUDA is not available"):
+    with pytest.raises(AcceleratorUnavailableError, match="CUDA is not available"):
         accel.preflight(PLANS["jit"])
-    with pytest.raises(BackendUnavailableError, match="fp16 needs a CUDA device"):
+    with pytest.raises(AcceleratorUnavailableError, match="fp16 needs a CUDA device"):
         accel.preflight(AccelPlan("x", "cpu", fp16=True))
-    with pytest.raises(BackendUnavailableError, match="CPU only"):
+    with pytest.raises(AcceleratorUnavailableError, match="CPU only"):
         monkeypatch.setattr(accel, "_cuda_available", lambda: True)
         accel.preflight(AccelPlan("x", "cuda", int8=True))
     accel.preflight(PLANS["cpu_fast"])

@@ -13,7 +13,7 @@ import pytest
 
 from cosyserve.api import AudioChunk, SynthesisRequest
 from cosyserve.errors import (
-    BackendUnavailableError,
+    AcceleratorUnavailableError,
     InvalidRequestError,
     UnknownVoiceError,
     UnsupportedModeError,
@@ -47,7 +47,7 @@ def test_import_does_not_load_piper() -> None:
 
 def test_missing_extra_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "piper", None)  # makes `import piper` fail
-    with pytest.raises(BackendUnavailableError, match=r"cosyserve\[embedded\]"):
+    with pytest.raises(AcceleratorUnavailableError, match=r"cosyserve\[embedded\]"):
         EmbeddedBackend()
 
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from cosyserve.text.frontend import pack_smart, sentences
 from cosyserve.text.incremental import IncrementalSegmenter
+from cosyserve.text.segment import pack_smart, sentences
 
 EN = (
     'Hello there! The value rose to 3.5 percent in 2024. He said "wow!" and left. '

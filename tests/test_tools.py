@@ -270,6 +270,8 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
             "cpu",
             "--yaml",
             str(root / "tests" / "data" / "tiny_cosyvoice.yaml"),
+            "--tokens",
+            "60",
             "--out",
             str(out),
         ],

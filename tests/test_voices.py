@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.errors import InsufficientStorageError, InvalidRequestError, UnknownVoiceError
 from cosyserve.voices.prompt import PromptFeatures
-from cosyserve.voices.store import VOICE_SUFFIX, SavedVoice, VoiceStore, VoiceStoreError
+from cosyserve.voices.store import VOICE_SUFFIX, SavedVoice, VoiceFamilyError, VoiceStore, VoiceStoreError
 
 BUILTIN = ["中文女", "中文男", "英文女", "英文男"]
 
@@ -99,12 +100,13 @@ def test_crash_mid_write_keeps_old_voice(tmp_path: Path, monkeypatch):
 
     def crash(f, arrays):
         f.write(b"PK\x03\x04 half of a zip archive")  # some bytes reach the disk...
-        raise OSError("disk full")  # ...then the write fails
+        raise OSError(errno.ENOSPC, "No space left on device")  # ...then the write fails
 
     monkeypatch.setattr(VoiceStore, "_write_payload", staticmethod(crash))
-    with pytest.raises(OSError, match="disk full"):
+    # A typed error (507 over HTTP), not a bare OSError
+    with pytest.raises(InsufficientStorageError, match="disk holding saved voices is full"):
         store.save("alice", features(1), overwrite=True)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InsufficientStorageError):
         store.save("bob", features(2))
     monkeypatch.undo()
 
@@ -186,3 +188,33 @@ def test_cache_sees_changes_from_another_store(tmp_path: Path):
     a.delete("alice")
     with pytest.raises(UnknownVoiceError):
         b.get("alice")
+
+
+def test_voices_belong_to_their_model_family(tmp_path: Path):
+    """A voice's tokens and mel only mean something to the family that made them: each store
+    serves its own family's voices; files saved before the tag existed are CosyVoice v1 voices."""
+    import json
+
+    v1, v2 = VoiceStore(tmp_path), VoiceStore(tmp_path, family="cosyvoice2")
+    v1.save("old", features(0))
+    v2.save("new", features(1))
+    # A file written before voices were tagged: its meta has no family.
+    path = tmp_path / f"old{VOICE_SUFFIX}"
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    assert meta.pop("family") == "cosyvoice1"
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+    assert [v.id for v in v1.list()] == ["old"] and [v.id for v in v2.list()] == ["new"]
+    assert_same(features(0), v1.get("old").features)
+    assert v2.get("new").family == "cosyvoice2"
+    with pytest.raises(VoiceFamilyError, match="'old' was made with a cosyvoice1 model") as err:
+        v2.get("old")
+    assert err.value.status_code == 409
+    with pytest.raises(VoiceFamilyError, match="cosyvoice2 model"):
+        v1.get("new")
+    with pytest.raises(InvalidRequestError, match="already exists"):  # one name space for both
+        v2.save("old", features(2))

@@ -242,3 +242,46 @@ def test_wyoming_on_a_cosyvoice_model(tiny_backend) -> None:
         assert not spoken.errors, spoken.errors
         assert spoken.rate == backend.sample_rate and spoken.seconds > 0.1
     assert streamed.types[-1] == "synthesize-stopped"
+
+
+@pytest.mark.timeout(300)
+def test_wyoming_streams_the_text_into_a_cosyvoice2_model(tiny_v2_backend) -> None:
+    """Home Assistant's streaming events on a model that reads text as it arrives: the words go
+    into one request (no sentence segments), and it speaks."""
+    from wyoming.server import AsyncServer
+
+    from cosyserve.engine.batching import make_policy
+    from cosyserve.engine.loop import EngineLoop
+    from cosyserve.realtime.wyoming import WyomingService, handler_factory
+    from cosyserve.settings import Settings
+
+    backend = tiny_v2_backend
+    settings = Settings(model_dir=None, api_key=None, cors_origins=[], max_text_chars=400)
+    engine = EngineLoop.from_settings(backend, settings, policy=make_policy(backend, settings))
+    service = WyomingService(backend, engine, settings)
+    port = free_port()
+    opened: list[str] = []
+    submit = engine.submit
+
+    def recording_submit(request, **kwargs):
+        opened.append(type(request).__name__)
+        return submit(request, **kwargs)
+
+    engine.submit = recording_submit  # type: ignore[method-assign]
+
+    async def run() -> Spoken:
+        server = AsyncServer.from_uri(f"tcp://127.0.0.1:{port}")
+        engine.start()
+        await server.start(handler_factory(service))
+        try:
+            streamed, _ = await stream(port, "Hello there. How are you today?", voice="中文女", delay_s=0.0)
+            return streamed
+        finally:
+            await server.stop()
+            await engine.shutdown(5)
+
+    streamed = asyncio.run(run())
+    assert opened == ["TextStreamRequest"]
+    assert not streamed.errors, streamed.errors
+    assert streamed.rate == backend.sample_rate and streamed.seconds > 0.1
+    assert streamed.types[-1] == "synthesize-stopped"

@@ -9,5 +9,5 @@ the FP16 guard (:mod:`.fp16`), and one module per accelerator:
 * :mod:`.quant` — dynamic int8 quantisation of the LLM and the flow estimator (CPU).
 
 Every module imports its optional dependency lazily and reports a missing one as
-:class:`~cosyserve.errors.BackendUnavailableError` with advice.
+:class:`~cosyserve.errors.AcceleratorUnavailableError` with advice.
 """

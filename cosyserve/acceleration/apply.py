@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cosyserve.acceleration.fp16 import install_fp16_guard
-from cosyserve.errors import BackendUnavailableError
+from cosyserve.errors import AcceleratorUnavailableError
 from cosyserve.interfaces import AccelTargets
 from cosyserve.nn.checkpoint import detach_from_checkpoint
 from cosyserve.runtime.memory import (
@@ -87,29 +87,29 @@ def _cuda_available() -> bool:
 def preflight(plan: AccelPlan) -> None:
     """Fail fast, before loading the model, when the plan cannot work on this machine."""
     if plan.device == "cuda" and not _cuda_available():
-        raise BackendUnavailableError("CUDA is not available (CPU-only torch build or no GPU)")
+        raise AcceleratorUnavailableError("CUDA is not available (CPU-only torch build or no GPU)")
     if plan.fp16 and plan.device != "cuda":
-        raise BackendUnavailableError(
+        raise AcceleratorUnavailableError(
             "fp16 needs a CUDA device (the CPU path runs FP32, or int8 with cpu_int8)"
         )
     if plan.trt:
         if plan.device != "cuda":
-            raise BackendUnavailableError("TensorRT needs a CUDA device")
+            raise AcceleratorUnavailableError("TensorRT needs a CUDA device")
         from cosyserve.acceleration.trt import require_tensorrt
 
         require_tensorrt()
     if plan.onnx_cpu:
         if importlib.util.find_spec("onnxruntime") is None:
-            raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)")
+            raise AcceleratorUnavailableError("onnxruntime is not installed (pip install onnxruntime)")
         if plan.device != "cpu":
-            raise BackendUnavailableError("the ONNX Runtime estimator path is the CPU path")
+            raise AcceleratorUnavailableError("the ONNX Runtime estimator path is the CPU path")
     if plan.int8:
         if plan.device != "cpu":
-            raise BackendUnavailableError("int8 dynamic quantisation runs on CPU only")
+            raise AcceleratorUnavailableError("int8 dynamic quantisation runs on CPU only")
         if not torch.backends.quantized.supported_engines or torch.backends.quantized.supported_engines == [
             "none"
         ]:
-            raise BackendUnavailableError(
+            raise AcceleratorUnavailableError(
                 "this torch build has no quantized CPU engine (fbgemm/onednn/qnnpack)"
             )
 
@@ -156,8 +156,9 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         if targets.torchscript:
             applied += jit.load_torchscript_parts(model_dir, targets.llm, targets.flow, plan.fp16)
         if plan.device == "cuda":
-            jit.install_graphed_decoder(targets.llm)
-            applied.append("cuda-graph llm decode step")
+            if targets.graphed_decode:
+                jit.install_graphed_decoder(targets.llm)
+                applied.append("cuda-graph llm decode step")
             if not plan.trt:
                 applied.append(jit.compile_estimator(cfm))
     if plan.trt:
@@ -168,7 +169,9 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         threads = torch.get_num_threads()
         runner, desc = load_or_export_estimator(model_dir, cfm.estimator, threads)
         cfm.estimator_runner = runner
-        _release_estimator_weights(targets)
+        # Chunk-aware flows (CosyVoice2) still stream through the torch estimator: keep it then.
+        if not getattr(cfm, "serves_eager_estimator", False):
+            _release_estimator_weights(targets)
         applied.append(desc)
         if CPU_ORT_VOCODER:
             _, desc = install_ort_hift(model_dir, targets.vocoder, threads)
@@ -178,7 +181,7 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         from cosyserve.acceleration.quant import quantize_estimator_int8, quantize_llm_int8
 
         if cfm.estimator_runner is not None:
-            raise BackendUnavailableError("int8 quantises the torch estimator; this plan replaced it")
+            raise AcceleratorUnavailableError("int8 quantises the torch estimator; this plan replaced it")
         # The FP32 weights are paged out layer by layer as they are quantised; what stays float
         # (convolutions, embeddings, norms) stays memory-mapped, resident only where it is read.
         count, err = quantize_estimator_int8(cfm.estimator)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cosyserve.errors import BackendUnavailableError
+from cosyserve.errors import AcceleratorUnavailableError
 from cosyserve.nn.conformer import KVCache
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class ScriptedLLM(nn.Module):
     def forward_chunk(self, xs: Tensor, cache: KVCache) -> Tensor:
         batch, n, _ = xs.shape
         if batch != 1:
-            raise BackendUnavailableError("the TorchScript llm.llm file decodes one request at a time")
+            raise AcceleratorUnavailableError("the TorchScript llm.llm file decodes one request at a time")
         att_cache = getattr(cache, "_jit_att_cache", None)
         if att_cache is None:
             heads = self.cfg.attention_heads
@@ -349,7 +349,7 @@ def compile_estimator(cfm: Any) -> str:
     estimator = cfm.estimator
     device = next(estimator.parameters()).device
     if device.type != "cuda":
-        raise BackendUnavailableError("torch.compile of the estimator is used on CUDA only")
+        raise AcceleratorUnavailableError("torch.compile of the estimator is used on CUDA only")
     compiled = torch.compile(estimator, dynamic=True)
     cfm.estimator_runner = compiled
     return "torch.compile estimator (dynamic frames)"

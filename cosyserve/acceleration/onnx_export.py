@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.errors import AccelerationMismatchError, BackendUnavailableError
+from cosyserve.errors import AccelerationMismatchError, AcceleratorUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def ort_session(path: str | os.PathLike[str], threads: int, providers: list[str]
     try:
         import onnxruntime
     except ImportError as exc:
-        raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from exc
+        raise AcceleratorUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from exc
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = max(1, threads)
@@ -192,7 +192,7 @@ def ort_session(path: str | os.PathLike[str], threads: int, providers: list[str]
         )
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackendUnavailableError(f"{path}: cannot be opened by onnxruntime: {first[:300]}") from exc
+        raise AcceleratorUnavailableError(f"{path}: cannot be opened by onnxruntime: {first[:300]}") from exc
 
 
 def _as_numpy(x: Tensor) -> np.ndarray:
@@ -211,7 +211,7 @@ class OrtEstimator:
         self.session = ort_session(path, threads, providers)
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(ESTIMATOR_INPUTS):
-            raise BackendUnavailableError(
+            raise AcceleratorUnavailableError(
                 f"{path}: inputs {names} are not the estimator's {list(ESTIMATOR_INPUTS)}"
             )
         batch = self.session.get_inputs()[names.index("x")].shape[0]
@@ -283,7 +283,7 @@ def load_or_export_estimator(
             runner = OrtEstimator(found, threads, providers)
             check_estimator(runner, estimator, str(found))
             return runner, f"onnxruntime estimator ({found.name}, found)"
-        except BackendUnavailableError as exc:
+        except AcceleratorUnavailableError as exc:
             logger.warning("%s; exporting a fresh one", exc)
     target = artifact_dir(model_dir) / ESTIMATOR_ONNX
     if found is not None and found.resolve() == target.resolve():

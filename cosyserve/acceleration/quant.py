@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cosyserve.errors import AccelerationMismatchError, BackendUnavailableError
+from cosyserve.errors import AccelerationMismatchError, AcceleratorUnavailableError
 from cosyserve.nn.conformer import RelPositionMultiHeadedAttention
 from cosyserve.runtime.memory import page_out
 
@@ -118,7 +118,7 @@ def _quantize_linears(root: nn.Module, names: list[str], engine: str) -> None:
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
             from torch.ao.quantization import per_channel_dynamic_qconfig
     except ImportError as exc:  # a torch build without the quantisation package
-        raise BackendUnavailableError(f"this torch build has no dynamic quantisation ({exc})") from exc
+        raise AcceleratorUnavailableError(f"this torch build has no dynamic quantisation ({exc})") from exc
     engines = torch.backends.quantized.supported_engines
     if engine not in engines:
         engine = "x86" if "x86" in engines else torch.backends.quantized.engine
@@ -189,7 +189,7 @@ def quantize_estimator_int8(estimator: nn.Module) -> tuple[int, float]:
 def _check_cpu(module: nn.Module) -> None:
     device = next(module.parameters()).device
     if device.type != "cpu":
-        raise BackendUnavailableError(
+        raise AcceleratorUnavailableError(
             f"int8 dynamic quantisation runs on CPU only (the model is on {device})"
         )
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from cosyserve.acceleration.onnx_export import ESTIMATOR_INPUTS, ESTIMATOR_OUTPUT
-from cosyserve.errors import BackendUnavailableError
+from cosyserve.errors import AcceleratorUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +40,16 @@ WORKSPACE_BYTES = 4 << 30  # upstream's 4 GiB builder workspace
 
 
 def require_tensorrt() -> Any:
-    """The `tensorrt` module (version 10+), or BackendUnavailableError with advice."""
+    """The `tensorrt` module (version 10+), or AcceleratorUnavailableError with advice."""
     try:
         import tensorrt
     except ImportError as exc:
-        raise BackendUnavailableError(INSTALL_ADVICE) from exc
+        raise AcceleratorUnavailableError(INSTALL_ADVICE) from exc
     except Exception as exc:  # noqa: BLE001 - a broken install (missing libnvinfer, CUDA mismatch)
-        raise BackendUnavailableError(f"TensorRT is installed but cannot be imported: {exc}") from exc
+        raise AcceleratorUnavailableError(f"TensorRT is installed but cannot be imported: {exc}") from exc
     major = int(str(getattr(tensorrt, "__version__", "0")).split(".")[0] or 0)
     if major < 10:
-        raise BackendUnavailableError(
+        raise AcceleratorUnavailableError(
             f"TensorRT {tensorrt.__version__} is too old: cosyserve needs TensorRT 10+ (tensor API)"
         )
     return tensorrt
@@ -58,7 +58,7 @@ def require_tensorrt() -> Any:
 def tensorrt_version() -> str | None:
     try:
         return str(require_tensorrt().__version__)
-    except BackendUnavailableError:
+    except AcceleratorUnavailableError:
         return None
 
 
@@ -85,7 +85,7 @@ def profile_shapes(
         "spks": (None, 80),
     }
     if name not in table:
-        raise BackendUnavailableError(f"unexpected estimator input {name!r}")
+        raise AcceleratorUnavailableError(f"unexpected estimator input {name!r}")
     dims = table[name]
     out = []
     for lo_hi in ((CFG_BATCH, MIN_FRAMES), (CFG_BATCH, OPT_FRAMES), (max_batch, MAX_FRAMES)):
@@ -122,7 +122,7 @@ def build_engine(
     with open(onnx_path, "rb") as f:
         if not parser.parse(f.read()):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BackendUnavailableError(f"TensorRT cannot parse {onnx_path}: {errors}")
+            raise AcceleratorUnavailableError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if fp16:
@@ -142,7 +142,7 @@ def build_engine(
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BackendUnavailableError(
+        raise AcceleratorUnavailableError(
             f"TensorRT could not build an engine from {onnx_path} (see its log above)"
         )
     tmp = plan_path.with_name(plan_path.name + ".partial")
@@ -171,7 +171,7 @@ class TrtEstimator:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise BackendUnavailableError(
+            raise AcceleratorUnavailableError(
                 f"{self.path}: cannot be loaded (built by another TensorRT version or for another GPU); "
                 "delete it or run `cosyserve precompile` again"
             )
@@ -179,7 +179,7 @@ class TrtEstimator:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in self.inputs]
         if sorted(self.inputs) != sorted(ESTIMATOR_INPUTS) or len(outputs) != 1:
-            raise BackendUnavailableError(f"{self.path}: I/O {names} is not the estimator's")
+            raise AcceleratorUnavailableError(f"{self.path}: I/O {names} is not the estimator's")
         self.output = outputs[0] if outputs[0] == ESTIMATOR_OUTPUT else outputs[0]
         self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
         batch = tuple(self.engine.get_tensor_shape("x"))[0]
@@ -188,7 +188,7 @@ class TrtEstimator:
         for i in range(max(1, concurrent)):
             context = self.engine.create_execution_context()
             if context is None:
-                raise BackendUnavailableError(
+                raise AcceleratorUnavailableError(
                     f"could not create TensorRT execution context {i + 1} of {concurrent} "
                     "(out of GPU memory?): lower --trt_concurrent"
                 )
@@ -249,7 +249,7 @@ def load_or_build(
         how = "built"
     try:
         runner = TrtEstimator(plan, concurrent)
-    except BackendUnavailableError as exc:
+    except AcceleratorUnavailableError as exc:
         if how == "built" or "cannot be loaded" not in str(exc):
             raise
         logger.warning("%s; rebuilding", exc)

@@ -8,6 +8,11 @@ protocols of :mod:`cosyserve.interfaces` only (it imports no family):
   tokens. Each step it runs **one** batched LLM decode step for all rows, prefills the requests
   that join (left-padded, in one call) and stacks them in, and drops the rows of requests that
   finished a segment or were cancelled. Sampling stays per request (per-request generators).
+  A request whose text is streamed in and has none to read (:attr:`BatchTask.waiting`) is parked:
+  its rows leave the batch (no decode row is spent on it) and are kept aside until text arrives;
+  one with several positions to run at once (text arrived) runs them as one chunk on its own
+  rows, then rejoins. :meth:`BatchRunner.blocked` tells the engine when every request waits, so
+  it can sleep until input arrives.
 * Audio work (a streaming chunk, or a whole non-streaming segment) is queued per request. Each
   step runs **one** flow Euler loop: the most urgent item (overdue work first, so nothing starves;
   then streams' first chunks, for time to first audio; other stream chunks; whole segments; oldest
@@ -114,6 +119,7 @@ class BatchRunner:
         self._tasks: list[BatchTask] = []  # admission order
         self._rows: list[BatchTask] = []  # row i of the KV cache
         self._cache: KVCache | None = None
+        self._parked: dict[BatchTask, KVCache] = {}  # rows kept aside (waiting for input, catching up)
 
     # ---- membership ----------------------------------------------------------------------
 
@@ -124,6 +130,21 @@ class BatchRunner:
     def llm_rows(self) -> int:
         return len(self._rows)
 
+    @property
+    def parked_rows(self) -> int:
+        return len(self._parked)
+
+    def blocked(self) -> bool:
+        """Every task waits for input that has not arrived (nothing to set up, decode or vocode):
+        the engine can sleep until some arrives."""
+        for task in self._tasks:
+            if task.needs_setup or task.work:
+                return False
+            task.poll()
+            if not task.waiting:
+                return False
+        return bool(self._tasks)
+
     def add(self, task: BatchTask) -> None:
         self._tasks.append(task)
 
@@ -131,6 +152,7 @@ class BatchRunner:
         """Forget a task now (finished, cancelled, failed); its KV row is freed at once."""
         if task in self._tasks:
             self._tasks.remove(task)
+        self._parked.pop(task, None)
         if task in self._rows:
             self._keep_rows([t for t in self._rows if t is not task])
 
@@ -151,18 +173,20 @@ class BatchRunner:
         started = time.perf_counter()
         stats = StepStats()
         for task in list(self._tasks):
-            if task.needs_setup:
-                try:
+            try:
+                if task.needs_setup:
                     task.setup()
-                except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                    yield self._fail(task, exc)
                 else:
-                    yield TaskEvent(task)
+                    task.poll()
+            except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                yield self._fail(task, exc)
+            else:
+                yield TaskEvent(task)
         yield from self._llm_step(stats)
         yield from self._audio_step(stats)
         for task in list(self._tasks):
             if task.done:
-                self._tasks.remove(task)
+                self.remove(task)
                 yield TaskEvent(task, done=True)
         stats.seconds = time.perf_counter() - started
         if self.on_step is not None:
@@ -179,46 +203,82 @@ class BatchRunner:
 
     @torch.inference_mode()
     def _llm_step(self, stats: StepStats) -> Iterator[TaskEvent]:
+        self._park_rows()
+        self._return_parked()
         rows = list(self._rows)
         room = self.config.max_batch - len(rows)
-        joiners = [t for t in self._tasks if t.wants_prefill and t not in rows][: max(room, 0)]
-        if not rows and not joiners:
+        catching_up = [t for t in self._parked if t.wants_prefill][: max(room, 0)]
+        room -= len(catching_up)
+        joiners = [t for t in self._tasks if t.wants_prefill and t not in rows and t not in self._parked][
+            : max(room, 0)
+        ]
+        if not rows and not joiners and not catching_up:
             return
         t0 = time.perf_counter()
         sampled: list[tuple[BatchTask, Tensor]] = []
+        failed: list[TaskEvent] = []
         if rows:
             assert self._cache is not None  # noqa: S101 - runner invariant
             try:
-                logp = self._decode(rows).float().cpu()
-            except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests, not the loop
-                logger.exception("batched LLM decode failed for %d requests", len(rows))
-                failed, rows = rows, []
-                self._rows, self._cache = [], None
-                for task in failed:
-                    yield self._fail(task, exc)
+                logp = self._decode_rows(rows, self._cache)
+            except Exception as exc:  # noqa: BLE001 - one request's fault must not fail the batch
+                logger.warning(
+                    "batched LLM decode failed for %d requests (%s: %s); stepping them one by one",
+                    len(rows),
+                    type(exc).__name__,
+                    exc,
+                )
+                rows, logps, failures = self._decode_alone(rows)
+                for task, error in failures:
+                    yield self._fail(task, error)
+                sampled += list(zip(rows, logps))
             else:
                 sampled += [(t, logp[i]) for i, t in enumerate(rows)]
+        for task in catching_up:
+            try:
+                logp_one = self.llm.prefill_logp(task.take_prefix(), self._parked[task]).float().cpu()
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                failed.append(TaskEvent(task, error=exc))
+            else:
+                sampled.append((task, logp_one[0]))
+        prefixes: list[Tensor] = []
+        for task in list(joiners):
+            try:
+                prefixes.append(task.take_prefix())
+            except Exception as exc:  # noqa: BLE001 - a task in a bad state fails alone
+                joiners.remove(task)
+                yield self._fail(task, exc)
         if joiners:
             try:
-                logp_new, cache = self._prefill(joiners)
-            except Exception as exc:  # noqa: BLE001
-                logger.exception("batched LLM prefill failed for %d requests", len(joiners))
-                for task in joiners:
-                    yield self._fail(task, exc)
-            else:
+                logp_new, cache = self._prefill(prefixes)
+                caches = [cache]
+            except Exception as exc:  # noqa: BLE001 - as above: find the request that causes it
+                logger.warning(
+                    "batched LLM prefill failed for %d requests (%s: %s); prefilling them one by one",
+                    len(joiners),
+                    type(exc).__name__,
+                    exc,
+                )
+                joined: list[tuple[BatchTask, Tensor, KVCache]] = []
+                for task, prefix in zip(joiners, prefixes):
+                    try:
+                        one_logp, one_cache = self._prefill([prefix])
+                    except Exception as error:  # noqa: BLE001 - this request alone fails
+                        logger.exception("LLM prefill failed for one request")
+                        yield self._fail(task, error)
+                    else:
+                        joined.append((task, one_logp[0], one_cache))
+                joiners = [task for task, _, _ in joined]
+                logp_new = torch.stack([row for _, row, _ in joined]) if joined else torch.empty(0)
+                caches = [c for _, _, c in joined]
+            if joiners:
                 sampled += [(t, logp_new[i]) for i, t in enumerate(joiners)]
-                if self._cache is None:
-                    self._cache = cache
-                else:
-                    self._cache = type(self._cache).stack(
-                        [self._cache, cache], extra_capacity=self.config.cache_headroom
-                    )
+                self._stack_in(caches)
                 self._rows = rows + joiners
         llm_seconds = time.perf_counter() - t0
         stats.llm_batch, stats.prefilled, stats.llm_seconds = len(sampled), len(joiners), llm_seconds
 
         keep: list[BatchTask] = []
-        failed: list[TaskEvent] = []
         for task, row in sampled:
             task.info.add_stage("llm", llm_seconds)  # wall time this request waited for its token
             try:
@@ -226,7 +286,10 @@ class BatchRunner:
             except Exception as exc:  # noqa: BLE001
                 failed.append(TaskEvent(task, error=exc))
                 continue
-            if alive:
+            if task in self._parked:
+                if not alive:
+                    del self._parked[task]  # its segment is done: the rows go
+            elif alive:
                 keep.append(task)
         self._keep_rows(keep)
         for event in failed:
@@ -235,27 +298,82 @@ class BatchRunner:
             if task in self._tasks:
                 yield TaskEvent(task)
 
-    def _prefill(self, tasks: list[BatchTask]) -> tuple[Tensor, KVCache]:
+    def _decode_rows(self, rows: list[BatchTask], cache: KVCache) -> Tensor:
+        """One decode step for ``rows`` (the rows of ``cache``) → log-probs ``[B, V]`` on the CPU:
+        speech tokens for every row (the common case, the model's fast step), or input embeddings
+        where some row feeds something else (text streamed in)."""
+        inputs = [t.next_input() for t in rows]
+        if all(isinstance(x, int) for x in inputs):
+            logp = self.llm.decode_step(torch.tensor(inputs, dtype=torch.long), cache)
+        else:
+            embedded = [
+                self.llm.embed_tokens(torch.tensor([x], dtype=torch.long))[0, 0] if isinstance(x, int) else x
+                for x in inputs
+            ]
+            logp = self.llm.decode_embeddings(torch.stack(embedded).unsqueeze(1), cache)
+        return logp.float().cpu()
+
+    def _decode_alone(
+        self, rows: list[BatchTask]
+    ) -> tuple[list[BatchTask], list[Tensor], list[tuple[BatchTask, BaseException]]]:
+        """After a failed batched decode: each row steps alone on its own slice of the cache
+        (a failed step leaves the cache as it was: its length advances only at the end). The
+        rows that fail alone are returned as failures; the others form the new batch."""
+        assert self._cache is not None  # noqa: S101 - runner invariant
+        kept: list[BatchTask] = []
+        logps: list[Tensor] = []
+        caches: list[KVCache] = []
+        failures: list[tuple[BatchTask, BaseException]] = []
+        for index, task in enumerate(rows):
+            cache = self._cache.select([index])
+            try:
+                logps.append(self._decode_rows([task], cache)[0])
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                logger.exception("LLM decode failed for one request on its own")
+                failures.append((task, exc))
+                continue
+            kept.append(task)
+            caches.append(cache)
+        self._rows, self._cache = kept, None
+        if caches:
+            self._stack_in(caches)
+        return kept, logps, failures
+
+    def _park_rows(self) -> None:
+        """Rows that cannot take one input this step leave the decode batch with their KV rows: a
+        task waiting for input, or one with several positions to run (a chunk on its own rows)."""
+        leaving = [t for t in self._rows if t.waiting or t.wants_prefill]
+        if not leaving:
+            return
+        assert self._cache is not None  # noqa: S101 - runner invariant
+        index = {id(t): i for i, t in enumerate(self._rows)}
+        for task in leaving:
+            self._parked[task] = self._cache.select([index[id(task)]])
+        self._keep_rows([t for t in self._rows if t not in leaving])
+
+    def _return_parked(self) -> None:
+        """Parked tasks with exactly one position to run go back into the decode batch."""
+        back = [t for t in self._parked if not t.waiting and not t.wants_prefill]
+        if back:
+            self._stack_in([self._parked.pop(t) for t in back])
+            self._rows = self._rows + back
+
+    def _stack_in(self, caches: list[KVCache]) -> None:
+        """Append the rows of ``caches`` to the batch's cache (callers extend ``_rows`` to match)."""
+        parts = ([self._cache] if self._cache is not None else []) + caches
+        if len(parts) == 1:
+            self._cache = parts[0]
+            return
+        self._cache = type(parts[0]).stack(parts, extra_capacity=self.config.cache_headroom)
+
+    def _prefill(self, prefixes: list[Tensor]) -> tuple[Tensor, KVCache]:
         """Left-padded batched prefill of the joining tasks' prefixes → (log-probs, cache)."""
-        prefixes = [t.take_prefix() for t in tasks]
         longest = max(p.shape[1] for p in prefixes)
         pad = [longest - p.shape[1] for p in prefixes]
         lm_input = torch.cat([F.pad(p, (0, 0, n, 0)) for p, n in zip(prefixes, pad)])
-        cache = self.llm.new_cache(len(tasks), longest + self.config.cache_headroom, pad=pad)
+        cache = self.llm.new_cache(len(prefixes), longest + self.config.cache_headroom, pad=pad)
         logp = self.llm.prefill_logp(lm_input, cache).float().cpu()
         return logp, cache
-
-    def _decode(self, rows: list[BatchTask]) -> Tensor:
-        """One decode step: speech tokens for every row (the common case, the model's fast step),
-        or input embeddings where some row feeds something else (text streamed in)."""
-        inputs = [t.next_input() for t in rows]
-        if all(isinstance(x, int) for x in inputs):
-            return self.llm.decode_step(torch.tensor(inputs, dtype=torch.long), self._cache)  # type: ignore[arg-type]
-        embedded = [
-            self.llm.embed_tokens(torch.tensor([x], dtype=torch.long))[0, 0] if isinstance(x, int) else x
-            for x in inputs
-        ]
-        return self.llm.decode_embeddings(torch.stack(embedded).unsqueeze(1), self._cache)  # type: ignore[arg-type]
 
     # ---- audio ---------------------------------------------------------------------------
 
@@ -325,9 +443,14 @@ class BatchRunner:
         try:
             mels = group[0][1].sink.flow.decode([w.prepared for _, w in group])
         except Exception as exc:  # noqa: BLE001
-            logger.exception("batched flow decode failed for %d requests", len(group))
-            for task, _ in group:
-                yield self._fail(task, exc)
+            if len(group) == 1:
+                logger.exception("flow decode failed for one request")
+                yield self._fail(group[0][0], exc)
+                return
+            # The inputs are prepared (noise drawn): each item alone gives the same mel.
+            logger.warning("batched flow decode failed for %d requests (%s); one by one", len(group), exc)
+            for entry in group:
+                yield from self._decode_group([entry])
             return
         flow_seconds = time.perf_counter() - t0
         for (task, work), mel in zip(group, mels):
@@ -511,6 +634,9 @@ class BatchingPolicy(StepPolicy):
                         self._waited("join", first_token - item.started_at)
                 yield StepResult(item, chunk=event.chunk)
 
+    def waiting_for_input(self) -> bool:
+        return self.runner.blocked()
+
     def stop(self, item: EngineRequest) -> None:
         task = item.job
         if task is None:
@@ -527,6 +653,7 @@ class BatchingPolicy(StepPolicy):
             "token_budget": cfg.token_budget,
             "flow_batch": cfg.flow_batch,
             "llm_rows_now": self.runner.llm_rows,
+            "parked_rows_now": self.runner.parked_rows,
             **self.stats_.as_dict(),
         }
 

@@ -16,6 +16,11 @@ Life of a request::
 
 Results travel back to the asyncio side through a per-request ``asyncio.Queue`` fed with
 ``loop.call_soon_threadsafe``, so the event loop never waits on inference.
+
+When every active request waits for input that has not arrived (text streamed in: the policy
+says so with :meth:`StepPolicy.waiting_for_input`), the thread sleeps instead of stepping; a
+request's input (:meth:`~cosyserve.api.SynthesisRequest.subscribe_input`), a new request, a call,
+a cancel or the nearest deadline wakes it.
 """
 
 from __future__ import annotations
@@ -158,6 +163,11 @@ class StepPolicy(ABC):
     def stats(self) -> dict[str, Any]:
         """Policy-specific figures for /performance_info (empty: nothing beyond the loop's own)."""
         return {}
+
+    def waiting_for_input(self) -> bool:
+        """True when no active request can advance until more of its input arrives (the engine
+        then sleeps until woken). Called on the engine thread after a step."""
+        return False
 
 
 class RoundRobinPolicy(StepPolicy):
@@ -337,6 +347,10 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._duration_ema: float | None = None  # seconds per finished request, for Retry-After
         self._in_flight = 0  # submitted, not finished, not priority (guarded by _cond)
+        # Sleeping while every active request waits for input (both guarded by _cond): set after a
+        # step that found nothing to do, cleared by anything that may give the loop work.
+        self._blocked = False
+        self._wakeups = 0
 
     @classmethod
     def from_settings(cls, backend: Backend, settings: Any, **kwargs: Any) -> EngineLoop:
@@ -435,8 +449,19 @@ class EngineLoop:
                 self._in_flight += 1
             self.counters.submitted += 1
             self._idle.clear()
-            self._cond.notify()
+            self._notify_locked()
+        request.subscribe_input(self.wake)
         return RequestHandle(self, item, queue)
+
+    def wake(self) -> None:
+        """More input arrived for a request (thread-safe): step again if the loop sleeps."""
+        with self._cond:
+            self._notify_locked()
+
+    def _notify_locked(self) -> None:
+        self._wakeups += 1
+        self._blocked = False
+        self._cond.notify()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` on the engine thread between two steps and await its
@@ -469,7 +494,7 @@ class EngineLoop:
                 raise EngineStoppedError("the engine has stopped")
             self._calls.append(_EngineCall(run, abort))
             self._idle.clear()
-            self._cond.notify()
+            self._notify_locked()
         return await future
 
     async def shutdown(self, timeout_s: float = 10.0) -> bool:
@@ -489,7 +514,7 @@ class EngineLoop:
                 )
         with self._cond:
             self._stop = True
-            self._cond.notify()
+            self._notify_locked()
         if thread is not None:
             # A job inside a long next() cannot be interrupted; do not hang the process on it.
             await asyncio.to_thread(thread.join, max(1.0, timeout_s))
@@ -511,7 +536,12 @@ class EngineLoop:
                 if not self._waiting and not self._active and not self._calls:
                     self._idle.set()
             else:
-                self._cond.notify()
+                self._notify_locked()
+
+    def _seconds_to_deadline(self) -> float | None:
+        """Until the nearest deadline of an active request (None: none has one)."""
+        deadlines = [item.deadline for item in self._active if item.deadline is not None]
+        return max(0.0, min(deadlines) - time.perf_counter()) if deadlines else None
 
     def _retry_after_locked(self) -> float:
         per_request = self._duration_ema or 2.0
@@ -522,11 +552,17 @@ class EngineLoop:
         logger.debug("engine loop started (policy %s)", type(self.policy).__name__)
         while True:
             with self._cond:
-                while not (self._waiting or self._active or self._calls or self._stop):
-                    self._idle.set()
-                    self._cond.wait()
+                while not (
+                    self._waiting or self._calls or self._stop or (self._active and not self._blocked)
+                ):
+                    if not self._active:
+                        self._idle.set()
+                        self._cond.wait()
+                    elif not self._cond.wait(self._seconds_to_deadline()):
+                        self._blocked = False  # a deadline passed: the step times the request out
                 if self._stop:
                     break
+                wakeups = self._wakeups
                 calls, self._calls = self._calls, []
                 admitted: list[EngineRequest] = []
                 # Priority requests (health probes) sit at the front and do not wait for a slot:
@@ -537,10 +573,16 @@ class EngineLoop:
                     admitted.append(self._waiting.popleft())
             try:
                 self._iterate(calls, admitted)
+                waiting = bool(self._active) and self.policy.waiting_for_input()
             except Exception:  # noqa: BLE001 - the loop must survive its own bugs
                 logger.exception("engine loop iteration failed; failing the active requests")
                 for item in list(self._active):
                     self._fail(item, SynthesisFailedError("internal engine error; see the server log"))
+                waiting = False
+            if waiting:
+                with self._cond:
+                    # Input that arrived during the step (a wake-up since it began) means: go on.
+                    self._blocked = self._wakeups == wakeups
         self._stop_all()
         logger.debug("engine loop stopped")
 

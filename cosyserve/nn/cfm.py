@@ -56,6 +56,11 @@ class ConditionalCFM(nn.Module):
         self.estimator = estimator if estimator is not None else ConditionalDecoder(estimator_cfg)  # type: ignore[arg-type]
         self.estimator_runner: EstimatorFn | None = None
 
+    @property
+    def serves_eager_estimator(self) -> bool:
+        """Whether some calls still run the PyTorch estimator (its weights must stay loaded)."""
+        return self.estimator_runner is None
+
     def forward_estimator(
         self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor
     ) -> Tensor:
@@ -193,6 +198,10 @@ class CausalConditionalCFM(ConditionalCFM):
                     noise = (fixed_flow_noise() * self.cfg.temperature).to(device=key[0], dtype=dtype)
                     self._noise_on[key] = noise
         return noise[:, :, :frames]
+
+    @property
+    def serves_eager_estimator(self) -> bool:
+        return self.estimator_runner is None or self.streaming_estimator_runner is None
 
     def estimator_for(self, streaming: bool) -> EstimatorFn:
         """What runs the estimator for a call: a runner if one is set for this kind of call,

@@ -85,6 +85,38 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def read_speakers(path: str | os.PathLike[str], embed_dim: int = 192) -> dict[str, torch.Tensor]:
+    """`spk2info.pt` -> {speaker name: embedding FloatTensor[1, embed_dim]}."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ModelDirectoryError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise checkpoint_error(path, exc) from exc
+    if not isinstance(obj, Mapping):
+        raise ModelDirectoryError(
+            f"{path}: expected {{speaker: {{'embedding': tensor[1, {embed_dim}]}}}}, got {type(obj).__name__}"
+        )
+    speakers: dict[str, torch.Tensor] = {}
+    for name, info in obj.items():
+        emb = info.get("embedding") if isinstance(info, Mapping) else None
+        if not isinstance(emb, torch.Tensor):
+            raise ModelDirectoryError(
+                f"{path}: speaker {name!r} has no 'embedding' tensor "
+                f"(expected {{speaker: {{'embedding': tensor[1, {embed_dim}]}}}})"
+            )
+        if emb.numel() != embed_dim or not emb.is_floating_point():
+            raise ModelDirectoryError(
+                f"{path}: speaker {name!r}: embedding has shape {list(emb.shape)} / {emb.dtype}, "
+                f"expected a float tensor [1, {embed_dim}]"
+            )
+        speakers[str(name)] = emb.detach().reshape(1, embed_dim).to(torch.float32).clone()
+    if not speakers:
+        logger.warning("%s: no speakers; only zero-shot / instruct voices are available", path)
+    return speakers
+
+
 def check_state_dict(
     module: nn.Module,
     state_dict: Mapping[str, torch.Tensor],

@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyserve.errors import ModelDirectoryError
+from cosyserve.nn.checkpoint import detach_from_checkpoint, load_into, read_checkpoint, skip_random_init
 from cosyserve.nn.config import F0PredictorConfig, HiFTConfig
 
 logger = logging.getLogger(__name__)
@@ -452,4 +456,30 @@ def load_hift(
     """Build a :class:`HiFTGenerator` and load a checkpoint state dict (any key style), strict."""
     model = HiFTGenerator(cfg)
     model.load_state_dict(convert_hift_state_dict(state_dict), strict=True)
+    return model.to(device).eval()
+
+
+def load_hift_file(
+    path: str | os.PathLike[str],
+    cfg: HiFTConfig,
+    device: str | torch.device = "cpu",
+    config_name: str = "the model config",
+) -> HiFTGenerator:
+    """Build the vocoder and load ``hift.pt``: memory-mapped, weight norm folded, strict (a
+    :class:`ModelDirectoryError` naming the file otherwise); eval mode on ``device``."""
+    path = Path(path)
+    try:
+        # Strips `generator.` and folds weight norm (weight_g/weight_v or parametrizations.*).
+        state_dict = convert_hift_state_dict(read_checkpoint(path))
+    except (KeyError, RuntimeError) as exc:
+        raise ModelDirectoryError(f"{path}: broken weight-norm tensors: {exc}") from exc
+    with skip_random_init():
+        model = HiFTGenerator(cfg)
+    load_into(model, state_dict, path, " (after folding weight_g/weight_v)", config_name)
+    del state_dict
+    # Folding made new tensors for most weights; copy the rest too, so the checkpoint (whose
+    # weight_v pages the folding read) is unmapped instead of staying resident.
+    detach_from_checkpoint(model)
+    if torch.device(device).type == "cpu":
+        model.prepare_fast_path()
     return model.to(device).eval()

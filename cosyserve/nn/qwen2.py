@@ -153,7 +153,7 @@ def qwen2_config_from_dict(raw: Mapping[str, Any], source: str = CONFIG_FILE) ->
 def load_qwen2_config(path: str | os.PathLike[str]) -> Qwen2Config:
     """Read ``config.json`` (a file, or a folder holding one) into :class:`Qwen2Config`."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":  # a folder, present or not: name the file in errors
         path = path / CONFIG_FILE
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

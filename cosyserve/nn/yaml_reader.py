@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import math
 import operator
 import os
 import re
@@ -28,7 +29,19 @@ from cosyserve.errors import ModelConfigError
 
 logger = logging.getLogger(__name__)
 
+# A model directory comes from the internet: these bound what reading its yaml may cost. The
+# official files are ~6 KB, with a few dozen `!ref`s and no YAML aliases; the limits leave a
+# hundredfold room and stop alias bombs ("billion laughs"), `!ref` chains that double a string
+# at every level, and arithmetic that builds enormous numbers, each with a message naming the file.
+MAX_YAML_BYTES = 1024 * 1024
+MAX_EXPANDED_NODES = 200_000  # nodes of the document with every alias expanded
+MAX_REF_DEPTH = 64  # `!ref` chains (a -> b -> c ...)
+MAX_REFS = 20_000  # `!ref` resolutions in one document
+MAX_REF_STRING = 64 * 1024  # characters of one interpolated `!ref` string
+MAX_REF_NUMBER = 2.0**64  # magnitude of an arithmetic `!ref` result
+
 __all__ = [
+    "MAX_YAML_BYTES",
     "MISSING",
     "ConfigContext",
     "ConfigNode",
@@ -121,8 +134,46 @@ def _construct_placeholder(loader: yaml.SafeLoader, node: yaml.Node) -> Placehol
     return Placeholder()
 
 
-class _InertLoader(yaml.SafeLoader):
-    """SafeLoader plus HyperPyYAML's tags, all of which build inert records."""
+# libyaml's parser when PyYAML has it (ten times faster on large hostile files); the tags,
+# resolvers and constructors stay Python either way.
+_SafeLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _InertLoader(_SafeLoader):  # type: ignore[misc,valid-type]
+    """SafeLoader plus HyperPyYAML's tags, all of which build inert records. The composed node
+    graph is measured before anything is constructed: aliases share nodes, so a small file can
+    stand for an exponentially large document."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_EXPANDED_NODES:
+            raise _TooLarge(f"it has more than {MAX_EXPANDED_NODES:,} nodes once its aliases are expanded")
+        return node
+
+
+class _TooLarge(yaml.YAMLError):
+    """The document exceeds one of the reader's limits."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes of ``node`` with every alias expanded, counted over the shared graph (linear time)."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    memo[id(node)] = MAX_EXPANDED_NODES + 1  # a cycle (a recursive alias) counts as too large
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, memo)
+        if total > MAX_EXPANDED_NODES:
+            break
+    memo[id(node)] = total
+    return total
 
 
 # YAML 1.2 floats such as `1e-06` (no dot): HyperPyYAML (ruamel, YAML 1.2) reads them as numbers.
@@ -162,6 +213,10 @@ _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
 _UNARYOPS: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
+class _OutOfRange(Exception):
+    """An arithmetic `!ref` whose value (or a step of it) exceeds :data:`MAX_REF_NUMBER`."""
+
+
 def _eval_arithmetic(text: str) -> Any:
     """Evaluate a plain arithmetic expression over number literals (HyperPyYAML's `!ref <a> * <b>`).
 
@@ -182,7 +237,10 @@ def _eval_arithmetic(text: str) -> Any:
             left, right = walk(node.left), walk(node.right)
             if isinstance(node.op, ast.Pow) and abs(right) > 64:  # no 10**10**10 bombs
                 raise ValueError("exponent too large")
-            return _BINOPS[type(node.op)](left, right)
+            result = _BINOPS[type(node.op)](left, right)
+            if not _finite_number(result):  # checked at every step: no giant intermediates
+                raise _OutOfRange(text.strip())
+            return result
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARYOPS:
             return _UNARYOPS[type(node.op)](walk(node.operand))
         raise ValueError(f"not arithmetic: {ast.dump(node)}")
@@ -200,6 +258,8 @@ class _Resolver:
         self.source = source
         self.done: dict[str, Any] = {}
         self.active: list[str] = []
+        self.resolved = 0
+        self.visited: set[int] = set()  # containers already resolved (YAML aliases share them)
 
     def lookup(self, key: str) -> Any:
         if key in self.done:
@@ -207,6 +267,13 @@ class _Resolver:
         if key in self.active:
             chain = " -> ".join([*self.active, key])
             raise ModelConfigError(f"{self.source}: circular !ref: {chain}")
+        if len(self.active) >= MAX_REF_DEPTH:
+            raise ModelConfigError(
+                f"{self.source}: !ref <{key}> is nested more than {MAX_REF_DEPTH} refs deep"
+            )
+        self.resolved += 1
+        if self.resolved > MAX_REFS:
+            raise ModelConfigError(f"{self.source}: more than {MAX_REFS:,} !ref resolutions")
         self.active.append(key)
         try:
             node: Any = self.root
@@ -236,15 +303,36 @@ class _Resolver:
             return self.lookup(refs[0])  # plain reference: the object itself (shared, like upstream)
         # Several refs or text around them: substitute, then arithmetic if it is arithmetic,
         # otherwise string interpolation (HyperPyYAML's behaviour for e.g. paths).
-        text = _REF_RE.sub(lambda m: str(self.lookup(m.group(1))), ref.expr)
+        pieces: list[str] = []
+        length = 0
+        for index, part in enumerate(_REF_RE.split(ref.expr)):
+            piece = str(self.lookup(part)) if index % 2 else part  # odd parts: the <key>s
+            length += len(piece)
+            if length > MAX_REF_STRING:
+                raise ModelConfigError(
+                    f"{self.source}: !ref {ref.expr[:80]!r} builds a string over {MAX_REF_STRING:,} characters"
+                )
+            pieces.append(piece)
+        text = "".join(pieces)
         try:
-            return _eval_arithmetic(text)
+            value = _eval_arithmetic(text)
         except (ValueError, ZeroDivisionError, OverflowError, TypeError):
             return text
+        except _OutOfRange:
+            value = math.inf
+        if not _finite_number(value):
+            raise ModelConfigError(
+                f"{self.source}: !ref {ref.expr[:80]!r} gives a number beyond {MAX_REF_NUMBER:.0e}"
+            )
+        return value
 
     def resolve(self, node: Any) -> Any:
         if isinstance(node, Ref):
             return self.resolve_ref(node)
+        if isinstance(node, (dict, list, Tagged)):
+            if id(node) in self.visited:
+                return node
+            self.visited.add(id(node))
         if isinstance(node, dict):
             for key, value in node.items():
                 node[key] = self.resolve(value)
@@ -260,22 +348,50 @@ class _Resolver:
         return node
 
 
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value) and abs(value) <= MAX_REF_NUMBER
+    return not isinstance(value, int) or abs(value) <= MAX_REF_NUMBER
+
+
 def parse_yaml_tree(text: str, source: str = "<string>") -> dict[str, Any]:
-    """Parse HyperPyYAML text into plain Python data with inert :class:`Tagged` nodes, refs resolved."""
+    """Parse HyperPyYAML text into plain Python data with inert :class:`Tagged` nodes, refs
+    resolved. Every limit above is a :class:`ModelConfigError` that names ``source``."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ModelConfigError(
+            f"{source}: {len(text):,} characters; a model config is at most {MAX_YAML_BYTES:,} "
+            "(the official ones are about 6 KB)"
+        )
     try:
         root = yaml.load(text, Loader=_InertLoader)  # noqa: S506 - _InertLoader is a SafeLoader
+    except _TooLarge as exc:
+        raise ModelConfigError(f"{source}: refused: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ModelConfigError(f"{source}: not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ModelConfigError(f"{source}: refused: nested too deeply") from exc
     if not isinstance(root, dict):
         raise ModelConfigError(f"{source}: expected a mapping at the top level, got {type(root).__name__}")
-    return _Resolver(root, source).resolve(root)
+    try:
+        return _Resolver(root, source).resolve(root)
+    except RecursionError as exc:
+        raise ModelConfigError(f"{source}: refused: nested too deeply") from exc
 
 
 def load_yaml_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a HyperPyYAML file safely (see :func:`parse_yaml_tree`)."""
+    """Read a HyperPyYAML file safely (see :func:`parse_yaml_tree`); a file over
+    :data:`MAX_YAML_BYTES` is refused before it is read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ModelConfigError(
+                f"{path}: {size:,} bytes; a model config is at most {MAX_YAML_BYTES:,} "
+                "(the official ones are about 6 KB)"
+            )
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_YAML_BYTES + 1)  # the file may grow after stat()
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ModelConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:

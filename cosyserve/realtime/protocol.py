@@ -108,7 +108,9 @@ class ConfigMessage(BaseModel):
     segment_by: SegmentBy = Field(
         "sentence", description="sentence | clause (earlier audio, choppier prosody)"
     )
-    instructions: str | None = Field(None, description="style instruction (needs a model with instruct mode)")
+    instructions: str | None = Field(
+        None, description="how to speak: instruct mode (CosyVoice v1 Instruct) or instruct2 (CosyVoice2/3)"
+    )
     seed: int | None = None
     api_key: str | None = Field(None, description="the server's API key (browsers cannot send headers)")
 

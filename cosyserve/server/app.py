@@ -4,6 +4,7 @@ point (``uvicorn --factory cosyserve.server.app:create_app`` works too)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -17,7 +18,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,8 +28,10 @@ from cosyserve import __version__
 from cosyserve.engine.loop import EngineLoop
 from cosyserve.errors import CosyserveError, QueueFullError
 from cosyserve.interfaces import Backend
+from cosyserve.server.guard import BrowserGuard
 from cosyserve.server.instance import INSTANCE_HEADER, InstanceHeaderMiddleware, default_instance_id
 from cosyserve.server.metrics import ServerMetrics
+from cosyserve.server.openapi import install_openapi
 from cosyserve.server.routers import openai as openai_router
 from cosyserve.server.routers import ops, realtime, seed, voices
 from cosyserve.server.routers.common import HealthChecker, ServerState, StreamAbortedError
@@ -229,7 +231,9 @@ async def _cosyserve_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif status == 503:
         headers["Retry-After"] = "5"
-    if status >= 500:
+    if status == 503:  # expected while shutting down or when a resource is unavailable
+        logger.info("request %s: %s: %s", _request_id(request), exc.code, exc.message)
+    elif status >= 500:
         logger.error("request %s: %s: %s", _request_id(request), exc.code, exc.message)
     return _json_error(
         status,
@@ -259,7 +263,34 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         )
     else:
         code, message = "http_error", str(exc.detail)
-    return _json_error(status, code, message, request.url.path, headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:
+        # Starlette names the methods of the first route that matched the path; a path served
+        # by several routes (GET and POST /inference_sft) allows all of theirs.
+        methods = {m.strip() for m in headers.get("Allow", "").split(",") if m.strip()}
+        headers["Allow"] = ", ".join(
+            sorted(methods | _allowed_methods(request.app.router.routes, request.scope))
+        )
+    return _json_error(status, code, message, request.url.path, headers=headers or None)
+
+
+def _allowed_methods(routes: Any, scope: Scope) -> set[str]:
+    """The methods of every route whose path matches ``scope`` (included routers searched too)."""
+    methods: set[str] = set()
+    for route in routes:
+        nested = getattr(getattr(route, "original_router", None), "routes", None)
+        if nested is None and not hasattr(route, "methods"):
+            nested = getattr(route, "routes", None)
+        if nested is not None:
+            methods |= _allowed_methods(nested, scope)
+            continue
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # noqa: BLE001 - a route type that cannot match this scope
+            continue
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return methods
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,9 +333,16 @@ def create_app(
         instance_id=settings.instance_id or default_instance_id(),
     )
     state.health = HealthChecker(engine, backend, settings.health_cache_s)
+    metrics.bind_streams(lambda: state.requests.streams)
+    if settings.decode_workers > 0:
+        # Workers start with the first upload and stay: a server that never gets one never pays.
+        from cosyserve.audio.sandbox import DecodeSandbox
+
+        state.decoder = DecodeSandbox(settings.decode_workers, settings.decode_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
         engine.start()
         logger.info(
             "engine ready: backend %s, %d slots, queue %d", backend.name, engine.max_active, engine.max_queue
@@ -313,7 +351,19 @@ def create_app(
             yield
         finally:
             finished = await engine.shutdown(settings.shutdown_timeout_s)
-            logger.info("engine stopped (%s)", "all requests finished" if finished else "some cancelled")
+            if state.decoder is not None:
+                state.decoder.close()
+            requests = state.requests
+            if requests.cut_streams or requests.cut_waiting:
+                logger.warning(
+                    "engine stopped: %d streams and %d requests waiting for audio were cut at the "
+                    "shutdown deadline (%g s)",
+                    requests.cut_streams,
+                    requests.cut_waiting,
+                    settings.shutdown_timeout_s,
+                )
+            else:
+                logger.info("engine stopped (%s)", "all requests finished" if finished else "some cancelled")
 
     app = FastAPI(
         title="cosyserve",
@@ -341,7 +391,20 @@ def create_app(
         app.add_middleware(
             APIKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=frozenset(open_paths)
         )
-        _document_bearer_auth(app)
+    else:  # a cross-site page cannot send the key; without one, browsers must be told apart
+        app.add_middleware(
+            BrowserGuard,
+            allowed_origins=settings.cors_origins,
+            allowed_hosts=settings.allowed_hosts,
+            localhost_origin_regex=LOCALHOST_ORIGIN_REGEX,
+        )
+    install_openapi(
+        app,
+        settings,
+        bearer=settings.api_key is not None,
+        open_paths=frozenset(open_paths),
+        examples=lambda: ([v.id for v in backend.voices()], openai_router.model_ids(backend)),
+    )
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
@@ -368,21 +431,3 @@ def _playground_router() -> Any:
     except ImportError:
         return None
     return playground
-
-
-def _document_bearer_auth(app: FastAPI) -> None:
-    """Show the key requirement in /docs (its Authorize button) without a per-route dependency."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"}
-            }
-            schema["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,6 +1,8 @@
 """``cosyserve serve``: load the model (auto-configured for this machine), print the URL, run
-uvicorn. SIGTERM/SIGINT shut down gracefully: no new connections, in-flight streams get
-``--shutdown_timeout_s`` to finish, then the rest are cancelled."""
+uvicorn. SIGTERM/SIGINT shut down gracefully: no new connections or synthesis, in-flight
+requests get ``--shutdown_timeout_s`` to finish; then the server itself ends what still runs,
+cleanly (a stream gets its final frame and a complete body), before uvicorn's own deadline
+would cut connections mid-body."""
 
 from __future__ import annotations
 
@@ -9,10 +11,18 @@ import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING, Any
 
 from cosyserve.settings import Settings, add_arguments, settings_from_args
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 logger = logging.getLogger(__name__)
+
+# uvicorn's graceful-shutdown deadline comes this long after ours: the app ends its streams
+# itself (complete bodies); uvicorn's deadline would cancel them mid-body.
+SHUTDOWN_MARGIN_S = 5.0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +66,6 @@ def public_urls(settings: Settings) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from cosyserve.errors import CosyserveError
     from cosyserve.server.app import build_backend, create_app
 
@@ -83,18 +91,30 @@ def main(args: argparse.Namespace) -> int:
     print(f"cosyserve {backend.name} ready on {urls[0]}  (API docs: {urls[0]}/docs)", flush=True)
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s without an API key: set COSYSERVE_API_KEY", settings.host)
+    serve(app, settings)
+    return 0
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Run ``app`` under uvicorn until SIGTERM/SIGINT; the first signal starts the app's own
+    graceful shutdown (see the module docstring)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.cosyserve.begin_shutdown()
+            super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s + SHUTDOWN_MARGIN_S,
         # One process owns the model: several workers would each load it.
         workers=1,
     )
-    server = uvicorn.Server(config)
-    server.run()  # installs SIGTERM/SIGINT handlers; lifespan shutdown drains the engine
+    Server(config).run()  # installs SIGTERM/SIGINT handlers; lifespan shutdown drains the engine
     return 0
 
 

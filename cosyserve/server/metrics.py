@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -15,6 +17,16 @@ _RTF_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 1
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_memory_bytes() -> int | None:
+    """This process's resident set size now (Linux /proc), or None where that is not readable."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class ServerMetrics(EngineObserver):
@@ -63,6 +75,17 @@ class ServerMetrics(EngineObserver):
             registry=r,
         )
         self.queue_rejections = Counter("cosyserve_queue_rejections", "requests refused with 429", registry=r)
+
+        self.resident_memory = Gauge(
+            "cosyserve_resident_memory_bytes", "resident set size of the server process", registry=r
+        )
+        self.resident_memory.set_function(lambda: resident_memory_bytes() or 0)
+        self.open_streams = Gauge(
+            "cosyserve_open_streams", "streamed responses being sent (HTTP side)", registry=r
+        )
+
+    def bind_streams(self, count: Callable[[], int]) -> None:
+        self.open_streams.set_function(count)
 
     def bind_engine(self, engine: EngineLoop) -> None:
         # Read at scrape time: no bookkeeping on the hot path.

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 import regex
 
 from cosyserve.errors import InvalidRequestError
-from cosyserve.text.normalize import WHITESPACE, is_only_punctuation
+from cosyserve.text.normalize import WHITESPACE
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_TEXT_LENGTH = 100  # characters; the product default of a request's max_text_length
@@ -344,8 +344,13 @@ def check_limit(max_text_length: int | None) -> int | None:
     return max_text_length
 
 
+_SPEAKABLE = regex.compile(r"[\p{L}\p{N}]")
+
+
 def speakable(segment: str) -> bool:
-    return not is_only_punctuation(WHITESPACE.sub("", segment))
+    # A letter or a digit of any script: punctuation, symbols, emoji, combining marks without a
+    # base and invisible characters (zero-width spaces) alone give the model nothing to say.
+    return _SPEAKABLE.search(segment) is not None
 
 
 def require_speech(segments: list[str]) -> None:

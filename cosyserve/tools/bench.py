@@ -520,10 +520,10 @@ def main(args: argparse.Namespace) -> int:
         print("cosyserve bench: --url needs --concurrency N or --realtime", file=sys.stderr)
         return 2
     try:
-        if args.url:  # a running endpoint: no model to load here
+        if getattr(args, "soak", None) or (args.concurrency and getattr(args, "url", None)):
             from cosyserve.tools.loadtest import bench_main
 
-            return bench_main(args)
+            return bench_main(args)  # a running server: nothing to load here
         if args.model_dir is None:
             if not args.synthetic:
                 print(

@@ -153,12 +153,12 @@ def _nvidia_driver() -> str | None:
 
 def check_tensorrt(report: Report, torch: Any) -> None:
     from cosyserve.acceleration.trt import INSTALL_ADVICE, require_tensorrt
-    from cosyserve.errors import BackendUnavailableError
+    from cosyserve.errors import AcceleratorUnavailableError
 
     has_cuda = torch is not None and torch.cuda.is_available()
     try:
         trt = require_tensorrt()
-    except BackendUnavailableError as exc:
+    except AcceleratorUnavailableError as exc:
         status = WARN if has_cuda else INFO
         detail = "not installed" if "not installed" in exc.message else exc.message
         advice = INSTALL_ADVICE if has_cuda else "only needed on a CUDA machine (the TensorRT estimator plan)"

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from cosyserve.errors import BackendUnavailableError, InvalidRequestError
+from cosyserve.errors import AcceleratorUnavailableError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +209,150 @@ class _InProcessDriver:
 # --------------------------------------------------------------------------------------------
 
 
-class _HttpDriver:
-    """The real FastAPI app under uvicorn on 127.0.0.1, driven by client threads."""
+def split_url(url: str) -> tuple[str, str, int, str]:
+    """``(scheme, host, port, path prefix)`` of a server's base URL (a prefix such as a Ray Serve
+    route is kept: requests go to ``{prefix}/inference_sft``)."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def http_connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to the server at ``url`` and the path prefix to put before routes."""
+    scheme, host, port, prefix = split_url(url)
+    cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    return cls(host, port, timeout=max(1.0, timeout)), prefix
+
+
+def _auth_headers() -> dict[str, str]:
+    """The bearer key of a server that needs one (``COSYSERVE_API_KEY``, as the server reads it)."""
+    key = os.environ.get("COSYSERVE_API_KEY") or None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def fetch_json(url: str, path: str, timeout: float = 10.0) -> dict[str, Any] | None:
+    """``GET {url}{path}`` as JSON, or None when the server does not answer it (not every server
+    behind a URL is cosyserve)."""
+    conn, prefix = http_connection(url, timeout)
+    try:
+        conn.request("GET", prefix + path, headers=_auth_headers())
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            return None
+        data = json.loads(body)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+class HttpDriver:
+    """Runs phases against a server over HTTP: ``N`` client threads, each request a POST of
+    ``/inference_sft`` (raw PCM streaming) under ``url``. The server may be this process's
+    (``--http``) or any other that speaks the CosyVoice API (``--url``: another cosyserve, a
+    Ray Serve deployment). ``stats()`` gives the server's batching figures where it has them."""
+
+    def __init__(self, url: str, stats: Callable[[], dict[str, Any] | None] | None = None):
+        split_url(url)  # refuse a bad URL before any phase
+        self.url = url
+        self.stats = stats or (lambda: _remote_batching(url))
+
+    def run_phase(
+        self, name: str, requests: list[Any], concurrent: bool, first_chunk_only: bool, max_seconds: float
+    ) -> PhaseResult:
+        n = len(requests)
+        results = [RequestResult(i) for i in range(n)]
+        barrier = _FirstChunkBarrier(n if concurrent else 1)
+        deadline = time.perf_counter() + max_seconds
+        before = dict(self.stats() or {})
+        started = time.perf_counter()
+        if concurrent:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="loadtest-client") as pool:
+                futures = [
+                    pool.submit(self._one, r, results[i], barrier, first_chunk_only, deadline)
+                    for i, r in enumerate(requests)
+                ]
+                for future in futures:
+                    future.result()
+        else:
+            for i, r in enumerate(requests):
+                self._one(r, results[i], _FirstChunkBarrier(1), first_chunk_only, deadline)
+        wall = time.perf_counter() - started
+        stats = self.stats()
+        if stats is not None and "steps" in stats:
+            stats["steps_in_phase"] = stats["steps"] - before.get("steps", 0)
+        return PhaseResult(name, n if concurrent else 1, wall, results, stats)
+
+    def _one(
+        self,
+        request: Any,
+        result: RequestResult,
+        barrier: _FirstChunkBarrier,
+        first_chunk_only: bool,
+        deadline: float,
+    ) -> None:
+        fields = {
+            "tts_text": request.text,
+            "spk_id": request.voice,
+            "format": "stream",
+            "stream": "true" if request.stream else "false",
+        }
+        if request.seed is not None:
+            fields["seed"] = str(request.seed)
+        body = urllib.parse.urlencode(fields)
+        conn, prefix = http_connection(self.url, deadline - time.perf_counter())
+        t0 = time.perf_counter()
+        try:
+            conn.request(
+                "POST",
+                prefix + "/inference_sft",
+                body,
+                {"Content-Type": "application/x-www-form-urlencoded", **_auth_headers()},
+            )
+            response = conn.getresponse()
+            result.instance = response.headers.get("X-Cosyserve-Instance")
+            if response.status != 200:
+                result.error = f"HTTP {response.status}: {response.read(300)!r}"
+                return
+            rate = int(response.headers.get("X-Sample-Rate", "22050"))
+            received = 0
+            while True:
+                data = response.read1(65536)  # blocking; the socket timeout is the phase's limit
+                if not data:
+                    result.ok = True
+                    break
+                if received == 0:
+                    result.first_chunk_s = time.perf_counter() - t0
+                    barrier.arrive()
+                received += len(data)
+                if first_chunk_only:
+                    # Keep the stream open until every client has its first chunk; closing the
+                    # connection then cancels the request on the server.
+                    result.ok = barrier.wait(deadline - time.perf_counter())
+                    if not result.ok:
+                        result.error = "other streams' first chunks did not arrive in time"
+                    break
+            result.audio_s = received / 2 / rate
+        except Exception as exc:  # noqa: BLE001 - reported per request
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            result.total_s = time.perf_counter() - t0
+            conn.close()
+
+
+def _remote_batching(url: str) -> dict[str, Any] | None:
+    info = fetch_json(url, "/performance_info")
+    engine = (info or {}).get("engine")
+    batching = engine.get("batching") if isinstance(engine, dict) else None
+    return dict(batching) if isinstance(batching, dict) else None
+
+
+class _LocalServer:
+    """The real FastAPI app under uvicorn on 127.0.0.1 (an ephemeral port), for ``--http``."""
 
     def __init__(self, backend: Any, batch_settings: SimpleNamespace, concurrency: int, max_seconds: float):
         import uvicorn
@@ -246,7 +388,7 @@ class _HttpDriver:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="loadtest-uvicorn", daemon=True)
 
-    def __enter__(self) -> _HttpDriver:
+    def __enter__(self) -> _LocalServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
@@ -256,144 +398,19 @@ class _HttpDriver:
         self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
         return self
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def driver(self) -> HttpDriver:
+        return HttpDriver(self.url, stats=lambda: dict(self.policy.stats()))
+
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(30)
         if self.thread.is_alive():
             self.server.force_exit = True
             self.thread.join(5)
-
-    def run_phase(
-        self, name: str, requests: list[Any], concurrent: bool, first_chunk_only: bool, max_seconds: float
-    ) -> PhaseResult:
-        n = len(requests)
-        results = [RequestResult(i) for i in range(n)]
-        barrier = _FirstChunkBarrier(n if concurrent else 1)
-        deadline = time.perf_counter() + max_seconds
-        before = dict(self.policy.stats()) if self.policy is not None else {}
-        started = time.perf_counter()
-        if concurrent:
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="loadtest-client") as pool:
-                futures = [
-                    pool.submit(self._one, r, results[i], barrier, first_chunk_only, deadline)
-                    for i, r in enumerate(requests)
-                ]
-                for future in futures:
-                    future.result()
-        else:
-            for i, r in enumerate(requests):
-                self._one(r, results[i], _FirstChunkBarrier(1), first_chunk_only, deadline)
-        wall = time.perf_counter() - started
-        stats = None
-        if self.policy is not None:
-            stats = self.policy.stats()
-            stats["steps_in_phase"] = stats["steps"] - before.get("steps", 0)
-        return PhaseResult(name, n if concurrent else 1, wall, results, stats)
-
-    def _one(
-        self,
-        request: Any,
-        result: RequestResult,
-        barrier: _FirstChunkBarrier,
-        first_chunk_only: bool,
-        deadline: float,
-    ) -> None:
-        body = urllib.parse.urlencode(
-            {
-                "tts_text": request.text,
-                "spk_id": request.voice,
-                "format": "stream",
-                "stream": "true" if request.stream else "false",
-                "seed": str(request.seed),
-            }
-        )
-        conn = self._connection(max(1.0, deadline - time.perf_counter()))
-        t0 = time.perf_counter()
-        try:
-            conn.request(
-                "POST",
-                f"{self.path_prefix}/inference_sft",
-                body,
-                {"Content-Type": "application/x-www-form-urlencoded", **self.headers},
-            )
-            response = conn.getresponse()
-            result.instance = response.headers.get("X-Cosyserve-Instance")
-            if response.status != 200:
-                result.error = f"HTTP {response.status}: {response.read(300)!r}"
-                return
-            rate = int(response.headers.get("X-Sample-Rate", "22050"))
-            received = 0
-            while True:
-                data = response.read1(65536)  # blocking; the socket timeout is the phase's limit
-                if not data:
-                    result.ok = True
-                    break
-                if received == 0:
-                    result.first_chunk_s = time.perf_counter() - t0
-                    barrier.arrive()
-                received += len(data)
-                if first_chunk_only:
-                    # Keep the stream open until every client has its first chunk; closing the
-                    # connection then cancels the request on the server.
-                    result.ok = barrier.wait(deadline - time.perf_counter())
-                    if not result.ok:
-                        result.error = "other streams' first chunks did not arrive in time"
-                    break
-            result.audio_s = received / 2 / rate
-        except Exception as exc:  # noqa: BLE001 - reported per request
-            result.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            result.total_s = time.perf_counter() - t0
-            conn.close()
-
-    path_prefix = ""
-
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-
-
-class _UrlDriver(_HttpDriver):
-    """An endpoint that is already running: a cosyserve server or the Ray Serve application's
-    proxy (``COSYSERVE_API_KEY``, when set, is sent as the bearer key)."""
-
-    def __init__(self, url: str, api_key: str | None = None):
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise InvalidRequestError(
-                f"--url must be an http(s) URL such as http://127.0.0.1:9234, got {url!r}"
-            )
-        self.url = url.rstrip("/")
-        self.scheme = parsed.scheme
-        self.host = parsed.hostname
-        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self.path_prefix = parsed.path.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.policy = None
-
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        if self.scheme == "https":
-            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout)
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-
-    def get_json(self, path: str, timeout: float = 30.0) -> Any:
-        conn = self._connection(timeout)
-        try:
-            conn.request("GET", f"{self.path_prefix}{path}", headers=self.headers)
-            response = conn.getresponse()
-            data = response.read()
-            if response.status != 200:
-                raise BackendUnavailableError(f"GET {self.url}{path}: HTTP {response.status}: {data[:200]!r}")
-            return json.loads(data)
-        except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
-            raise BackendUnavailableError(f"cannot use {self.url} as a cosyserve endpoint: {exc}") from exc
-        finally:
-            conn.close()
-
-    def __enter__(self) -> _UrlDriver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 class _FirstChunkBarrier:
@@ -488,7 +505,7 @@ def run_concurrency_bench(
     http: bool = False,
     *,
     text: str = DEFAULT_TEXT,
-    voice: str = DEFAULT_VOICE,
+    voice: str | None = None,
     max_seconds: float = 1800.0,
     device: str = "cpu",
     plan: str | None = "auto",
@@ -500,8 +517,8 @@ def run_concurrency_bench(
     warmup: bool = True,
     baseline_requests: int | None = None,
     backend: Any = None,
-    progress: Callable[[str], None] | None = None,
     url: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the concurrency benchmark and return its report (also written to ``json_out``:
     a path, or ``"-"`` for stdout).
@@ -516,9 +533,16 @@ def run_concurrency_bench(
     ``throughput_ratio`` (batched ÷ one-at-a-time aggregate audio s per wall s),
     ``first_chunk_p50_s`` / ``first_chunk_p95_s`` (concurrent streams) and
     ``first_chunk_max_ratio`` (slowest concurrent first chunk ÷ the single-stream one).
-    ``url``: drive that running endpoint instead of loading a model (``model_dir``, ``tokens``,
-    ``http`` and the batching knobs then do not apply).
+
+    ``url``: drive an already running server there instead (any server of the CosyVoice API,
+    e.g. another host or a Ray Serve deployment; its path prefix is kept). Nothing is loaded
+    here, so the token count is the server's own (``tokens`` is not forced) and the batching
+    figures come from its ``/performance_info`` when it has one.
     """
+    if url is not None:
+        return _run_against_url(
+            url, int(concurrency), stream, json_out, text, voice, max_seconds, baseline_requests, progress
+        )
     import torch
 
     if not 1 <= int(concurrency) <= MAX_CONCURRENCY:
@@ -529,16 +553,13 @@ def run_concurrency_bench(
     say = progress or (lambda message: logger.info("%s", message))
     # One-at-a-time requests for the baseline (identical requests: a few give its rate).
     baseline = max(1, min(concurrency, 4) if baseline_requests is None else int(baseline_requests))
-    if url is not None:
-        report = _url_bench(url, concurrency, stream, text, voice, max_seconds, warmup, baseline, say)
-        _write_report(report, json_out)
-        return report
     if backend is None:
         if model_dir is None:
             raise ValueError("give a model directory (or a loaded backend)")
         backend, plan = _load_backend(model_dir, plan, device, num_threads, stream_first_hop)
     else:
         plan = backend.options.extra.get("plan")
+    voice = voice or DEFAULT_VOICE
     saved = (backend.options.num_tokens, backend.options.stream_first_hop)
     backend.options.num_tokens = tokens
     if stream_first_hop is not None:
@@ -563,9 +584,11 @@ def run_concurrency_bench(
             say("warming up")
             report["warmup_s"] = round(_warm_up(backend, tokens, text, voice), 3)
         if http:
-            with _HttpDriver(backend, batch_settings, concurrency, max_seconds) as driver:
-                report["url"] = f"http://127.0.0.1:{driver.port}"
-                _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
+            with _LocalServer(backend, batch_settings, concurrency, max_seconds) as server:
+                report["url"] = server.url
+                _run_modes(
+                    server.driver(), report, concurrency, stream, text, voice, max_seconds, say, baseline
+                )
         else:
             driver = _InProcessDriver(backend, batch_settings)
             _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
@@ -584,44 +607,51 @@ def _write_report(report: dict[str, Any], json_out: str | Path | None) -> None:
             Path(json_out).write_text(text_out + "\n", encoding="utf-8")
 
 
-def _url_bench(
+def _run_against_url(
     url: str,
     concurrency: int,
     stream: bool | None,
+    json_out: str | Path | None,
     text: str,
     voice: str,
     max_seconds: float,
-    warmup: bool,
-    baseline: int,
-    say: Callable[[str], None],
+    baseline_requests: int | None,
+    progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-    """The phases against a running endpoint; what it runs comes from its /performance_info."""
-    driver = _UrlDriver(url, os.environ.get("COSYSERVE_API_KEY") or None)
-    info = driver.get_json("/performance_info")
-    voices = driver.get_json("/v1/voices").get("voices") or []
-    if voices and voice not in voices:
-        voice = voices[0]
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency}")
+    say = progress or (lambda message: logger.info("%s", message))
+    baseline = max(1, min(concurrency, 4) if baseline_requests is None else int(baseline_requests))
+    try:
+        driver = HttpDriver(url)
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"--url must be an http(s) URL such as http://127.0.0.1:9234: {exc}"
+        ) from exc
+    info = fetch_json(url, "/performance_info")
+    if info is None:
+        raise AcceleratorUnavailableError(f"cannot use {url} as a cosyserve endpoint (no /performance_info)")
+    backend = info.get("backend") if isinstance(info.get("backend"), dict) else {}
+    if voice is None:  # the default voice where the server has it, else its first
+        voices = (fetch_json(url, "/v1/voices") or {}).get("voices") or []
+        voice = DEFAULT_VOICE if DEFAULT_VOICE in voices or not voices else voices[0]
     report: dict[str, Any] = {
         "mode": "url",
-        "url": driver.url,
+        "url": url,
         "concurrency": concurrency,
-        "tokens": None,  # not forced: each request runs to the model's own end
-        "device": (info.get("backend") or {}).get("device"),
-        "plan": (info.get("launch") or {}).get("plan"),
-        "stream_first_hop": (info.get("settings") or {}).get("stream_first_hop"),
+        "tokens": None,  # the server decides: nothing is forced from here
+        "plan": (info.get("launch") or {}).get("plan") if isinstance(info.get("launch"), dict) else None,
+        "device": backend.get("device"),
         "text": text,
         "voice": voice,
         "baseline_requests": baseline,
     }
-    with driver:
-        if warmup:
-            # As many at once as the timed phase, so that every replica behind the URL warms up.
-            say(f"warming up {driver.url} with {concurrency} requests")
-            warm = driver.run_phase(
-                "warmup", _requests(concurrency, False, text, voice, 0), True, False, max_seconds
-            )
-            report["warmup_s"] = round(warm.wall_s, 3)
-        _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
+    # As many at once as the timed phase, so that every replica behind the URL warms up.
+    say(f"warming up {url} with {concurrency} requests")
+    warm = driver.run_phase("warmup", _requests(concurrency, False, text, voice, 0), True, False, max_seconds)
+    report["warmup_s"] = round(warm.wall_s, 3)
+    _run_modes(driver, report, concurrency, stream, text, voice, max_seconds, say, baseline)
+    _write_report(report, json_out)
     return report
 
 
@@ -636,7 +666,7 @@ def _merge(name: str, parts: Sequence[PhaseResult]) -> PhaseResult:
 
 
 def _run_modes(
-    driver: _InProcessDriver | _HttpDriver,
+    driver: _InProcessDriver | HttpDriver,
     report: dict[str, Any],
     n: int,
     stream: bool | None,
@@ -726,8 +756,36 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--url",
         default=None,
-        help="with --concurrency or --realtime: drive this running endpoint (a cosyserve server or the "
-        "Ray Serve application) instead of loading a model; COSYSERVE_API_KEY is sent when set",
+        metavar="URL",
+        help="with --concurrency: drive an already running server at URL (any CosyVoice API server, "
+        "e.g. http://host:8000/prefix); nothing is loaded here and the model flags are ignored",
+    )
+    group.add_argument(
+        "--voice",
+        default=None,
+        help="with --url or --realtime: the voice to ask for (default: the server's first voice; "
+        "--realtime: the first English built-in voice)",
+    )
+    group.add_argument(
+        "--soak",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="with --url: N clients for MINUTES, every format, streamed and whole, some leaving "
+        "mid-stream; reports statuses, undecodable bodies, server RSS and whether it drained",
+    )
+    group.add_argument(
+        "--disconnect-fraction",
+        type=float,
+        default=0.15,
+        help="with --soak: share of streams abandoned after their first chunk (default 0.15)",
+    )
+    group.add_argument(
+        "--soak-warmup-s",
+        dest="soak_warmup_s",
+        type=float,
+        default=60.0,
+        help="with --soak: RSS growth is measured from this long after the start (at most half the run)",
     )
     group.add_argument(
         "--max-seconds",
@@ -756,11 +814,36 @@ def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def soak_main(args: argparse.Namespace) -> int:
+    """``--soak MINUTES --url URL``: the soak of :mod:`cosyserve.tools.soak`."""
+    from cosyserve.tools.soak import format_soak, run_soak, soak_ok
+
+    if not getattr(args, "url", None):
+        print("cosyserve bench: --soak drives a running server: give its --url", file=sys.stderr)
+        return 2
+    report = run_soak(
+        args.url,
+        clients=args.concurrency or 16,
+        minutes=args.soak,
+        voice=args.voice,
+        disconnect_fraction=args.disconnect_fraction,
+        warmup_s=args.soak_warmup_s,
+    )
+    json_flag = getattr(args, "json", False)
+    if json_flag:
+        _write_report(report, "-" if json_flag is True else json_flag)
+    else:
+        print(format_soak(report))
+    return 0 if soak_ok(report) else 1
+
+
 def bench_main(args: argparse.Namespace) -> int:
     """``cosyserve bench --concurrency N``: the bench's own flags (``--model_dir`` already
     resolved, ``--tokens``, ``--json``, ``--stream_first_hop``) plus
     :func:`add_concurrency_arguments`'. Both modes always run: the streaming first-chunk
     phases are half of what this benchmark is for."""
+    if getattr(args, "soak", None):
+        return soak_main(args)
     report = run_concurrency_bench(
         args.model_dir,
         concurrency=args.concurrency,
@@ -775,8 +858,9 @@ def bench_main(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         token_budget=args.token_budget,
         flow_batch=args.flow_batch,
-        progress=lambda message: print(message, file=sys.stderr, flush=True),
         url=getattr(args, "url", None),
+        voice=args.voice,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     if not getattr(args, "json", False):
         print(format_summary(report))
@@ -795,8 +879,10 @@ def _all_ok(report: dict[str, Any]) -> bool:
 
 def format_summary(report: dict[str, Any]) -> str:
     """A few lines for people (the JSON has everything)."""
-    tokens = f"{report['tokens']} tokens" if report.get("tokens") else "tokens not forced"
-    lines = [f"concurrency {report['concurrency']}, {tokens}, {report['mode']}, plan {report.get('plan')}"]
+    lines = [
+        f"concurrency {report['concurrency']}, {report['tokens'] or 'server-chosen'} tokens, {report['mode']}, "
+        f"plan {report.get('plan')}"
+    ]
     ns = report.get("non_stream")
     if ns:
         lines.append(
@@ -818,7 +904,7 @@ def format_summary(report: dict[str, Any]) -> str:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Standalone use (``python -m cosyserve.tools.loadtest``)."""
-    parser.add_argument("--model", default=None, help="CosyVoice model directory (or --url)")
+    parser.add_argument("--model", default=None, help="CosyVoice model directory (not with --url)")
     parser.add_argument("--tokens", type=int, default=250, help="speech tokens per request (default 250)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -832,6 +918,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.soak:
+        return soak_main(args)
+    if args.model is None and args.url is None:
+        print("cosyserve-loadtest: give --model DIR or --url URL", file=sys.stderr)
+        return 2
     report = run_concurrency_bench(
         args.model,
         concurrency=args.concurrency or 8,
@@ -847,8 +938,9 @@ def main(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         token_budget=args.token_budget,
         flow_batch=args.flow_batch,
-        progress=lambda message: print(message, file=sys.stderr, flush=True),
         url=args.url,
+        voice=args.voice,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     if args.json is None:
         print(format_summary(report))

@@ -1,4 +1,4 @@
-"""Small random ONNX stand-ins for the two front-end models of a CosyVoice v1 directory.
+"""Small random ONNX stand-ins for the two front-end models of a CosyVoice model directory.
 
 They have the inputs, outputs, dtypes and shapes of the official files, so the zero-shot code path
 (fbank -> speaker embedding, whisper log-mel -> speech tokens) runs end to end on a generated
@@ -8,7 +8,8 @@ model directory; their values are meaningless.
   kaldi fbank) -> output float32 `[B, 192]`.
 * `speech_tokenizer_v1.onnx`: inputs `feats` float32 `[1, 128, T]` (whisper log-mel, 100 frames/s)
   and `feats_length` int32 `[1]` -> output `indices` int32 `[1, ceil(T / 2)]`, ids in [0, 4096)
-  (50 tokens/s, the rate of the v1 tokenizer).
+  (50 tokens/s, the rate of the v1 tokenizer); `speech_tokenizer_v2.onnx` (CosyVoice2) is the same
+  with `[1, ceil(T / 4)]` (25 tokens/s) and ids in [0, 6561).
 
 Upstream's frontend (`_extract_spk_embedding`, `_extract_speech_token`) feeds inputs by position
 (`get_inputs()[i].name`) and reads output 0, so names matter less than order, shapes and dtypes.
@@ -66,10 +67,10 @@ def campplus_model(rng: np.random.Generator, fbank_dim: int = 80, embed_dim: int
 
 
 def speech_tokenizer_model(
-    rng: np.random.Generator, n_mels: int = 128, vocab_size: int = 4096
+    rng: np.random.Generator, n_mels: int = 128, vocab_size: int = 4096, frame_stride: int = 2
 ) -> onnx.ModelProto:
     """Crop to feats_length, project every frame onto `vocab_size` random directions, argmax,
-    keep every 2nd frame (100 -> 50 Hz) -> int32 ids."""
+    keep every `frame_stride`-th frame (100 -> 50 Hz for 2, 25 Hz for 4) -> int32 ids."""
     w = rng.standard_normal((n_mels, vocab_size)).astype(np.float32)
     nodes = [
         helper.make_node("Cast", [TOKENIZER_INPUTS[1]], ["len64"], to=TensorProto.INT64),
@@ -77,13 +78,14 @@ def speech_tokenizer_model(
         helper.make_node("Transpose", ["cropped"], ["frames"], perm=[0, 2, 1]),  # [1, L, M]
         helper.make_node("MatMul", ["frames", "w"], ["scores"]),  # [1, L, V]
         helper.make_node("ArgMax", ["scores"], ["ids64"], axis=2, keepdims=0),  # [1, L]
-        helper.make_node("Slice", ["ids64", "zero", "big", "one", "two"], ["half"]),  # [1, ceil(L/2)]
+        helper.make_node("Slice", ["ids64", "zero", "big", "one", "stride"], ["half"]),  # [1, ceil(L/s)]
         helper.make_node("Cast", ["half"], [TOKENIZER_OUTPUT], to=TensorProto.INT32),
     ]
     consts = {
         "zero": np.array([0], np.int64),
         "one": np.array([1], np.int64),
         "two": np.array([2], np.int64),
+        "stride": np.array([frame_stride], np.int64),
         "big": np.array([np.iinfo(np.int64).max], np.int64),
     }
     graph = helper.make_graph(
@@ -100,7 +102,12 @@ def speech_tokenizer_model(
     return _model(graph, "random stand-in for speech_tokenizer_v1.onnx (NOT a trained model)")
 
 
-def check_standins(campplus_path: str | os.PathLike[str], tokenizer_path: str | os.PathLike[str]) -> None:
+def check_standins(
+    campplus_path: str | os.PathLike[str],
+    tokenizer_path: str | os.PathLike[str],
+    vocab_size: int = 4096,
+    frame_stride: int = 2,
+) -> None:
     """Run both files once in onnxruntime and check the output shapes / dtypes / ranges."""
     import onnxruntime
 
@@ -114,19 +121,26 @@ def check_standins(campplus_path: str | os.PathLike[str], tokenizer_path: str | 
     feats = np.random.default_rng(0).standard_normal((1, 128, 101)).astype(np.float32)
     names = [i.name for i in tok.get_inputs()]
     ids = tok.run(None, {names[0]: feats, names[1]: np.array([101], np.int32)})[0]
-    if ids.shape != (1, 51) or ids.dtype != np.int32 or ids.min() < 0 or ids.max() >= 4096:
+    expected = (1, -(-101 // frame_stride))
+    if ids.shape != expected or ids.dtype != np.int32 or ids.min() < 0 or ids.max() >= vocab_size:
         raise RuntimeError(f"speech tokenizer stand-in gave {ids.shape} {ids.dtype}")
 
 
 def write_standins(
-    out_dir: str | os.PathLike[str], seed: int = 0, embed_dim: int = 192, vocab_size: int = 4096
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    embed_dim: int = 192,
+    vocab_size: int = 4096,
+    tokenizer_file: str = "speech_tokenizer_v1.onnx",
+    frame_stride: int = 2,
 ) -> tuple[str, str]:
-    """Write `campplus.onnx` and `speech_tokenizer_v1.onnx` into `out_dir`, check them, return the paths."""
+    """Write `campplus.onnx` and the speech tokenizer (`tokenizer_file`, `frame_stride` Whisper
+    frames per token) into `out_dir`, check them, return the paths."""
     rng = np.random.default_rng(seed)
     cam_path = os.path.join(out_dir, "campplus.onnx")
-    tok_path = os.path.join(out_dir, "speech_tokenizer_v1.onnx")
+    tok_path = os.path.join(out_dir, tokenizer_file)
     onnx.save(campplus_model(rng, embed_dim=embed_dim), cam_path)
-    onnx.save(speech_tokenizer_model(rng, vocab_size=vocab_size), tok_path)
-    if embed_dim == 192 and vocab_size == 4096:
-        check_standins(cam_path, tok_path)
+    onnx.save(speech_tokenizer_model(rng, vocab_size=vocab_size, frame_stride=frame_stride), tok_path)
+    if embed_dim == 192:
+        check_standins(cam_path, tok_path, vocab_size, frame_stride)
     return cam_path, tok_path

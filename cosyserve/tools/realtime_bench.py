@@ -313,7 +313,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="sentence",
         help="segments end at sentences (default) or, for earlier audio, at clauses",
     )
-    group.add_argument("--voice", default=None, help="voice (default: the first English built-in voice)")
     group.add_argument("--text", default=None, help="the text to feed (default: a five-sentence forecast)")
     group.add_argument(
         "--api_key", "--api-key", default=None, help="the running server's API key (with --url)"

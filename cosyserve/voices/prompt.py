@@ -288,3 +288,19 @@ class PromptEncoder:
             speech_feat.shape[1],
         )
         return PromptFeatures(embedding=embedding, speech_tokens=tokens, speech_feat=speech_feat, text=text)
+
+
+WARMUP_PROMPT_TEXT = "Hello, this is a warm-up."
+
+
+def warmup_prompt(seconds: float = 3.0, sample_rate: int = TOKENIZER_SAMPLE_RATE) -> PromptAudio:
+    """A generated prompt recording for warm-up and health checks of a model without a built-in
+    voice: a voiced-sounding harmonic signal (gliding pitch, syllable-rate envelope) with a
+    transcript. It sounds like nobody; it only has to run every cloning path."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    f0 = 140.0 + 30.0 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    voiced = sum(np.sin(h * phase) / h for h in range(1, 9))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
+    audio = (0.15 * envelope * voiced).astype(np.float32)
+    return PromptAudio(audio=audio, sample_rate=sample_rate, text=WARMUP_PROMPT_TEXT)

@@ -8,7 +8,9 @@ per voice instead of rewriting one pickle of all voices).
 Layout: ``<root>/<name>.voice.npz``, a plain ``numpy.savez`` archive (no pickle: loaded with
 ``allow_pickle=False``) holding ``embedding`` [1,192] float32, ``speech_tokens`` [1,N] int64,
 ``speech_feat`` [1,T,80] float32 and ``meta``, a JSON string (name, transcript, created-at,
-source info, format version). Each save writes a temporary file in the same directory, fsyncs
+source info, format version, and the model family the features belong to: a voice's speech tokens
+and mel only mean something to the family that made them, so a store serves only its own
+family's voices; files written before the tag existed are CosyVoice v1 voices). Each save writes a temporary file in the same directory, fsyncs
 it and renames it over the target, so a crash at any point leaves either the old voice or the new
 one, never a partial file. Stale temporary files are removed when a store is opened.
 
@@ -27,7 +29,6 @@ import errno
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -41,17 +42,25 @@ import numpy as np
 import torch
 
 from cosyserve.api import VoiceInfo
-from cosyserve.errors import CosyserveError, InvalidRequestError, UnknownVoiceError
+from cosyserve.errors import (
+    CosyserveError,
+    InsufficientStorageError,
+    InvalidRequestError,
+    StorageUnavailableError,
+    UnknownVoiceError,
+)
+from cosyserve.voices.names import NAME_PATTERN, check_voice_name
 from cosyserve.voices.prompt import PromptFeatures
 
 logger = logging.getLogger(__name__)
 
 VOICE_SUFFIX = ".voice.npz"
 FORMAT_VERSION = 1
-MAX_NAME_LENGTH = 64
-# Letters/digits/underscore of any script, then also '.' and '-'; the first character is a word
-# character, so no hidden files, no '.', '..', no separators: nothing can leave the directory.
-_NAME_RE = re.compile(r"\w[\w.\-]*")  # used with fullmatch (no "$": it allows a final newline)
+_NAME_RE = NAME_PATTERN
+LEGACY_FAMILY = "cosyvoice1"  # voices saved before the family tag: only v1 was served then
+# The disk is full: 507 (Insufficient Storage). Any other write failure (read-only file system,
+# permissions, I/O error) makes the store unavailable: 503.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _STALE_TMP_SECONDS = 3600.0
 _TMP_PREFIX = ".tmp-"
 _LOCK_NAME = ".lock"
@@ -71,6 +80,13 @@ class VoiceStoreError(CosyserveError):
     code = "voice_store_error"
 
 
+class VoiceFamilyError(InvalidRequestError):
+    """A saved voice made by a model of another family (its tokens and mel mean nothing here)."""
+
+    status_code = 409
+    code = "incompatible_voice"
+
+
 class VoiceExistsError(InvalidRequestError):
     """A voice of that name exists already (perhaps saved a moment ago by another replica)."""
 
@@ -84,6 +100,7 @@ class SavedVoice:
     features: PromptFeatures  # CPU tensors, shared with the store's cache: do not modify in place
     created_at: float  # unix time
     source: dict[str, Any] = field(default_factory=dict)
+    family: str = LEGACY_FAMILY  # the model family whose prompt features these are
 
     @property
     def text(self) -> str | None:
@@ -121,12 +138,18 @@ class VoiceStore:
     """Saved voices under ``root``; a new store over the same directory sees them all.
 
     ``reserved_names``: built-in speaker ids (e.g. the SFT speakers) that saved voices must not
-    shadow. Safe to use from several threads of one process.
+    shadow. ``family``: the model family whose voices this store saves and serves; a voice of
+    another family is not listed and is refused by :meth:`get` (:class:`VoiceFamilyError`). Safe to
+    use from several threads of one process.
     """
 
-    def __init__(self, root: str | Path, reserved_names: Iterable[str] = ()):
+    def __init__(self, root: str | Path, reserved_names: Iterable[str] = (), family: str = LEGACY_FAMILY):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.family = family
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a model directory mounted read-only: serve, refuse saves
+            logger.warning("voice store %s cannot be created (%s): saving voices will fail", self.root, exc)
         self._reserved = {n.casefold() for n in reserved_names}
         self._lock = threading.RLock()
         self._cache: dict[str, tuple[tuple[int, int, int], SavedVoice]] = {}
@@ -140,18 +163,7 @@ class VoiceStore:
 
     def validate_name(self, name: str) -> str:
         """Return the canonical (NFC) form of a new voice name or raise InvalidRequestError."""
-        if not isinstance(name, str) or not name.strip():
-            raise InvalidRequestError("a voice name is required")
-        canonical = unicodedata.normalize("NFC", name)
-        if len(canonical) > MAX_NAME_LENGTH:
-            raise InvalidRequestError(
-                f"voice name is too long ({len(canonical)} characters; at most {MAX_NAME_LENGTH})"
-            )
-        if not _NAME_RE.fullmatch(canonical) or canonical.endswith("."):
-            raise InvalidRequestError(
-                f"invalid voice name {name!r}: use letters, digits, '_', '-' and '.', "
-                "starting with a letter or digit and not ending with '.'"
-            )
+        canonical = check_voice_name(name)
         if canonical.casefold() in self._reserved:
             raise InvalidRequestError(f"voice name {canonical!r} is taken by a built-in speaker")
         return canonical
@@ -191,17 +203,31 @@ class VoiceStore:
         return len(self.names())
 
     def list(self) -> list[VoiceInfo]:
-        """Every readable saved voice (unreadable files are logged and skipped)."""
+        """Every readable saved voice of this store's family (unreadable files are logged and
+        skipped; other families' voices are left out)."""
         infos = []
         for name in self.names():
             try:
                 infos.append(self.get(name).info())
+            except VoiceFamilyError:
+                continue
             except (VoiceStoreError, UnknownVoiceError) as exc:  # deleted meanwhile or corrupt
                 logger.warning("skipping saved voice %r: %s", name, exc.message)
         return infos
 
     def get(self, name: str) -> SavedVoice:
-        """The saved voice ``name`` (cached; reloaded if the file changed on disk)."""
+        """The saved voice ``name`` (cached; reloaded if the file changed on disk);
+        :class:`VoiceFamilyError` when another family's model made it."""
+        voice = self._get(name)
+        if voice.family != self.family:
+            raise VoiceFamilyError(
+                f"saved voice {voice.name!r} was made with a {voice.family} model; this server's model is "
+                f"{self.family}, which cannot use it: save the voice again from its recording (under "
+                "another name, or after deleting this one with the server that made it)"
+            )
+        return voice
+
+    def _get(self, name: str) -> SavedVoice:
         canonical = self._lookup_name(name)
         path = self._path(canonical)
         try:
@@ -240,6 +266,7 @@ class VoiceStore:
             features=features,
             created_at=float(meta.get("created_at", 0.0)),
             source=meta.get("source") or {},
+            family=str(meta.get("family") or LEGACY_FAMILY),
         )
 
     # ---------------------------------------------------------------- changes
@@ -260,6 +287,7 @@ class VoiceStore:
         meta = {
             "format": FORMAT_VERSION,
             "name": name,
+            "family": self.family,
             "text": features.text,
             "created_at": created_at,
             "source": dict(source or {}),
@@ -279,7 +307,10 @@ class VoiceStore:
             for existing in self.names():
                 if existing.casefold() == folded and (existing != name or not overwrite):
                     raise self._exists(existing, name)
-            self._write_atomic(self._path(name), arrays, replace=overwrite, name=name)
+            try:
+                self._write_atomic(self._path(name), arrays, replace=overwrite, name=name)
+            except OSError as exc:
+                raise self._storage_error(f"cannot save voice {name!r}", exc) from exc
             self._cache.pop(name, None)
         logger.info("saved voice %r (%d prompt tokens)", name, meta["num_tokens"])
         return self.get(name)
@@ -290,6 +321,14 @@ class VoiceStore:
             f"a saved voice named {existing!r} already exists"
             + ("" if existing != name else "; delete it first or overwrite it")
         )
+
+    def _storage_error(self, what: str, exc: OSError) -> CosyserveError:
+        """The typed error for a failed write; the store is unchanged (see ``_write_atomic``)."""
+        reason = exc.strerror or type(exc).__name__
+        logger.error("%s: %s (voice store %s)", what, reason, self.root)
+        if exc.errno in _NO_SPACE:
+            return InsufficientStorageError(f"{what}: the disk holding saved voices is full ({reason})")
+        return StorageUnavailableError(f"{what}: the voice store cannot be written ({reason})")
 
     def _write_atomic(
         self, path: Path, arrays: dict[str, np.ndarray], *, replace: bool = True, name: str = ""
@@ -373,6 +412,8 @@ class VoiceStore:
                 self._path(canonical).unlink()
             except FileNotFoundError:
                 raise UnknownVoiceError(f"no saved voice named {name!r}") from None
+            except OSError as exc:
+                raise self._storage_error(f"cannot delete voice {canonical!r}", exc) from exc
             self._cache.pop(canonical, None)
         _fsync_dir(self.root)
         logger.info("deleted saved voice %r", canonical)

@@ -101,7 +101,7 @@ def test_speech_errors_in_openai_shape(client, backend) -> None:
     _openai_error(speech(client, speed=4.0), 400, "speed", "0.5", "2.0")
     _openai_error(speech(client, speed=0.25), 400, "speed")
     _openai_error(speech(client, voice="nobody"), 404, "voice", "nobody")
-    _openai_error(speech(client, model="whisper-1"), 400, "model", "tts-1")
+    _openai_error(speech(client, model="whisper-1"), 404, "model", "tts-1")  # OpenAI: 404 too
     _openai_error(speech(client, response_format="ogg"), 400, "response_format")
     _openai_error(speech(client, input=""), 400, "input", "empty")
     _openai_error(speech(client, input="y" * 5001), 400, "input", "5000")

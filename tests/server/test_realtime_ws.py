@@ -256,7 +256,7 @@ async def _expect_close(
         ({"voice": "alice", "sample_rate": 1000}, 4400, "invalid_request", "sample_rate"),
         ({"voice": "alice", "segment_by": "word"}, 4400, "invalid_request", "segment_by"),
         ({"voice": "alice", "colour": "blue"}, 4400, "invalid_request", "colour"),
-        ({"voice": "alice", "model": "whisper-1"}, 4400, "invalid_request", "model"),
+        ({"voice": "alice", "model": "whisper-1"}, 4404, "model_not_found", "model"),
     ],
 )
 def test_a_bad_config_gets_an_error_and_a_close_code(

@@ -17,35 +17,35 @@ from tests.server.fakes import FakeBackend
 def test_voice_lifecycle(client, backend) -> None:
     response = client.post(
         "/v1/voices",
-        data={"name": "my voice", "transcript": "Hello world."},
+        data={"name": "my-voice", "transcript": "Hello world."},
         files={"audio": ("me.wav", wav_bytes(2.0), "audio/wav")},
     )
     assert response.status_code == 201, response.text
-    assert response.json()["id"] == "my voice" and response.json()["kind"] == "saved"
-    assert backend.saved["my voice"].text == "Hello world."
+    assert response.json()["id"] == "my-voice" and response.json()["kind"] == "saved"
+    assert backend.saved["my-voice"].text == "Hello world."
     assert "cosyserve-engine" in backend.threads  # added on the engine thread
 
     listed = client.get("/v1/voices").json()
-    assert "my voice" in listed["voices"] and "alice" in listed["voices"]
-    assert client.get("/v1/voices/my voice").json()["kind"] == "saved"
-    assert "my voice" in client.get("/list_voices").json()["saved"]
+    assert "my-voice" in listed["voices"] and "alice" in listed["voices"]
+    assert client.get("/v1/voices/my-voice").json()["kind"] == "saved"
+    assert "my-voice" in client.get("/list_voices").json()["saved"]
 
     # The saved voice is usable at once, by both APIs.
-    assert client.post("/inference_sft", data={"tts_text": "Hi.", "spk_id": "my voice"}).status_code == 200
+    assert client.post("/inference_sft", data={"tts_text": "Hi.", "spk_id": "my-voice"}).status_code == 200
     assert (
         client.post(
-            "/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "my voice"}
+            "/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "my-voice"}
         ).status_code
         == 200
     )
 
-    assert client.delete("/v1/voices/my voice").json() == {
-        "id": "my voice",
+    assert client.delete("/v1/voices/my-voice").json() == {
+        "id": "my-voice",
         "object": "audio.voice.deleted",
         "deleted": True,
     }
-    assert client.get("/v1/voices/my voice").status_code == 404
-    assert client.delete("/v1/voices/my voice").status_code == 404
+    assert client.get("/v1/voices/my-voice").status_code == 404
+    assert client.delete("/v1/voices/my-voice").status_code == 404
 
 
 def test_voice_errors(client, backend) -> None:

@@ -9,38 +9,28 @@ sampler, and the streaming or whole token → wav sink.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from cosyserve.api import SynthesisRequest
-from cosyserve.errors import InvalidRequestError, UnsupportedModeError
-from cosyserve.families.base import FamilyBackend, FamilyOptions, SegmentPlan, pick_device
-from cosyserve.families.cosyvoice1.llm import TransformerLM, length_limits
+from cosyserve.errors import InvalidRequestError
+from cosyserve.families.base import (
+    SFT_LANGUAGES,
+    FamilyBackend,
+    FamilyOptions,
+    SampledDecoder,
+    SegmentPlan,
+)
+from cosyserve.families.cosyvoice1.llm import length_limits
 from cosyserve.families.cosyvoice1.loader import LoadedModel, load_model_directory
 from cosyserve.families.cosyvoice1.token2wav import TOKEN_HOP_LEN, ChunkedToken2Wav, WholeToken2Wav
-from cosyserve.interfaces import AccelTargets
-from cosyserve.nn.conformer import RelPositionMultiHeadedAttention
-from cosyserve.nn.hift import ResBlock
 from cosyserve.nn.sampling import TokenSampler
 from cosyserve.text.frontend import TextFrontend
 from cosyserve.voices.prompt import PromptEncoder, PromptFeatures
 
 logger = logging.getLogger(__name__)
 
-# Languages of the seven SFT speakers, for /list_voices.
-SFT_LANGUAGES = {
-    "中文女": "zh",
-    "中文男": "zh",
-    "日语男": "ja",
-    "粤语女": "yue",
-    "英文女": "en",
-    "英文男": "en",
-    "韩语女": "ko",
-}
 INSTRUCT_SUFFIX = "<endofprompt>"
 MODES = frozenset({"sft", "zero_shot", "cross_lingual", "instruct"})
 
@@ -61,6 +51,10 @@ class _ModelInputs:
 class CosyVoiceBackend(FamilyBackend):
     family = "cosyvoice1"
     modes = MODES
+    load_directory = staticmethod(load_model_directory)
+    official_torchscript = True
+    graphed_decode = True
+    model: LoadedModel
 
     def __init__(self, model: LoadedModel, options: FamilyOptions | None = None):
         options = options or FamilyOptions()
@@ -75,31 +69,6 @@ class CosyVoiceBackend(FamilyBackend):
         self.model = model
         self.config = model.config
         self.sample_rate = int(model.config.sample_rate)
-        self.device = next(model.llm.parameters()).device
-
-    @classmethod
-    def from_dir(cls, model_dir: str | Path, options: FamilyOptions | None = None) -> CosyVoiceBackend:
-        options = options or FamilyOptions()
-        if options.num_threads:
-            torch.set_num_threads(int(options.num_threads))
-        device = pick_device(options.device)
-        t0 = time.perf_counter()
-        model = load_model_directory(model_dir, device=device)
-        if options.fp16:
-            if device.type != "cuda":
-                raise UnsupportedModeError("fp16 needs a CUDA device")
-            model.llm.half()
-            model.flow.half()
-        logger.info("model loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - t0)
-        return cls(model, options)
-
-    @property
-    def llm(self) -> TransformerLM:
-        return self.model.llm  # type: ignore[return-value]
-
-    @property
-    def flow_device(self) -> torch.device:
-        return next(self.model.flow.parameters()).device
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -140,12 +109,13 @@ class CosyVoiceBackend(FamilyBackend):
     def plan_segment(
         self,
         request: SynthesisRequest,
-        segment: str,
+        segment: str | None,
         prompt: PromptFeatures | None,
         generators: tuple[torch.Generator, torch.Generator],
         num_tokens: int | None,
     ) -> SegmentPlan:
         llm_generator, audio_generator = generators
+        assert segment is not None  # noqa: S101 - v1 takes no text stream (accepts_text_stream False)
         inputs = self._segment_inputs(request, segment, prompt)
         llm = self.llm
         lo, hi = length_limits(int(inputs.text_ids.numel()), llm.cfg)
@@ -170,52 +140,9 @@ class CosyVoiceBackend(FamilyBackend):
             prefix = llm.build_prefix(
                 inputs.text_ids, inputs.prompt_text_ids, inputs.llm_prompt_tokens, inputs.llm_embedding
             )
-        return SegmentPlan(prefix, sampler, sink)
+        return SegmentPlan(SampledDecoder(prefix, sampler), sink)
 
-    # -- operations ------------------------------------------------------------------------------
-
-    def accel_targets(self) -> AccelTargets:
-        model = self.model
-        flow = model.flow
-
-        def probe_flow() -> torch.Tensor:
-            gen = torch.Generator().manual_seed(0)
-            device = next(flow.parameters()).device
-            ids = torch.randint(0, flow.cfg.vocab_size, (1, 60), generator=gen).to(device)
-            embedding = (
-                next(iter(self.speakers.values()))
-                if self.speakers
-                else torch.randn(1, flow.cfg.spk_embed_dim, generator=gen)
-            )
-            return flow.inference(ids, embedding=embedding.to(device), generator=gen)[0]
-
-        return AccelTargets(
-            model_dir=Path(model.files.root),
-            llm=model.llm,
-            flow=flow,
-            cfm=flow.decoder,
-            vocoder=model.hift,
-            vocoder_blocks=(ResBlock,),
-            # Read only when a position cache grows (~80 MB full size): not resident between requests.
-            cold_weights=[
-                m.linear_pos.weight
-                for net in (model.llm, flow)
-                for m in net.modules()
-                if isinstance(m, RelPositionMultiHeadedAttention)
-            ],
-            torchscript=True,
-            probe_flow=probe_flow,
-            extra=self.options.extra,
-        )
-
-    def describe(self) -> dict[str, Any]:
-        params = {
-            name: sum(p.numel() for p in getattr(self.model, name).parameters())
-            for name in ("llm", "flow", "hift")
-        }
-        return {
-            **super().describe(),
-            "device": str(self.device),
-            "precision": "fp16" if self.options.fp16 else "fp32",
-            "parameters": params,
-        }
+    def _probe_flow(
+        self, ids: torch.Tensor, embedding: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        return self.model.flow.inference(ids, embedding=embedding, generator=generator)[0]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +27,10 @@ from cosyserve.families import FAMILIES
 from cosyserve.families.cosyvoice1.config import ModelConfig, load_model_config
 from cosyserve.nn.checkpoint import (
     check_state_dict,
-    checkpoint_error,
     detach_from_checkpoint,
     load_into,
     read_checkpoint,
+    read_speakers,
     skip_random_init,
 )
 
@@ -46,6 +45,7 @@ __all__ = [
     "build_network",
     "build_networks",
     "check_state_dict",
+    "detach_from_checkpoint",
     "find_model_files",
     "load_model_directory",
     "load_networks",
@@ -129,38 +129,6 @@ def find_model_files(model_dir: str | os.PathLike[str]) -> ModelFiles:
     return files
 
 
-def read_speakers(path: str | os.PathLike[str], embed_dim: int = 192) -> dict[str, torch.Tensor]:
-    """`spk2info.pt` -> {speaker name: embedding FloatTensor[1, embed_dim]}."""
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as exc:
-        raise ModelDirectoryError(f"{path}: cannot open: {exc.strerror or exc}") from exc
-    except Exception as exc:  # noqa: BLE001
-        raise checkpoint_error(path, exc) from exc
-    if not isinstance(obj, Mapping):
-        raise ModelDirectoryError(
-            f"{path}: expected {{speaker: {{'embedding': tensor[1, {embed_dim}]}}}}, got {type(obj).__name__}"
-        )
-    speakers: dict[str, torch.Tensor] = {}
-    for name, info in obj.items():
-        emb = info.get("embedding") if isinstance(info, Mapping) else None
-        if not isinstance(emb, torch.Tensor):
-            raise ModelDirectoryError(
-                f"{path}: speaker {name!r} has no 'embedding' tensor "
-                f"(expected {{speaker: {{'embedding': tensor[1, {embed_dim}]}}}})"
-            )
-        if emb.numel() != embed_dim or not emb.is_floating_point():
-            raise ModelDirectoryError(
-                f"{path}: speaker {name!r}: embedding has shape {list(emb.shape)} / {emb.dtype}, "
-                f"expected a float tensor [1, {embed_dim}]"
-            )
-        speakers[str(name)] = emb.detach().reshape(1, embed_dim).to(torch.float32).clone()
-    if not speakers:
-        logger.warning("%s: no speakers; only zero-shot / instruct voices are available", path)
-    return speakers
-
-
 # ------------------------------------------------------------------------------------ networks
 
 
@@ -202,28 +170,16 @@ def load_network(
 ) -> nn.Module:
     """Build one network ("llm", "flow" or "hift") and load its checkpoint: memory-mapped, strict,
     the checkpoint's tensors adopted rather than copied; eval mode on `device`."""
-    from cosyserve.nn.hift import convert_hift_state_dict
-
     path = getattr(files, name)
-    state_dict = read_checkpoint(path)
-    note = ""
     if name == "hift":
-        try:
-            # Strips `generator.` and folds weight norm (weight_g/weight_v or parametrizations.*).
-            state_dict = convert_hift_state_dict(state_dict)
-        except (KeyError, RuntimeError) as exc:
-            raise ModelDirectoryError(f"{path}: broken weight-norm tensors: {exc}") from exc
-        note = " (after folding weight_g/weight_v)"
+        from cosyserve.nn.hift import load_hift_file
+
+        return load_hift_file(path, config.hift, device, CONFIG_FILE)
+    state_dict = read_checkpoint(path)
     with skip_random_init():
         module = build_network(name, config)
-    load_into(module, state_dict, path, note, CONFIG_FILE)  # strict: every parameter is overwritten
+    load_into(module, state_dict, path, "", CONFIG_FILE)  # strict: every parameter is overwritten
     del state_dict
-    if name == "hift":
-        # Folding made new tensors for most weights; copy the rest too, so the checkpoint
-        # (whose weight_v pages the folding read) is unmapped instead of staying resident.
-        detach_from_checkpoint(module)
-        if torch.device(device).type == "cpu":
-            module.prepare_fast_path()  # type: ignore[operator]
     return module.to(device).eval()
 
 

@@ -15,3 +15,10 @@ def load_config(model_dir: str | Path) -> Any:
     from cosyserve.families.cosyvoice2.config import load_model_config
 
     return load_model_config(Path(model_dir))
+
+
+def open_backend(model_dir: str | Path, options: Any = None) -> Any:
+    """Load the directory as a :class:`~.backend.CosyVoice2Backend` (``options``: FamilyOptions)."""
+    from cosyserve.families.cosyvoice2.backend import CosyVoice2Backend
+
+    return CosyVoice2Backend.from_dir(model_dir, options)

@@ -8,7 +8,8 @@ module maps what is CosyVoice2's own (`CausalMaskedDiffWithXvec`, `UpsampleConfo
 `CausalConditionalDecoder`) and checks that the parts agree with each other.
 
 The LLM (`Qwen2LM` over a Qwen2 backbone whose dimensions live in `CosyVoice-BlankEN/config.json`)
-is mapped elsewhere: :attr:`CosyVoice2Config.llm` holds its parsed yaml node as is.
+is mapped by :func:`cosyserve.families.cosyvoice2.llm.qwen2_lm_config`: :func:`load_model_config`
+reads both files of a model directory into one :class:`CosyVoice2Config`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosyserve.families.cosyvoice2.llm import Qwen2LMConfig, load_backbone_config, qwen2_lm_config
 from cosyserve.nn.config import (
     CausalEstimatorConfig,
     CFMConfig,
@@ -30,6 +32,7 @@ from cosyserve.nn.config import (
     map_hift_config,
     map_mel_config,
 )
+from cosyserve.nn.qwen2 import Qwen2Config
 from cosyserve.nn.yaml_reader import MISSING, ConfigContext, ConfigNode, Tagged, load_yaml_tree
 
 logger = logging.getLogger(__name__)
@@ -108,10 +111,9 @@ class CosyVoice2Config:
     flow: CausalFlowConfig = field(default_factory=CausalFlowConfig)
     hift: HiFTConfig = field(default_factory=_hift_24k)
     mel: MelConfig = field(default_factory=_mel_24k)
-    # PLACEHOLDER for the LLM's typed config: the parsed (inert) `llm` node of the yaml
-    # (`!new:cosyvoice.llm.llm.Qwen2LM`, a Tagged record), unmapped here. The Qwen2 LLM's own
-    # mapping (with `CosyVoice-BlankEN/config.json`) replaces it when the families are wired.
-    llm: Any = None
+    # The yaml's `llm` node with the backbone's `CosyVoice-BlankEN/config.json`; None only for a
+    # yaml mapped without its backbone config (config_from_tree without `backbone`).
+    llm: Qwen2LMConfig | None = None
     # The rest of the inference keys, parsed but unmapped (the text side maps them).
     get_tokenizer: Any = None
     allowed_special: Any = "all"
@@ -232,8 +234,11 @@ def _flow_config(ctx: ConfigContext, value: Any) -> CausalFlowConfig:
     return cfg
 
 
-def config_from_tree(tree: dict[str, Any], source: str = "<string>") -> CosyVoice2Config:
-    """Map a parsed (inert) `cosyvoice2.yaml` tree into :class:`CosyVoice2Config`."""
+def config_from_tree(
+    tree: dict[str, Any], source: str = "<string>", backbone: Qwen2Config | None = None
+) -> CosyVoice2Config:
+    """Map a parsed (inert) `cosyvoice2.yaml` tree into :class:`CosyVoice2Config` (the LLM too when
+    the backbone's config is given)."""
     ctx = ConfigContext(source)
     flow = _flow_config(ctx, tree.get("flow", MISSING))
     hift = map_hift_config(ctx, tree.get("hift", MISSING))
@@ -271,17 +276,19 @@ def config_from_tree(tree: dict[str, Any], source: str = "<string>") -> CosyVoic
         flow=flow,
         hift=hift,
         mel=mel,
-        llm=tree.get("llm"),
+        llm=qwen2_lm_config(tree, backbone, source) if backbone is not None else None,
         get_tokenizer=tree.get("get_tokenizer"),
         allowed_special=tree.get("allowed_special", "all"),
     )
 
 
 def load_model_config(model_dir: str | os.PathLike[str]) -> CosyVoice2Config:
-    """Read a model directory's `cosyvoice2.yaml` (or that file, given directly) without executing
-    anything. Raises :class:`~cosyserve.errors.ModelConfigError` naming the file and the key for
-    unreadable YAML, unknown classes under the inference keys and unsupported options."""
+    """Read a model directory's `cosyvoice2.yaml` (or that file, given directly) and the backbone's
+    `CosyVoice-BlankEN/config.json` beside it, without executing anything. Raises
+    :class:`~cosyserve.errors.ModelConfigError` naming the file and the key for unreadable files,
+    unknown classes under the inference keys and unsupported options."""
     path = Path(model_dir)
     if path.is_dir():
         path = path / CONFIG_FILE
-    return config_from_tree(load_yaml_tree(path), str(path))
+    tree = load_yaml_tree(path)
+    return config_from_tree(tree, str(path), load_backbone_config(path.parent))

@@ -215,7 +215,7 @@ class CosyVoice2Frontend:
         self, tts_text: str | None, instruct_text: str, prompt: PromptFeatures, text_frontend: bool = True
     ) -> list[ModelInput]:
         """The prompt's voice, directed by ``instruct_text`` ("用四川话说这句话", "speak happily")."""
-        instruct_ids = self.tokenize(self._instruct_text(instruct_text))
+        instruct_ids = self.instruct_ids(instruct_text)
         feat, tokens = _trimmed(prompt)
         return [
             ModelInput(
@@ -241,6 +241,10 @@ class CosyVoice2Frontend:
             source_speech_tokens=source,
         )
 
+    def instruct_ids(self, instruct_text: str) -> list[int]:
+        """The instruction as the LLM's prompt text (the family's end-of-prompt rule applied)."""
+        return self.tokenize(self._instruct_text(instruct_text))
+
     # -- family rules (CosyVoice3 overrides these) ---------------------------------------------
 
     def _instruct_text(self, instruct_text: str) -> str:
@@ -257,6 +261,34 @@ class CosyVoice2Frontend:
         if tts_text is None:
             return [(None, None)]
         return [(s, self.tokenize(s)) for s in self.segments(tts_text, text_frontend)]
+
+
+class StreamedTextTokenizer:
+    """Token ids of text that arrives in arbitrary pieces (a client may split a word in two).
+
+    Each piece is tokenised as it arrives (no normalisation, as upstream's text generator), except
+    its trailing partial word: alphabetic words (and numbers) are held back, with the whitespace
+    before them, until a later piece shows where they end, so "hel" + "lo world" gives the ids of
+    "hello world". Characters of scripts without spaces go at once.
+    """
+
+    _PARTIAL_WORD = re.compile(r"\s*[0-9A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF'\u2019]*$")
+
+    def __init__(self, tokenizer: QwenTokenizer):
+        self.tokenizer = tokenizer
+        self._held = ""
+
+    def push(self, text: str) -> list[int]:
+        """Ids of the text that is now complete (possibly none)."""
+        text = self._held + text
+        cut = self._PARTIAL_WORD.search(text).start()  # type: ignore[union-attr] - always matches
+        ready, self._held = text[:cut], text[cut:]
+        return self.tokenizer.encode(ready) if ready else []
+
+    def finish(self) -> list[int]:
+        """Ids of the rest (the text ended)."""
+        rest, self._held = self._held.rstrip(), ""
+        return self.tokenizer.encode(rest) if rest else []
 
 
 def _trimmed(prompt: PromptFeatures) -> tuple[Tensor, Tensor]:

@@ -282,11 +282,6 @@ class DecodeState:
         return (self.vocab.ignore_eos_id,) if self.ignore_eos else ()
 
     @property
-    def redrawn_ids(self) -> frozenset[int]:
-        """Ids that, drawn at this step, are drawn again with them masked (instead of failing)."""
-        return frozenset()
-
-    @property
     def history(self) -> Sequence[int]:
         """The decoded tokens the repetition-aware sampler looks back on."""
         return self.emitted
@@ -387,10 +382,6 @@ class BistreamDecoder(DecodeState):
 
     ``max_token_text_ratio`` bounds the final phase (emitted tokens <= ratio x text tokens pushed);
     the reference decodes until EOS without a bound. None: unbounded.
-
-    ``redraw_invalid``: a stop id the phase cannot take (while text streams in, anything but FILL;
-    after it, anything but EOS), which makes the reference fail the request, is drawn again with
-    those ids masked instead (CosyVoice3, whose ``ignore_eos`` never masks EOS).
     """
 
     def __init__(
@@ -403,18 +394,9 @@ class BistreamDecoder(DecodeState):
         split_at_endofprompt: bool = False,
         endofprompt_id: int = ENDOFPROMPT_ID,
         max_token_text_ratio: float | None = MAX_TOKEN_TEXT_RATIO,
-        redraw_invalid: bool = False,
     ):
         super().__init__(vocab)
         self.mix_text, self.mix_speech = int(mix_ratio[0]), int(mix_ratio[1])
-        self._redraw = (
-            {
-                _Phase.TEXT: vocab.stop_ids - {vocab.fill},
-                _Phase.FINAL: vocab.stop_ids - {vocab.eos},
-            }
-            if redraw_invalid
-            else {}
-        )
         self.max_token_text_ratio = max_token_text_ratio
         prompt_text = [int(i) for i in prompt_text_ids]
         self._inputs = [SOS_INPUT]
@@ -437,6 +419,7 @@ class BistreamDecoder(DecodeState):
         self._text_ended = False
         self._n_text = 0
         self._phase = _Phase.IDLE
+        self._masked: dict[_Phase, tuple[int, ...]] = {}  # masked_ids per phase
 
     # -- text events ---------------------------------------------------------------------------
 
@@ -542,8 +525,18 @@ class BistreamDecoder(DecodeState):
         return self._phase is _Phase.TEXT
 
     @property
-    def redrawn_ids(self) -> frozenset[int]:
-        return self._redraw.get(self._phase, frozenset())
+    def masked_ids(self) -> tuple[int, ...]:
+        """Beyond the reference's EOS rule, the ids it fails on (raises) in this phase are never
+        drawn: a stop id other than FILL while text streams in, other than EOS after it. A trained
+        model all but never draws them; a served request must not fail when one would."""
+        masked = self._masked.get(self._phase)
+        if masked is None:
+            vocab = self.vocab
+            valid = vocab.fill if self._phase is _Phase.TEXT else vocab.eos
+            masked = self._masked[self._phase] = tuple(
+                sorted({*super().masked_ids, *(vocab.stop_ids - {valid})})
+            )
+        return masked
 
     @property
     def history(self) -> Sequence[int]:
@@ -625,34 +618,7 @@ class SpeechTokenSampler:
         if masked:
             row = row.clone()
             row[list(masked)] = float("-inf")
-        token = ras_sampling(row, state.history, self.generator, self.sampling, self.uniform)
-        redrawn = state.redrawn_ids
-        if token in redrawn:
-            row = row.clone()
-            row[sorted(redrawn)] = float("-inf")
-            token = ras_sampling(row, state.history, self.generator, self.sampling, self.uniform)
-        return token
-
-
-class DecodeStateSampler:
-    """A whole-text :class:`DecodeState` stepped by the engine's batch runner: the runner feeds the
-    prefix and then each token it was handed back, this picks the outputs (the token-sampler
-    interface of :class:`~cosyserve.families.base.SpeechTask`: ``choose(logp)`` -> the next speech
-    token, or None at a stop id; ``finished``)."""
-
-    def __init__(self, state: DecodeState, sampler: SpeechTokenSampler):
-        self.state = state
-        self.sampler = sampler
-
-    @property
-    def finished(self) -> bool:
-        return self.state.done
-
-    def choose(self, logp: Tensor) -> int | None:
-        self.state.take_inputs()  # what the runner just ran: the prefix, then the last token
-        if not self.state.output_due:
-            raise RuntimeError(f"{type(self.state).__name__} has no output due: it waits for input")
-        return self.state.accept(self.sampler.choose(logp, self.state))
+        return ras_sampling(row, state.history, self.generator, self.sampling, self.uniform)
 
 
 class UniformTape:
@@ -987,7 +953,6 @@ def load_llm(
 __all__ = [
     "BistreamDecoder",
     "DecodeState",
-    "DecodeStateSampler",
     "InputKind",
     "LMInput",
     "Qwen2LM",

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -189,8 +190,12 @@ class _Segment:
     def frames(self, call: FlowCall) -> int:
         """Frames of the call's Euler loop (prompt included): equal frames (and equal
         ``call.streaming``) batch exactly."""
-        n = self.n_prompt_tokens + len(call.tokens)
-        if not call.finalize:
+        return self.call_frames(len(call.tokens), call.finalize)
+
+    def call_frames(self, n_tokens: int, finalize: bool) -> int:
+        """Frames of the Euler loop of a call over ``n_tokens`` tokens (prompt included)."""
+        n = self.n_prompt_tokens + n_tokens
+        if not finalize:
             n -= self.flow.pre_lookahead_len
         return n * self.flow.token_mel_ratio
 
@@ -303,6 +308,86 @@ class ChunkedSegment(_Segment):
     def complete(self, call: FlowCall, mel: Tensor) -> np.ndarray:
         step = self.commit(call, mel)
         return _EMPTY if step is None else speech_to_numpy(step.out)
+
+
+# ------------------------------------------------------------------------------- engine sinks
+# The two segment kinds as the engine's AudioSink (cosyserve.interfaces): the task hands tokens
+# in (a streaming sink says when a flow call is due), the batch runner prepares each call, runs
+# the Euler loops of calls with equal batch keys together and completes them, in order.
+
+
+class WholeSink:
+    """A non-stream segment as an :class:`~cosyserve.interfaces.AudioSink`: one flow call over
+    all of its tokens (full attention), HiFT."""
+
+    streaming = False
+
+    def __init__(self, segment: WholeSegment):
+        self.segment = segment
+        self.flow = segment.flow
+        self._call: FlowCall | None = None
+
+    def batch_key(self, tokens: Sequence[int], finalize: bool = True) -> tuple[int, bool]:
+        """(Euler-loop frames, streaming attention): equal keys share a loop exactly."""
+        return self.segment.call_frames(len(tokens), True), False
+
+    def prepare(self, tokens: Sequence[int], finalize: bool = True) -> CausalFlowInputs:
+        self._call = self.segment.call(tokens)
+        return self.segment.prepare(self._call)
+
+    def complete(self, mel: Tensor, finalize: bool = True) -> np.ndarray:
+        call, self._call = self._call, None
+        if call is None:
+            raise RuntimeError("complete() without prepare()")
+        return self.segment.complete(call, mel)
+
+
+class ChunkedSink:
+    """A streamed segment as an :class:`~cosyserve.interfaces.AudioSink`: :meth:`add` returns
+    the tokens of a flow call when one is due (every call re-runs the flow over all tokens so far,
+    block-causally), :meth:`remainder` those of the final call (full attention)."""
+
+    streaming = True
+
+    def __init__(self, segment: ChunkedSegment):
+        self.segment = segment
+        self.flow = segment.flow
+        self._due: deque[FlowCall] = deque()  # calls handed out, not yet prepared
+        self._call: FlowCall | None = None
+
+    def add(self, token: int) -> list[int] | None:
+        calls = self.segment.add(token)
+        if not calls:
+            return None
+        if len(calls) > 1:  # one token never completes two hops
+            raise RuntimeError("one token made two flow calls due")
+        self._due.append(calls[0])
+        return list(calls[0].tokens)
+
+    def remainder(self) -> list[int]:
+        call = self.segment.remainder()
+        if call is None:
+            return []
+        self._due.append(call)
+        return list(call.tokens)
+
+    def batch_key(self, tokens: Sequence[int], finalize: bool) -> tuple[int, bool]:
+        """(Euler-loop frames, streaming attention): streamed chunks attend block-causally, the
+        final call fully, so only calls of equal frames and kind share a loop."""
+        return self.segment.call_frames(len(tokens), finalize), not finalize
+
+    def prepare(self, tokens: Sequence[int], finalize: bool) -> CausalFlowInputs:
+        call = self._due.popleft()
+        if len(call.tokens) != len(tokens) or call.finalize != finalize:
+            raise RuntimeError("flow calls must be prepared in the order they were handed out")
+        self._call = call
+        return self.segment.prepare(call)
+
+    def complete(self, mel: Tensor, finalize: bool) -> np.ndarray:
+        call, self._call = self._call, None
+        if call is None:
+            raise RuntimeError("complete() without prepare()")
+        return self.segment.complete(call, mel)
 
 
 # ------------------------------------------------------------------------------- batch 1

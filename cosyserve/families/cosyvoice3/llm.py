@@ -129,7 +129,6 @@ class CosyVoice3LM(Qwen2LM):
             split_at_endofprompt=True,
             endofprompt_id=self.endofprompt_id,
             max_token_text_ratio=max_token_text_ratio,
-            redraw_invalid=True,
         )
 
 

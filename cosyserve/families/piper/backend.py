@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cosyserve.api import AudioChunk, SynthesisInfo, SynthesisRequest, VoiceInfo
-from cosyserve.errors import BackendUnavailableError, ModelDirectoryError, UnknownVoiceError
+from cosyserve.errors import AcceleratorUnavailableError, ModelDirectoryError, UnknownVoiceError
 from cosyserve.interfaces import Backend, GeneratorJob, SynthesisJob
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def embedded_available() -> bool:
 def bundled_voice_files() -> tuple[Path, Path]:
     """Paths of the bundled voice's ``.onnx`` model and ``.onnx.json`` config."""
     if importlib.util.find_spec(VOICE_PACKAGE) is None:
-        raise BackendUnavailableError(f"the embedded voice package is missing: {EXTRA_HINT}")
+        raise AcceleratorUnavailableError(f"the embedded voice package is missing: {EXTRA_HINT}")
     data = resources.files(VOICE_PACKAGE).joinpath("data")
     # A wheel installs as plain files, so the resource is a real path onnxruntime can open.
     model = Path(str(data.joinpath(f"{DEFAULT_VOICE_ID}.onnx")))
@@ -64,10 +64,12 @@ def _segments(text: str, max_text_length: int | None, enable_smart_split: bool) 
 
     Same defaults as :func:`cosyserve.text.frontend.split_for_synthesis` (its lazy form)."""
     from cosyserve.text import frontend
+    from cosyserve.text.sanitize import clean_text
 
     limit = frontend.DEFAULT_MAX_TEXT_LENGTH if max_text_length is None else max_text_length
+    # espeak takes C strings of UTF-8: no NUL, no lone surrogate.
     return frontend.default_frontend().iter_segments(
-        text, max_text_length=limit, enable_smart_split=enable_smart_split
+        clean_text(text), max_text_length=limit, enable_smart_split=enable_smart_split
     )
 
 
@@ -94,7 +96,7 @@ class EmbeddedBackend(Backend):
             import onnxruntime as ort
             from piper import PiperConfig, PiperVoice
         except ModuleNotFoundError as error:
-            raise BackendUnavailableError(
+            raise AcceleratorUnavailableError(
                 f"the embedded voice needs piper-tts ({error.name} is missing): {EXTRA_HINT}"
             ) from error
 

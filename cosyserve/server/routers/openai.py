@@ -11,28 +11,42 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from cosyserve.api import MAX_SPEED, MIN_SPEED, SynthesisRequest
-from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.errors import CosyserveError, InvalidRequestError, UnknownVoiceError
 from cosyserve.interfaces import Backend
 from cosyserve.server.routers.common import (
     ServerState,
     file_audio,
     get_state,
+    instruction_mode,
+    model_summary,
+    read_json_body,
     resolve_voice_id,
     stream_audio,
     validate_synthesis,
 )
-from cosyserve.server.routers.voices import create_voice, delete_voice, voice_list
+from cosyserve.server.routers.voices import (
+    DELETE_RESPONSES,
+    SAVE_RESPONSES,
+    VOICE_REQUEST_BODY,
+    create_voice,
+    delete_voice,
+    voice_list,
+)
 from cosyserve.server.schemas import (
     ERROR_RESPONSES,
+    SPEECH_REQUEST_BODY,
     ModelCard,
     ModelList,
-    NotFoundError,
+    ModelNotFoundError,
     SpeechRequest,
     VoiceDeletedOut,
     VoiceListOut,
     VoiceOut,
+    describe_validation_error,
+    error_response,
 )
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
@@ -58,11 +72,13 @@ _FEMALE_PREFS = ("英文女", "中文女", "粤语女", "韩语女")
 _MALE_PREFS = ("英文男", "中文男", "日语男")
 _MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "cosyvoice")
 _CREATED = int(time.time())
+_SPEECH_EXAMPLE = '{"model": "tts-1", "input": "Hello!", "voice": "alloy"}'
+# A speech body is text and a few short fields: JSON may spend up to 12 bytes per character
+# (an escaped surrogate pair), plus room for the rest.
+_SPEECH_BODY_SLACK = 64 * 1024
 
 
-def _bad(
-    param: str, message: str, error: type[InvalidRequestError] = InvalidRequestError
-) -> InvalidRequestError:
+def _bad(param: str, message: str, error: type[CosyserveError] = InvalidRequestError) -> CosyserveError:
     exc = error(message)
     exc.param = param  # type: ignore[attr-defined]  # read by the OpenAI-shaped error handler
     return exc
@@ -82,6 +98,7 @@ def check_model(model: str, backend: Backend) -> None:
         "model",
         f"unknown model {model!r}: this server speaks with its one loaded model; "
         f"use one of {', '.join(model_ids(backend))}",
+        ModelNotFoundError,
     )
 
 
@@ -124,10 +141,18 @@ def map_voice(name: str, backend: Backend) -> str:
         **ERROR_RESPONSES,
     },
     summary="Create speech (OpenAI API)",
+    openapi_extra=SPEECH_REQUEST_BODY,
 )
-async def create_speech(
-    body: SpeechRequest, request: Request, state: ServerState = Depends(get_state)
-) -> Response:
+async def create_speech(request: Request, state: ServerState = Depends(get_state)) -> Response:
+    # The body is read here, not by FastAPI: an oversized one is refused as it arrives (413),
+    # and every way a body can be wrong gets its own message.
+    limit = 12 * state.settings.max_text_chars + _SPEECH_BODY_SLACK
+    payload = await read_json_body(request, limit, _SPEECH_EXAMPLE)
+    try:
+        body = SpeechRequest.model_validate(payload, strict=True)  # JSON values carry their types
+    except ValidationError as exc:
+        message, param = describe_validation_error(exc)
+        raise _bad(param or "body", message) from exc
     backend = state.backend
     check_model(body.model, backend)
     if not (MIN_SPEED <= body.speed <= MAX_SPEED):
@@ -145,22 +170,19 @@ async def create_speech(
             f"{state.settings.max_text_chars}: split it into several requests",
         )
     voice = map_voice(body.voice_id, backend)
-    mode, instruct = "sft", None
-    if body.instructions and body.instructions.strip() and "instruct" in backend.modes:
-        mode, instruct = "instruct", body.instructions.strip()
-    # Otherwise instructions are ignored, as OpenAI's tts-1 does.
+    mode, instruct = instruction_mode(backend, body.instructions)
     sse = body.stream_format == "sse"
     synthesis = SynthesisRequest(
         text=body.input,
         voice=voice,
         mode=mode,
         instruct=instruct,
-        stream=body.stream or sse,
+        stream=body.streams or sse,
         speed=body.speed,
         seed=body.seed,
     )
     validate_synthesis(state, synthesis)
-    if sse or body.stream:
+    if sse or body.streams:
         return await stream_audio(state, request, synthesis, body.response_format, sse=sse, what="speech")
     return await file_audio(state, request, synthesis, body.response_format, what="speech")
 
@@ -171,21 +193,28 @@ async def list_audio_voices(state: ServerState = Depends(get_state)) -> dict[str
     listing["openai_aliases"] = (
         {name: map_voice(name, state.backend) for name in OPENAI_VOICES} if listing["voices"] else {}
     )
-    return listing
+    return {**listing, **model_summary(state.backend)}
 
 
 @router.post(
     "/audio/voices",
     response_model=VoiceOut,
     status_code=200,
+    responses=SAVE_RESPONSES,
     summary="Create a voice from a recording (OpenAI: audio_sample, name)",
+    openapi_extra=VOICE_REQUEST_BODY,
 )
 async def create_audio_voice(request: Request, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     out = await create_voice(request, state)
     return {**out, "type": "audio_sample", "created_at": int(time.time())}
 
 
-@router.delete("/audio/voices/{voice_id}", response_model=VoiceDeletedOut, summary="Delete a saved voice")
+@router.delete(
+    "/audio/voices/{voice_id}",
+    response_model=VoiceDeletedOut,
+    responses=DELETE_RESPONSES,
+    summary="Delete a saved voice",
+)
 async def delete_audio_voice(voice_id: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     await delete_voice(voice_id, state)
     return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
@@ -196,8 +225,10 @@ async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
     return ModelList(data=[ModelCard(id=m, created=_CREATED) for m in model_ids(state.backend)])
 
 
-@router.get("/models/{model_id}", response_model=ModelCard)
+@router.get(
+    "/models/{model_id}", response_model=ModelCard, responses={404: error_response("no model of that name")}
+)
 async def get_model(model_id: str, state: ServerState = Depends(get_state)) -> ModelCard:
     if model_id not in model_ids(state.backend):
-        raise NotFoundError(f"no model {model_id!r}; GET /v1/models lists them")
+        raise ModelNotFoundError(f"no model {model_id!r}; GET /v1/models lists them")
     return ModelCard(id=model_id, created=_CREATED)

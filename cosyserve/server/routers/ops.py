@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from cosyserve import __version__
-from cosyserve.errors import BackendUnavailableError
-from cosyserve.server.metrics import CONTENT_TYPE
+from cosyserve.errors import AcceleratorUnavailableError
+from cosyserve.server.metrics import CONTENT_TYPE, resident_memory_bytes
 from cosyserve.server.routers.common import ServerState, get_state
+from cosyserve.server.schemas import error_response
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ async def index(state: ServerState = Depends(get_state)) -> dict[str, Any]:
             "/inference_zero_shot",
             "/inference_cross_lingual",
             "/inference_instruct",
+            "/inference_instruct2",
             "/v1/audio/speech",
             "/v1/voices",
             "/health",
@@ -68,7 +70,11 @@ async def index(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     }
 
 
-@router.get("/health", summary="A tiny real synthesis through the engine (cached); 503 when it fails")
+@router.get(
+    "/health",
+    summary="A tiny real synthesis through the engine (cached); 503 when it fails",
+    responses={503: {"description": "unhealthy or shutting down (the body says which)"}},
+)
 async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
     assert state.health is not None  # noqa: S101 - set by create_app
     ok, payload = await state.health.check()
@@ -84,6 +90,7 @@ async def metrics(state: ServerState = Depends(get_state)) -> Response:
 async def performance_info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     description = state.backend.describe()
     settings = state.settings
+    rss = resident_memory_bytes()
     return {
         "version": __version__,
         "instance": state.instance_id,
@@ -98,20 +105,34 @@ async def performance_info(state: ServerState = Depends(get_state)) -> dict[str,
             "policy": type(state.engine.policy).__name__,
         },
         "engine": state.engine.stats(),
+        "http": {
+            "open_streams": state.requests.streams,
+            "waiting_for_audio": state.requests.waiting,
+            "draining": state.requests.draining,
+        },
+        "process": {"rss_mb": None if rss is None else round(rss / 2**20, 1)},
+        "decoder": state.decoder.describe() if state.decoder is not None else {"workers": 0},
         "settings": settings.public_dict(),
     }
 
 
-@router.post("/warmup_trt", summary="Run a tiny synthesis through every accelerated path (TensorRT, JIT)")
+@router.post(
+    "/warmup_trt",
+    summary="Run a tiny synthesis through every accelerated path (TensorRT, JIT)",
+    responses={
+        409: error_response("nothing accelerated is loaded"),
+        503: error_response("shutting down"),
+    },
+)
 async def warmup_trt(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     paths = accelerated_paths(state.backend.describe())
     if not paths:
-        raise BackendUnavailableError(
+        raise AcceleratorUnavailableError(
             "nothing accelerated is loaded, so there is nothing to warm up: start the server with "
             "--load_trt (and/or --load_jit) on a CUDA machine"
         )
     warmed = await state.engine.call(state.backend.warmup)
     if not warmed:
-        raise BackendUnavailableError(f"the backend reports {', '.join(paths)} but warmed nothing")
+        raise AcceleratorUnavailableError(f"the backend reports {', '.join(paths)} but warmed nothing")
     logger.info("warmup: %s", warmed)
     return {"status": "ok", "warmed": warmed}

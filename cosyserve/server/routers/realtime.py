@@ -58,7 +58,7 @@ from cosyserve.realtime.protocol import (
     error_event,
 )
 from cosyserve.realtime.session import OutAudio, OutEvent, SpeechSession
-from cosyserve.server.routers.common import ServerState, validate_synthesis
+from cosyserve.server.routers.common import ServerState, instruction_mode, validate_synthesis
 from cosyserve.server.routers.openai import check_model, map_voice
 from cosyserve.server.schemas import UnauthorizedError, describe_validation_error
 from cosyserve.settings import LOCALHOST_ORIGIN_REGEX
@@ -246,9 +246,7 @@ class RealtimeConnection:
         check_model(config.model, backend)
         config.check_ranges()
         voice = map_voice(config.voice, backend)
-        mode, instruct = "sft", None
-        if config.instructions and config.instructions.strip() and "instruct" in backend.modes:
-            mode, instruct = "instruct", config.instructions.strip()
+        mode, instruct = instruction_mode(backend, config.instructions)
         probe = SynthesisRequest(
             text="Hello.", voice=voice, mode=mode, instruct=instruct, speed=config.speed, seed=config.seed
         )

@@ -6,21 +6,29 @@ engine thread through :meth:`EngineLoop.call`, between two synthesis steps.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
 from cosyserve.api import VoiceInfo
-from cosyserve.errors import InvalidRequestError, UnknownVoiceError
+from cosyserve.errors import InvalidRequestError, UnknownVoiceError, UnsupportedModeError
 from cosyserve.interfaces import Backend
 from cosyserve.server.routers.common import ServerState, get_state, read_fields, read_prompt, voice_out
-from cosyserve.server.schemas import ERROR_RESPONSES, ConflictError, VoiceDeletedOut, VoiceListOut, VoiceOut
+from cosyserve.server.schemas import (
+    COMMON_ERRORS,
+    ERROR_RESPONSES,
+    ConflictError,
+    VoiceDeletedOut,
+    VoiceListOut,
+    VoiceOut,
+    error_response,
+)
+from cosyserve.voices.names import MAX_NAME_LENGTH, NAME_RULE, NAME_SCHEMA_PATTERN, check_voice_name
 
 router = APIRouter(prefix="/v1/voices", tags=["Voices"])
 
-# Letters (any script), digits, '_', '-', '.', ' '; not starting with a separator.
-_NAME = re.compile(r"^\w[\w\-. ]{0,63}$")
+# Modes that clone a voice from a recording: a backend without them cannot save voices.
+_CLONING_MODES = frozenset({"zero_shot", "cross_lingual"})
 _AUDIO_FIELDS = ("audio", "file", "audio_sample", "prompt_wav")
 _TRANSCRIPT_FIELDS = ("transcript", "prompt_text", "text")
 
@@ -42,14 +50,16 @@ def find_voice(backend: Backend, name: str) -> VoiceInfo:
 
 
 async def create_voice(request: Request, state: ServerState) -> dict[str, Any]:
+    if not state.backend.modes & _CLONING_MODES:  # before reading (and decoding) any upload
+        raise UnsupportedModeError(f"the loaded model ({state.backend.name}) cannot clone voices")
     fields, uploads = await read_fields(request, state.settings)
+    for field in ("name", *_TRANSCRIPT_FIELDS):
+        if fields.get(field) is not None and not isinstance(fields[field], str):
+            raise InvalidRequestError(f"'{field}' must be a string")
     name = str(fields.get("name") or "").strip()
     if not name:
         raise InvalidRequestError("name is required: the name to save the voice under")
-    if not _NAME.match(name):
-        raise InvalidRequestError(
-            f"invalid voice name {name!r}: use 1-64 letters, digits, '_', '-', '.' or spaces"
-        )
+    name = check_voice_name(name)
     try:
         existing = find_voice(state.backend, name)
     except UnknownVoiceError:
@@ -76,31 +86,75 @@ async def delete_voice(name: str, state: ServerState) -> None:
     await state.engine.call(state.backend.delete_voice, voice.id)
 
 
+_NAME_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NAME_LENGTH,
+    "pattern": NAME_SCHEMA_PATTERN,
+    "description": "the name to save the voice under: " + NAME_RULE,
+}
+_VOICE_FIELDS = {
+    "name": _NAME_SCHEMA,
+    "transcript": {"type": "string", "description": "what the recording says (enables zero-shot quality)"},
+}
+VOICE_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "audio"],
+                    "properties": {
+                        **_VOICE_FIELDS,
+                        "audio": {"type": "string", "format": "binary", "description": "the recording"},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "audio"],
+                    "properties": {
+                        **_VOICE_FIELDS,
+                        "audio": {
+                            "type": "string",
+                            "format": "byte",
+                            "minLength": 1,
+                            "description": "base64",
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
+_STORE_ERRORS: dict[int | str, dict[str, Any]] = {
+    503: error_response("the voice store cannot be written (read-only, permissions), or shutting down"),
+    507: error_response("the disk holding saved voices is full"),
+}
+SAVE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    409: error_response("a voice of that name exists"),
+    **_STORE_ERRORS,
+}
+DELETE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **COMMON_ERRORS,
+    400: error_response("this model has no saved voices"),
+    404: error_response("no voice of that name"),
+    409: error_response("a built-in voice (cannot be deleted)"),
+    **_STORE_ERRORS,
+}
+
+
 @router.post(
     "",
     status_code=201,
     response_model=VoiceOut,
     response_model_exclude_none=True,
-    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400] | {"description": "name taken"}},
+    responses=SAVE_RESPONSES,
     summary="Save a voice: multipart 'audio' (file), 'name', optional 'transcript' (enables zero-shot quality)",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["name", "audio"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "audio": {"type": "string", "format": "binary"},
-                            "transcript": {"type": "string", "description": "what the recording says"},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=VOICE_REQUEST_BODY,
 )
 async def add_voice(request: Request, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     return await create_voice(request, state)
@@ -111,13 +165,18 @@ async def list_voices(state: ServerState = Depends(get_state)) -> dict[str, Any]
     return voice_list(state.backend)
 
 
-@router.get("/{name}", response_model=VoiceOut, response_model_exclude_none=True, responses=ERROR_RESPONSES)
+@router.get(
+    "/{name}",
+    response_model=VoiceOut,
+    response_model_exclude_none=True,
+    responses={**COMMON_ERRORS, 404: error_response("no voice of that name")},
+)
 async def get_voice(name: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     return voice_out(find_voice(state.backend, name))
 
 
 @router.delete(
-    "/{name}", response_model=VoiceDeletedOut, responses=ERROR_RESPONSES, summary="Delete a saved voice"
+    "/{name}", response_model=VoiceDeletedOut, responses=DELETE_RESPONSES, summary="Delete a saved voice"
 )
 async def remove_voice(name: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     await delete_voice(name, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,19 @@ from cosyserve.families.cosyvoice2.config import (
     config_from_tree,
     load_model_config,
 )
+from cosyserve.families.cosyvoice2.llm import Qwen2LMConfig
 from cosyserve.nn.config import CausalEstimatorConfig, CFMConfig, HiFTConfig, MelConfig
-from cosyserve.nn.yaml_reader import Tagged, parse_yaml_tree
+from cosyserve.nn.qwen2 import Qwen2Config
+from cosyserve.nn.yaml_reader import parse_yaml_tree
 
 pytestmark = pytest.mark.timeout(60)
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared"
 SET_A = SHARED / "parity" / "cosyvoice2" / "set_a"
 FULL = SHARED / "models" / "cosyvoice2-0.5b-arch"
+
+
+_weights = shutil.ignore_patterns("*.safetensors")
 
 
 def _need(path: Path) -> Path:
@@ -43,7 +49,11 @@ def test_full_size_is_the_published_default() -> None:
         default.hift,
         default.mel,
     )
-    assert isinstance(cfg.llm, Tagged) and cfg.llm.target == "cosyvoice.llm.llm.Qwen2LM"
+    # The LLM: the yaml's Qwen2LM node with the backbone of CosyVoice-BlankEN/config.json.
+    assert cfg.llm == Qwen2LMConfig(
+        llm_input_size=896, llm_output_size=896, speech_token_size=6561, mix_ratio=(5, 15)
+    )
+    assert cfg.llm.backbone == Qwen2Config()
 
 
 def test_set_a_every_field() -> None:
@@ -149,6 +159,7 @@ def test_nothing_named_in_the_file_is_executed(tmp_path: Path) -> None:
         _set_a_text(), "__set_seed1: !apply:random.seed [1986]", "__set_seed1: !apply:os.system ['exit 1']"
     )
     (tmp_path / "cosyvoice2.yaml").write_text(text, encoding="utf-8")
+    shutil.copytree(SET_A / "CosyVoice-BlankEN", tmp_path / "CosyVoice-BlankEN", ignore=_weights)
     cfg = load_model_config(tmp_path)  # a directory or the file itself
     assert cfg == load_model_config(tmp_path / "cosyvoice2.yaml")
     assert cfg.flow == load_model_config(_need(SET_A)).flow
@@ -156,4 +167,19 @@ def test_nothing_named_in_the_file_is_executed(tmp_path: Path) -> None:
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ModelConfigError, match=re.escape(str(tmp_path / "cosyvoice2.yaml"))):
+        load_model_config(tmp_path)
+
+
+def test_set_a_llm_reads_the_backbone_config() -> None:
+    cfg = load_model_config(_need(SET_A))
+    assert cfg.llm is not None
+    assert (cfg.llm.llm_input_size, cfg.llm.speech_token_size, cfg.llm.mix_ratio) == (64, 6561, (5, 15))
+    backbone = cfg.llm.backbone
+    assert (backbone.hidden_size, backbone.num_hidden_layers, backbone.num_attention_heads) == (64, 2, 4)
+    assert (backbone.num_key_value_heads, backbone.intermediate_size, backbone.vocab_size) == (2, 128, 4096)
+
+
+def test_missing_backbone_config_is_a_config_error(tmp_path: Path) -> None:
+    shutil.copy(_need(SET_A) / "cosyvoice2.yaml", tmp_path)
+    with pytest.raises(ModelConfigError, match=r"CosyVoice-BlankEN/config\.json: missing"):
         load_model_config(tmp_path)

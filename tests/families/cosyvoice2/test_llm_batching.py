@@ -240,6 +240,25 @@ def test_bistream_fill_cadence_and_final_phase() -> None:
         state.accept(vocab.fill)  # only speech tokens or EOS after the text ended
 
 
+def test_bistream_never_draws_the_ids_the_reference_fails_on() -> None:
+    vocab = SpeechVocab.cosyvoice2(6561)
+    state = BistreamDecoder(vocab, [], [])
+    state.push_text(list(range(5)))
+    state.take_inputs()
+    assert set(state.masked_ids) == {vocab.eos, 6562}  # text streaming: speech or FILL only
+    while state.forced_token is None:
+        state.accept(3)
+        state.take_inputs()
+    state.accept(state.forced_token)  # FILL: the text phase's run ends
+    state.end_text()
+    state.take_inputs()
+    assert set(state.masked_ids) == {6562, vocab.fill}  # text ended: speech or EOS only
+    row = torch.full((vocab.head_size,), -30.0)
+    row[6562] = 0.0  # all but certain, and invalid here
+    row[7] = -3.0
+    assert SpeechTokenSampler(generator=0).choose(row, state) == 7
+
+
 def test_unistream_limits_and_stops() -> None:
     vocab = SpeechVocab.cosyvoice2(6561)
     state = UnistreamDecoder(vocab, [1, 2], min_len=4, max_len=3)
