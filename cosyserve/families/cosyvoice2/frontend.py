@@ -230,6 +230,18 @@ class CosyVoice2Frontend:
             for s, ids in self._segment_ids(tts_text, text_frontend, "instruct2")
         ]
 
+    def voice_input(
+        self, mode: str, segment: str | None, prompt: PromptFeatures, instruct_text: str | None = None
+    ) -> ModelInput:
+        """What one segment (already normalised; None: text streamed in) hands the model for a
+        voice from a recording or a saved voice: ``instruct2`` with the instruction; cross-lingual
+        in that mode or when the voice has no transcript; zero-shot otherwise."""
+        if mode == "instruct2":
+            return self.instruct2(segment, instruct_text or "", prompt, text_frontend=False)[0]
+        if mode == "cross_lingual" or not prompt.text:
+            return self.cross_lingual(segment, prompt, text_frontend=False)[0]
+        return self.zero_shot(segment, self.prompt_text(prompt.text), prompt, text_frontend=False)[0]
+
     def vc(self, source_speech_tokens: Tensor | Sequence[int], prompt: PromptFeatures) -> ModelInput:
         """Voice conversion: the source's speech tokens in the prompt's voice (no LLM, no trimming)."""
         source = torch.as_tensor(source_speech_tokens, dtype=torch.long).reshape(-1).tolist()

@@ -15,9 +15,11 @@ This module says what a CosyVoice3 segment is made of (:meth:`CosyVoice3Backend.
   - a saved voice by name (what ``sft`` requests mean here: there are no built-in speakers)
     speaks as zero-shot with its transcript, as cross-lingual without one;
 
-* the token sampler: the reference's unistream decoding (:class:`DecodeStateSampler` over
-  :class:`~cosyserve.families.cosyvoice2.llm.UnistreamDecoder`: stop ids 6561..6760, its
-  ``ignore_eos`` quirk) with repetition-aware sampling from the request's generator;
+* the decoder (:class:`~cosyserve.families.cosyvoice2.backend.StateDecoder`, shared with
+  CosyVoice2): the reference's decoding state machine, the whole text at once (unistream: stop ids
+  6561..6760, its ``ignore_eos`` quirk) or text streamed in (bistream, for a
+  :class:`~cosyserve.api.TextStreamRequest`: the prompt text up to ``<|endofprompt|>`` first), with
+  repetition-aware sampling from the request's generator;
 * the sink: :class:`~.token2wav.WholeToken2Wav` or, streaming, :class:`~.token2wav.ChunkedToken2Wav`
   (the flow re-run over all tokens so far, the causal vocoder's caches kept), behind the
   reference's silent-token filter.
@@ -31,11 +33,10 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import Tensor
 
 from cosyserve.api import PromptAudio, SynthesisRequest
 from cosyserve.errors import InvalidRequestError, UnsupportedModeError
@@ -45,10 +46,10 @@ from cosyserve.families.base import (
     SegmentPlan,
     SpeechTask,
     TaskPhase,
-    pick_device,
 )
+from cosyserve.families.cosyvoice2.backend import StateDecoder
 from cosyserve.families.cosyvoice2.frontend import ModelInput
-from cosyserve.families.cosyvoice2.llm import DecodeStateSampler, SpeechTokenSampler
+from cosyserve.families.cosyvoice2.llm import SpeechTokenSampler
 from cosyserve.families.cosyvoice3.frontend import CosyVoice3Frontend
 from cosyserve.families.cosyvoice3.hift import CausalResBlock
 from cosyserve.families.cosyvoice3.llm import CosyVoice3LM
@@ -60,22 +61,7 @@ from cosyserve.voices.prompt import PromptEncoder, PromptFeatures
 logger = logging.getLogger(__name__)
 
 MODES = frozenset({"zero_shot", "cross_lingual", "instruct2"})
-WARMUP_TEXT = "Hello, this is a warm-up."
-WARMUP_TRANSCRIPT = "Hello."
-
 Sink = WholeToken2Wav | ChunkedToken2Wav
-
-
-def warmup_prompt(seconds: float = 2.0, sample_rate: int = 16000) -> PromptAudio:
-    """A generated prompt recording (a voiced, vowel-like harmonic tone with a slow pitch glide and
-    syllable-rate loudness) for warm-up and /health on models without built-in speakers."""
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    pitch = 120.0 + 20.0 * np.sin(2 * np.pi * 0.5 * t)
-    phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
-    harmonics = sum(np.sin(k * phase) / k for k in range(1, 9))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
-    audio = 0.1 * envelope * harmonics
-    return PromptAudio(audio.astype(np.float32), sample_rate, WARMUP_TRANSCRIPT)
 
 
 class VoiceConversionTask(SpeechTask):
@@ -123,7 +109,10 @@ class CosyVoice3Backend(FamilyBackend):
 
     name = "cosyvoice3"
     family = "cosyvoice3"
+    accepts_text_stream = True
+    load_directory = staticmethod(load_model_directory)
     modes = MODES
+    model: LoadedModel
 
     def __init__(self, model: LoadedModel, options: FamilyOptions | None = None):
         options = options or FamilyOptions()
@@ -139,36 +128,15 @@ class CosyVoice3Backend(FamilyBackend):
                 device="cpu",
                 speech_tokenizer_file=model.files.speech_tokenizer.name,
             ),
-            text=self.frontend,  # type: ignore[arg-type]  # segments with tags held out of TN
+            text=self.frontend,  # type: ignore[arg-type]  # its segments keep the tags out of TN
         )
         self.model = model
         self.config = model.config
         self.sample_rate = int(model.config.sample_rate)
-        self.device = model.llm.device
-
-    @classmethod
-    def from_dir(cls, model_dir: str | Path, options: FamilyOptions | None = None) -> CosyVoice3Backend:
-        options = options or FamilyOptions()
-        if options.num_threads:
-            torch.set_num_threads(int(options.num_threads))
-        device = pick_device(options.device)
-        if options.fp16 and device.type != "cuda":
-            raise UnsupportedModeError("fp16 needs a CUDA device")
-        t0 = time.perf_counter()
-        model = load_model_directory(model_dir, device=device)
-        if options.fp16:
-            model.llm.half()
-            model.flow.half()
-        logger.info("CosyVoice3 loaded from %s on %s in %.1f s", model_dir, device, time.perf_counter() - t0)
-        return cls(model, options)
 
     @property
     def llm(self) -> CosyVoice3LM:
         return self.model.llm
-
-    @property
-    def flow_device(self) -> torch.device:
-        return next(self.model.flow.parameters()).device
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -185,23 +153,7 @@ class CosyVoice3Backend(FamilyBackend):
             )
         super().check_request(request)
 
-    def warmup_request(self) -> SynthesisRequest:
-        """A short zero-shot request with a generated prompt recording (no built-in speakers)."""
-        return SynthesisRequest(text=WARMUP_TEXT, mode="zero_shot", prompt=warmup_prompt(), seed=0)
-
     # -- the pipeline ----------------------------------------------------------------------------
-
-    def model_input(self, request: SynthesisRequest, segment: str, prompt: PromptFeatures) -> ModelInput:
-        """What the reference's frontend hands the model for one (already normalised) segment."""
-        frontend = self.frontend
-        if request.mode == "instruct2":
-            inputs = frontend.instruct2(segment, request.instruct or "", prompt, text_frontend=False)
-        elif request.mode == "cross_lingual" or not prompt.text:
-            inputs = frontend.cross_lingual(segment, prompt, text_frontend=False)
-        else:  # zero-shot, or a saved voice with its transcript
-            transcript = frontend.prompt_text(prompt.text)  # normalised unless it has <|...|>
-            inputs = frontend.zero_shot(segment, transcript, prompt, text_frontend=False)
-        return inputs[0]
 
     def token_sampler(self, generator: torch.Generator) -> SpeechTokenSampler:
         """The per-segment output chooser (tests replay recorded draws through it)."""
@@ -229,24 +181,17 @@ class CosyVoice3Backend(FamilyBackend):
     def plan_segment(
         self,
         request: SynthesisRequest,
-        segment: str,
+        segment: str | None,
         prompt: PromptFeatures | None,
         generators: tuple[torch.Generator, torch.Generator],
         num_tokens: int | None,
     ) -> SegmentPlan:
         if prompt is None:  # check_request makes every request name a voice
             raise InvalidRequestError("CosyVoice3 needs a voice: a prompt recording or a saved voice")
-        inputs = self.model_input(request, segment, prompt)
-        llm = self.llm
-        state = llm.unistream(
-            inputs.text_ids or [],
-            inputs.prompt_text_ids,
-            inputs.llm_prompt_speech_tokens,
-            num_tokens=num_tokens,
-        )
-        sampler = DecodeStateSampler(state, self.token_sampler(generators[0]))
-        prefix = None if state.done else llm.embed_inputs(state.take_inputs()).unsqueeze(0)
-        return SegmentPlan(prefix, sampler, self.make_sink(request, inputs))  # type: ignore[arg-type]
+        inputs = self.frontend.voice_input(request.mode, segment, prompt, request.instruct)
+        sampler = self.token_sampler(generators[0])
+        decoder = StateDecoder.for_input(self.llm, inputs, sampler, num_tokens, self.frontend.tokenizer)
+        return SegmentPlan(decoder, self.make_sink(request, inputs))
 
     # -- voice conversion ------------------------------------------------------------------------
 
@@ -283,39 +228,18 @@ class CosyVoice3Backend(FamilyBackend):
 
     # -- operations ------------------------------------------------------------------------------
 
+    def _probe_flow(self, ids: Tensor, embedding: Tensor, generator: torch.Generator) -> Tensor:
+        return self.model.flow.inference(ids, embedding=embedding)  # no randomness: the fixed noise
+
     def accel_targets(self) -> AccelTargets:
-        model = self.model
-        flow = model.flow
-
-        def probe_flow() -> torch.Tensor:
-            gen = torch.Generator().manual_seed(0)
-            device = next(flow.parameters()).device
-            ids = torch.randint(0, flow.cfg.vocab_size, (1, 60), generator=gen).to(device)
-            embedding = torch.randn(1, flow.cfg.spk_embed_dim, generator=gen).to(device)
-            return flow.inference(ids, embedding=embedding)
-
-        return AccelTargets(
-            model_dir=Path(model.files.root),
-            llm=model.llm,  # its Qwen2 linears: int8, FP16
-            flow=flow,
-            cfm=flow.decoder,  # the DiT estimator: ONNX Runtime, TensorRT, int8
-            vocoder=model.hift,
-            vocoder_blocks=(CausalResBlock,),
-            torchscript=False,  # the published directory ships no TorchScript parts
-            probe_flow=probe_flow,
-            extra=self.options.extra,
-        )
+        targets = super().accel_targets()
+        targets.vocoder_blocks = (CausalResBlock,)
+        return targets
 
     def describe(self) -> dict[str, Any]:
-        params = {
-            name: sum(p.numel() for p in getattr(self.model, name).parameters())
-            for name in ("llm", "flow", "hift")
-        }
         return {
             **super().describe(),
-            "device": str(self.device),
-            "precision": "fp16" if self.options.fp16 else "fp32",
-            "parameters": params,
+            "text_stream": self.accepts_text_stream,
             "estimator_onnx": self.model.files.estimator_onnx is not None,
             "voice_conversion": self.prompt_encoder.available,
         }

@@ -15,8 +15,8 @@ Reference quirks kept (parity README "Upstream quirks recorded as-is"): ``ignore
 6561, which is SOS here, so EOS is never masked and ``min_len`` is not enforced; with text
 streamed in and no prompt speech, the first 15 speech tokens are decoded from ``[sos, instruct]``
 before any TTS text is fed. Not kept: a stop id other than FILL while text streams in (or other
-than EOS after it), an error that ends the reference's request, is drawn again with those ids
-masked (the draws of every run that does not meet one are unchanged).
+than EOS after it), an error that ends the reference's request, is never drawn (masked, as for
+CosyVoice2: :class:`~cosyserve.families.cosyvoice2.llm.BistreamDecoder`).
 
 :class:`SilentTokenFilter` is the reference ``llm_job``'s filter of long runs of silent tokens.
 """

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from cosyserve.errors import ModelConfigError, ModelDirectoryError
-from cosyserve.families import FAMILIES
+from cosyserve.families import FAMILIES, detect
 from cosyserve.families.cosyvoice2.llm import BACKBONE_DIR, LLM_CHECKPOINT
+from cosyserve.families.cosyvoice2.loader import TOKENIZER_FILES, check_vocabularies
 from cosyserve.families.cosyvoice3.config import CONFIG_FILE, ModelConfig, load_model_config
 from cosyserve.families.cosyvoice3.flow import CausalMaskedDiffWithDiT, load_flow
 from cosyserve.families.cosyvoice3.hift import CausalHiFTGenerator, load_causal_hift_file
@@ -43,11 +44,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "ModelFiles", "find_model_files", "load_model_directory"]
 
-SPEECH_TOKENIZER_FILE = FAMILIES["cosyvoice3"].speech_tokenizer_file
+FAMILY = "cosyvoice3"
+SPEECH_TOKENIZER_FILE = FAMILIES[FAMILY].speech_tokenizer_file
 ESTIMATOR_ONNX_FILE = "flow.decoder.estimator.fp32.onnx"
 REQUIRED_FILES = (CONFIG_FILE, LLM_CHECKPOINT, "flow.pt", "hift.pt", CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE)
 BACKBONE_CONFIG = f"{BACKBONE_DIR}/config.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or one tokenizer.json
 
 
 @dataclass(frozen=True)
@@ -65,29 +66,18 @@ class ModelFiles:
     estimator_onnx: Path | None  # the official ONNX export of the DiT, when shipped
 
 
-def _has_tokenizer(backbone: Path) -> bool:
-    return (backbone / "tokenizer.json").is_file() or all((backbone / n).is_file() for n in TOKENIZER_FILES)
-
-
 def find_model_files(model_dir: str | os.PathLike[str]) -> ModelFiles:
     """Check that ``model_dir`` has the files of a CosyVoice3 model directory (module docstring)."""
-    root = Path(model_dir).expanduser()
-    if not root.exists():
-        raise ModelDirectoryError(f"{root}: model directory not found")
-    if not root.is_dir():
-        raise ModelDirectoryError(f"{root}: is not a directory")
-    root = root.resolve()
-    if not (root / CONFIG_FILE).is_file():
-        other = [e for e in FAMILIES.values() if (root / e.config_file).is_file()]
-        if other:
-            raise ModelConfigError(
-                f"{root}: this is a {other[0].title} model directory ({other[0].config_file}), not a "
-                "CosyVoice3 one; open it through its family (cosyserve.families.detect)"
-            )
+    found = detect(model_dir)  # ModelDirectoryError: no such directory, no (or several) configs
+    root = Path(model_dir).expanduser().resolve()
+    if found.name != FAMILY:
+        raise ModelConfigError(
+            f"{root}: this is a {found.title} model directory ({found.config_file}), not a CosyVoice3 one"
+        )
     missing = [name for name in (*REQUIRED_FILES, BACKBONE_CONFIG) if not (root / name).is_file()]
     backbone = root / BACKBONE_DIR
-    if not _has_tokenizer(backbone):
-        missing.append(f"{BACKBONE_DIR}/{{{', '.join(TOKENIZER_FILES)}}} (or tokenizer.json)")
+    if not any(all((backbone / f).is_file() for f in names) for names in TOKENIZER_FILES):
+        missing.append(f"{BACKBONE_DIR}/vocab.json + merges.txt (or tokenizer.json)")
     if missing:
         raise ModelDirectoryError(
             f"{root}: missing {', '.join(missing)} (a CosyVoice3 model directory, as published as "
@@ -131,7 +121,8 @@ def load_model_directory(
     config = load_model_config(files.root)
     if config.llm is None:  # find_model_files checked the file; a race removed it
         raise ModelDirectoryError(f"{files.root / BACKBONE_CONFIG}: missing")
-    tokenizer = load_qwen_tokenizer(files.root, "cosyvoice3")  # cheap checks before the weights
+    tokenizer = load_qwen_tokenizer(files.backbone, FAMILY)  # cheap checks before the weights
+    check_vocabularies(config, tokenizer, files.config)  # type: ignore[arg-type]  # the same fields
     llm = load_llm(files.root, config.llm, endofprompt_id=tokenizer.endofprompt_id).to(device)
     flow = load_flow(files.flow, config.flow, device)
     hift = load_causal_hift_file(files.hift, config.hift, device)

@@ -3,8 +3,7 @@ backend on it.
 
 Until ``cosyserve make-model`` writes v3 directories, ``tiny_v3_model_dir`` is the first parity
 set's networks and tokenizer files (random weights, reduced dims) plus small ONNX stand-ins of
-``campplus.onnx`` and ``speech_tokenizer_v3.onnx`` (the v1 tokenizer stand-in keeping every 4th
-whisper frame: 25 tokens/s, ids in [0, 6561)).
+``campplus.onnx`` and ``speech_tokenizer_v3.onnx`` (25 tokens/s, ids in [0, 6561)).
 """
 
 from __future__ import annotations
@@ -29,31 +28,16 @@ _BACKBONE_FILES = (
 
 def build_v3_model_dir(source: Path, out: Path) -> Path:
     """The parity set ``source`` as a servable model directory at ``out``."""
+    from cosyserve.tools.onnx_standins import write_standins
+
     (out / "CosyVoice-BlankEN").mkdir(parents=True)
     for name in _MODEL_FILES:
         shutil.copyfile(source / name, out / name)
     for name in _BACKBONE_FILES:
         if (source / "CosyVoice-BlankEN" / name).is_file():
             shutil.copyfile(source / "CosyVoice-BlankEN" / name, out / "CosyVoice-BlankEN" / name)
-    write_v3_standins(out, seed=3)
+    write_standins(out, seed=3, vocab_size=6561, tokenizer_file="speech_tokenizer_v3.onnx", frame_stride=4)
     return out
-
-
-def write_v3_standins(out: Path, seed: int) -> None:
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    from cosyserve.tools.onnx_standins import campplus_model, speech_tokenizer_model
-
-    rng = np.random.default_rng(seed)
-    onnx.save(campplus_model(rng), out / "campplus.onnx")
-    tokenizer = speech_tokenizer_model(rng, vocab_size=6561)
-    (frame_pick,) = [n for n in tokenizer.graph.node if n.op_type == "Slice" and n.input[0] == "ids64"]
-    frame_pick.input[4] = "four"  # every 4th of the 100 whisper frames per second: 25 tokens/s
-    tokenizer.graph.initializer.append(numpy_helper.from_array(np.array([4], np.int64), "four"))
-    onnx.checker.check_model(tokenizer)
-    onnx.save(tokenizer, out / "speech_tokenizer_v3.onnx")
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,11 @@ import torch
 from cosyserve.api import PromptAudio, SynthesisRequest
 from cosyserve.engine.batching import BatchConfig, BatchRunner, StepStats, run_alone
 from cosyserve.errors import InvalidRequestError, ModelConfigError, ModelDirectoryError, UnsupportedModeError
-from cosyserve.families.cosyvoice3.backend import CosyVoice3Backend, warmup_prompt
+from cosyserve.families.cosyvoice3.backend import CosyVoice3Backend
 from cosyserve.families.cosyvoice3.llm import SilentTokenFilter
 from cosyserve.families.cosyvoice3.loader import find_model_files, load_model_directory
 from cosyserve.families.cosyvoice3.token2wav import StreamingToken2Wav
+from cosyserve.voices.prompt import warmup_prompt
 from tests.test_batching import assert_same, audio_of, drive, solo
 
 pytestmark = pytest.mark.timeout(300)
@@ -61,7 +62,7 @@ def test_loader_errors_name_the_files(tiny_v3_model_dir: Path, tmp_path: Path, t
     (copy / "campplus.onnx").unlink()
     (copy / "CosyVoice-BlankEN" / "merges.txt").unlink()
     with pytest.raises(
-        ModelDirectoryError, match=r"missing campplus\.onnx, CosyVoice-BlankEN/\{vocab"
+        ModelDirectoryError, match=r"missing campplus\.onnx, CosyVoice-BlankEN/vocab\.json \+ merges\.txt"
     ) as info:
         find_model_files(copy)
     assert str(copy.resolve()) in str(info.value)
@@ -158,7 +159,7 @@ def test_streaming_chunks_make_the_stream(tiny_v3_backend: CosyVoice3Backend) ->
     assert audio_of(chunks).size == audio_of(whole).size
 
     features = backend.prompt_encoder.encode(prompt())
-    inputs = backend.model_input(request, task.info.segments[0], features)
+    inputs = backend.frontend.voice_input(request.mode, task.info.segments[0], features)
     model = backend.model
     driver = StreamingToken2Wav(
         model.flow,
@@ -315,10 +316,10 @@ def test_a_full_attention_estimator_runner_leaves_streaming_to_the_dit(
         solo(backend, request, num_tokens=60)
 
 
-def test_stop_ids_while_text_streams_in_are_drawn_again(tiny_v3_backend: CosyVoice3Backend) -> None:
+def test_stop_ids_while_text_streams_in_are_never_drawn(tiny_v3_backend: CosyVoice3Backend) -> None:
     """The reference fails a request whose LLM draws EOS (or any stop id but FILL) while text is
-    still streaming in (its ignore_eos masks SOS, not EOS); here that draw is made again with those
-    ids masked. Whole-text decoding still stops on any stop id."""
+    still streaming in (its ignore_eos masks SOS, not EOS); here those ids are masked in that
+    phase. Whole-text decoding still stops on any stop id, EOS included, from the first token."""
     from cosyserve.families.cosyvoice2.llm import SpeechTokenSampler
 
     lm = tiny_v3_backend.llm

@@ -1,5 +1,6 @@
 """End-to-end parity of the CosyVoice3 backend (`e2e_*` arrays): the reference's ``CosyVoice3`` API
-runs (zero-shot, zero-shot streaming, cross-lingual, instruct2, voice conversion) reproduced
+runs (zero-shot, zero-shot streaming, cross-lingual, instruct2, zero-shot with its text streamed
+in, voice conversion) reproduced
 through OUR serving path: ``CosyVoice3Backend.open`` -> the request's task (``plan_segment``, the
 batch runner, the sinks), with the harness's substitutions injected: the stand-in prompt features
 for the ONNX front-end models, the LLM's uniform tape, the set's vocoder noise tape.
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cosyserve.api import PromptAudio, SynthesisRequest
+from cosyserve.api import IteratorTextStream, PromptAudio, SynthesisRequest, TextStreamRequest
 from cosyserve.engine.batching import run_alone
 from cosyserve.families.base import FamilyOptions
 from cosyserve.families.cosyvoice2.frontend import ModelInput
@@ -157,7 +158,9 @@ def test_api_runs_through_the_backend(parity_set: ParitySet, backend: ReplayBack
     chunks = collect(task)
 
     prompt = backend.prompt_encoder.encode(run.request.prompt)  # type: ignore[arg-type]
-    inputs = backend.model_input(run.request, task.info.segments[0], prompt)
+    inputs = backend.frontend.voice_input(
+        run.request.mode, task.info.segments[0], prompt, run.request.instruct
+    )
     assert [inputs.text_ids] == a[f"e2e_{name}_text_ids"].tolist()
     if f"e2e_{name}_prompt_text_ids" in a:
         assert [inputs.prompt_text_ids] == a[f"e2e_{name}_prompt_text_ids"].tolist()
@@ -178,3 +181,28 @@ def test_voice_conversion(parity_set: ParitySet, backend: ReplayBackend) -> None
     chunks = collect(task)
     assert task.segment_tokens == [ps.arrays["audio_source_speech_tokens"].reshape(-1).tolist()]
     check_audio(ps, "vc", backend.sinks, chunks)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_text_streamed_in(parity_set: ParitySet, backend: ReplayBackend) -> None:
+    """inference_zero_shot with a text generator (bistream): the text arrives in pieces while the
+    model speaks (a TextStreamRequest), each piece's ids handed on one by one as the reference's
+    text generator yields them; text and prompt speech mixed 5:15, fills forced."""
+    ps = parity_set
+    a = ps.arrays
+    zs = ps.frontend["modes"]["zero_shot"]
+    pieces = ["收到好友从远方寄来的", "生日礼物，", "让我很开心。"]
+    assert "".join(pieces) == zs["tts_text"]
+    request = TextStreamRequest(
+        text="", text_stream=IteratorTextStream(pieces), mode="zero_shot", prompt=recording(zs["prompt_text"])
+    )
+    task = backend.open(request)
+    backend.tape = _tape(a["e2e_bi_llm_u"])
+    chunks = collect(task)
+    steps = a["e2e_bi_llm_step_tokens"].tolist()
+    assert task.segment_tokens == [[t for t in steps[:-1] if t != FILL]]
+    assert len(backend.tape) == 0, "the tape was not consumed exactly"
+    prompt = backend.prompt_encoder.encode(request.prompt)  # type: ignore[arg-type]
+    inputs = backend.frontend.voice_input("zero_shot", None, prompt)
+    assert [inputs.prompt_text_ids] == a["e2e_bi_prompt_text_ids"].tolist()
+    check_audio(ps, "bi", backend.sinks, chunks)
