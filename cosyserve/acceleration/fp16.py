@@ -47,17 +47,16 @@ class FlowPrecisionGuard:
         self.reason = ""
         self._lock = threading.Lock()
 
-    def __call__(
-        self, z: Tensor, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int | None = None
-    ) -> Tensor:
-        out = self.solve(z, mu, mask, spks, cond, n_timesteps)
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        """``solve_euler``'s arguments, whatever the family's signature (tensors first)."""
+        out = self.solve(*args, **kwargs)
         if self.tripped:
             return out
         problem = mel_problem(out)
         if problem is None:
             return out
         self.trip(problem)
-        return self.solve(z.float(), mu.float(), mask.float(), spks.float(), cond.float(), n_timesteps)
+        return self.solve(*(a.float() if isinstance(a, Tensor) else a for a in args), **kwargs)
 
     def trip(self, reason: str) -> None:
         with self._lock:

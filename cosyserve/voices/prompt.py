@@ -265,6 +265,12 @@ class PromptEncoder:
         return audio
 
     @torch.no_grad()
+    def source_tokens(self, recording: PromptAudio) -> torch.Tensor:
+        """``[1, N]`` speech tokens of a recording alone: the source of a voice conversion."""
+        audio = self.check_prompt(recording)
+        return self.speech_tokens(resample(audio, int(recording.sample_rate), TOKENIZER_SAMPLE_RATE))
+
+    @torch.no_grad()
     def encode(self, prompt: PromptAudio) -> PromptFeatures:
         audio = self.check_prompt(prompt)
         sr = int(prompt.sample_rate)

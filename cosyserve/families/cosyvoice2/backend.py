@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cosyserve.api import SynthesisRequest, TextStreamRequest
+from cosyserve.api import SynthesisRequest
 from cosyserve.errors import ModelDirectoryError, UnsupportedModeError
 from cosyserve.families.base import (
     SFT_LANGUAGES,
@@ -47,6 +47,7 @@ from cosyserve.families.cosyvoice2.token2wav import (
     WholeSegment,
     WholeSink,
 )
+from cosyserve.text.qwen_tokenizer import QwenTokenizer
 from cosyserve.voices.prompt import PromptEncoder, PromptFeatures
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,27 @@ class StateDecoder(SegmentDecoder):
         self._text = text
         self._text_ids = 0  # ids streamed in so far
         self._no_text = False  # the streamed text ended without a word: nothing to say
+
+    @classmethod
+    def for_input(
+        cls,
+        lm: Qwen2LM,
+        inputs: ModelInput,
+        sampler: SpeechTokenSampler,
+        num_tokens: int | None = None,
+        tokenizer: QwenTokenizer | None = None,
+    ) -> StateDecoder:
+        """The decoder of one segment's model input: the whole text at once, or (``text_ids`` None)
+        text streamed in, tokenised by ``tokenizer``. ``num_tokens``: exactly that many tokens."""
+        if inputs.text_ids is None:
+            if tokenizer is None:
+                raise ValueError("text streamed in needs the tokenizer")
+            state: DecodeState = lm.bistream(inputs.prompt_text_ids, inputs.llm_prompt_speech_tokens)
+            return cls(lm, state, sampler, StreamedTextTokenizer(tokenizer))
+        state = lm.unistream(
+            inputs.text_ids, inputs.prompt_text_ids, inputs.llm_prompt_speech_tokens, num_tokens=num_tokens
+        )
+        return cls(lm, state, sampler)
 
     @property
     def finished(self) -> bool:
@@ -148,7 +170,7 @@ class CosyVoice2Backend(FamilyBackend):
                 token_mel_ratio=TOKEN_MEL_RATIO,
                 speech_tokenizer_file=SPEECH_TOKENIZER_FILE,
             ),
-            text=self.frontend.text,
+            text=self.frontend,  # type: ignore[arg-type]  # its segments keep the tags out of TN
             speaker_languages=SFT_LANGUAGES,
         )
         self.model = model
@@ -170,18 +192,6 @@ class CosyVoice2Backend(FamilyBackend):
 
     # -- the pipeline ----------------------------------------------------------------------------
 
-    def segments(self, request: SynthesisRequest) -> Any:
-        if isinstance(request, TextStreamRequest):
-            return super().segments(request)
-        return iter(
-            self.frontend.normalize(
-                request.text,
-                split=True,
-                max_text_length=request.max_text_length,
-                enable_smart_split=request.enable_smart_split,
-            )
-        )
-
     def _model_input(
         self, request: SynthesisRequest, segment: str | None, prompt: PromptFeatures | None
     ) -> ModelInput:
@@ -194,11 +204,7 @@ class CosyVoice2Backend(FamilyBackend):
             return ModelInput(
                 text_ids, instruct, flow_embedding=embedding, llm_embedding=embedding, text=segment
             )
-        if request.mode == "instruct2":
-            return frontend.instruct2(segment, request.instruct or "", prompt, text_frontend=False)[0]
-        if request.mode == "cross_lingual" or not prompt.text:
-            return frontend.cross_lingual(segment, prompt, text_frontend=False)[0]
-        return frontend.zero_shot(segment, frontend.prompt_text(prompt.text), prompt, text_frontend=False)[0]
+        return frontend.voice_input(request.mode, segment, prompt, request.instruct)
 
     def plan_segment(
         self,
@@ -210,19 +216,8 @@ class CosyVoice2Backend(FamilyBackend):
     ) -> SegmentPlan:
         llm_generator, audio_generator = generators
         inputs = self._model_input(request, segment, prompt)
-        lm = self.llm
-        if inputs.text_ids is None:
-            state: DecodeState = lm.bistream(inputs.prompt_text_ids, inputs.llm_prompt_speech_tokens)
-            text = StreamedTextTokenizer(self.frontend.tokenizer)
-        else:
-            state = lm.unistream(
-                inputs.text_ids,
-                inputs.prompt_text_ids,
-                inputs.llm_prompt_speech_tokens,
-                num_tokens=num_tokens,
-            )
-            text = None
-        decoder = StateDecoder(lm, state, SpeechTokenSampler(lm.cfg.sampling, llm_generator), text)
+        sampler = SpeechTokenSampler(self.llm.cfg.sampling, llm_generator)
+        decoder = StateDecoder.for_input(self.llm, inputs, sampler, num_tokens, self.frontend.tokenizer)
         model = self.model
         args = (
             model.flow,

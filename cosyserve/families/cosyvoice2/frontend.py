@@ -136,6 +136,13 @@ class CosyVoice2Frontend:
         length = len if lang == "zh" else (lambda s: len(self.tokenize(s)))
         return [s for s in pack_reference(utts, length) if not is_only_punctuation(s)]
 
+    def iter_segments(
+        self, text: str, max_text_length: int | None = None, enable_smart_split: bool = True
+    ) -> Iterator[str]:
+        """A request's TTS text as the segments its LLM runs take, one by one: what
+        :class:`~cosyserve.families.base.SpeechTask` iterates (TextFrontend's interface)."""
+        return iter(self.normalize(text, True, max_text_length, enable_smart_split))
+
     def segments(self, tts_text: str, text_frontend: bool = True, **split_options) -> list[str]:
         """The TTS text's segments (one LLM run each); ``text_frontend=False`` keeps it whole."""
         if not text_frontend:
@@ -222,6 +229,18 @@ class CosyVoice2Frontend:
             )
             for s, ids in self._segment_ids(tts_text, text_frontend, "instruct2")
         ]
+
+    def voice_input(
+        self, mode: str, segment: str | None, prompt: PromptFeatures, instruct_text: str | None = None
+    ) -> ModelInput:
+        """What one segment (already normalised; None: text streamed in) hands the model for a
+        voice from a recording or a saved voice: ``instruct2`` with the instruction; cross-lingual
+        in that mode or when the voice has no transcript; zero-shot otherwise."""
+        if mode == "instruct2":
+            return self.instruct2(segment, instruct_text or "", prompt, text_frontend=False)[0]
+        if mode == "cross_lingual" or not prompt.text:
+            return self.cross_lingual(segment, prompt, text_frontend=False)[0]
+        return self.zero_shot(segment, self.prompt_text(prompt.text), prompt, text_frontend=False)[0]
 
     def vc(self, source_speech_tokens: Tensor | Sequence[int], prompt: PromptFeatures) -> ModelInput:
         """Voice conversion: the source's speech tokens in the prompt's voice (no LLM, no trimming)."""

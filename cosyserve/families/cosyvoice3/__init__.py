@@ -14,3 +14,10 @@ def load_config(model_dir: str | Path) -> Any:
     from cosyserve.families.cosyvoice3.config import load_model_config
 
     return load_model_config(Path(model_dir))
+
+
+def open_backend(model_dir: str | Path, options: Any = None) -> Any:
+    """Load the directory as a :class:`~.backend.CosyVoice3Backend` (``options``: FamilyOptions)."""
+    from cosyserve.families.cosyvoice3.backend import CosyVoice3Backend
+
+    return CosyVoice3Backend.from_dir(model_dir, options)

@@ -4,7 +4,9 @@ HiFT) and the mapping of a parsed `cosyvoice3.yaml` into them.
 The yaml is read with :mod:`cosyserve.nn.yaml_reader` (nothing it names is imported or run). Values
 the file omits take the upstream constructor defaults; the dataclass defaults are the published
 Fun-CosyVoice3-0.5B-2512 sizes. The LLM part (``CosyVoice3LM`` over Qwen2) is mapped by the LLM
-code; :attr:`ModelConfig.llm` is its slot.
+code (:func:`~cosyserve.families.cosyvoice3.llm.cosyvoice3_llm_config`) from the yaml and the
+backbone's ``CosyVoice-BlankEN/config.json``: :attr:`ModelConfig.llm` is None when that file is not
+beside the yaml (the audio side never reads it; the loader requires it).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosyserve.families.cosyvoice2.llm import BACKBONE_DIR, Qwen2LMConfig
+from cosyserve.families.cosyvoice3.llm import cosyvoice3_llm_config
 from cosyserve.nn.config import CFMConfig, F0PredictorConfig, HiFTConfig, MelConfig
 from cosyserve.nn.dit import DiTConfig
+from cosyserve.nn.qwen2 import Qwen2Config, load_qwen2_config
 from cosyserve.nn.yaml_reader import (
     MISSING,
     ConfigContext,
@@ -101,9 +106,8 @@ class ModelConfig:
     token_frame_rate: int = 25
     token_mel_ratio: int = 2
     chunk_size: int = 25  # streaming: tokens per DiT attention chunk
-    # The CosyVoice3LM / Qwen2 part: mapped by the LLM code (families/cosyvoice3/llm.py), which
-    # fills this slot; the audio side never reads it.
-    llm: Any = None
+    # The CosyVoice3LM / Qwen2 part (None without the backbone's config.json beside the yaml).
+    llm: Qwen2LMConfig | None = None
     flow: FlowConfig = field(default_factory=FlowConfig)
     hift: CausalHiFTConfig = field(default_factory=CausalHiFTConfig)
     mel: MelConfig = field(
@@ -315,8 +319,11 @@ def _mel_config(ctx: ConfigContext, value: Any, sample_rate: int) -> MelConfig:
     )
 
 
-def config_from_tree(tree: dict[str, Any], source: str = "<string>") -> ModelConfig:
-    """Map a parsed (inert) `cosyvoice3.yaml` tree into :class:`ModelConfig`."""
+def config_from_tree(
+    tree: dict[str, Any], source: str = "<string>", backbone: Qwen2Config | None = None
+) -> ModelConfig:
+    """Map a parsed (inert) `cosyvoice3.yaml` tree into :class:`ModelConfig`; with the Qwen2
+    ``backbone`` config, the LLM part too."""
     ctx = ConfigContext(source)
     flow = _flow_config(ctx, tree.get("flow", MISSING))
     hift = _hift_config(ctx, tree.get("hift", MISSING))
@@ -344,24 +351,30 @@ def config_from_tree(tree: dict[str, Any], source: str = "<string>") -> ModelCon
         token_frame_rate=token_frame_rate,
         token_mel_ratio=token_mel_ratio,
         chunk_size=top.int("chunk_size", 25),
+        llm=None if backbone is None else cosyvoice3_llm_config(tree, backbone, source),
         flow=flow,
         hift=hift,
         mel=mel,
     )
 
 
-def parse_model_config(text: str, source: str = "<string>") -> ModelConfig:
+def parse_model_config(
+    text: str, source: str = "<string>", backbone: Qwen2Config | None = None
+) -> ModelConfig:
     """Parse `cosyvoice3.yaml` text into :class:`ModelConfig` without executing anything."""
-    return config_from_tree(parse_yaml_tree(text, source), source)
+    return config_from_tree(parse_yaml_tree(text, source), source, backbone)
 
 
 def load_model_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
-    """Read a model directory's `cosyvoice3.yaml` (or that file itself) into :class:`ModelConfig`.
+    """Read a model directory's `cosyvoice3.yaml` (or that file itself) into :class:`ModelConfig`,
+    the LLM part included when ``CosyVoice-BlankEN/config.json`` is beside it.
 
     Raises :class:`~cosyserve.errors.ModelConfigError` naming the file and the key for unreadable
-    YAML, unknown classes under the inference keys and unsupported options.
+    YAML or JSON, unknown classes under the inference keys and unsupported options.
     """
     path = Path(model_dir)
     if path.is_dir():
         path = path / CONFIG_FILE
-    return config_from_tree(load_yaml_tree(path), str(path))
+    backbone_config = path.parent / BACKBONE_DIR / "config.json"
+    backbone = load_qwen2_config(backbone_config) if backbone_config.is_file() else None
+    return config_from_tree(load_yaml_tree(path), str(path), backbone)

@@ -22,6 +22,7 @@ exactly (up to float rounding), as long as they share the streaming flag.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosyserve.errors import UnsupportedModeError
 from cosyserve.families.cosyvoice3.config import CONFIG_FILE, FlowConfig
 from cosyserve.families.cosyvoice3.noise import check_flow_frames, reference_flow_noise
 from cosyserve.nn.cfm import cosine_t_span
@@ -53,6 +55,8 @@ class CausalConditionalCFM(nn.Module):
 
     ``estimator`` holds the ``decoder.estimator.*`` weights; set ``estimator_runner`` to run an
     :data:`EstimatorFn` instead (it gets ``streaming=True`` as a keyword on streaming calls only).
+    A runner without a ``streaming`` keyword (an ONNX / TensorRT export: full attention only)
+    leaves streaming calls to the eager estimator, or refuses them once its weights are released.
     """
 
     def __init__(self, cfg: CFMConfig, dit_cfg: DiTConfig):
@@ -65,6 +69,7 @@ class CausalConditionalCFM(nn.Module):
             )
         self.estimator = DiT(dit_cfg)
         self.estimator_runner: EstimatorFn | None = None
+        self._runner_streams: tuple[EstimatorFn, bool] | None = None  # (runner, takes `streaming`)
 
     @property
     def rand_noise(self) -> Tensor:
@@ -74,11 +79,22 @@ class CausalConditionalCFM(nn.Module):
     def forward_estimator(
         self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor, streaming: bool
     ) -> Tensor:
-        if self.estimator_runner is None:
+        runner = self.estimator_runner
+        if runner is None:
             return self.estimator(x, mask, mu, t, spks, cond, streaming=streaming)
-        if streaming:
-            return self.estimator_runner(x, mask, mu, t, spks, cond, streaming=True)
-        return self.estimator_runner(x, mask, mu, t, spks, cond)
+        if not streaming:
+            return runner(x, mask, mu, t, spks, cond)
+        if self._runner_streams is None or self._runner_streams[0] is not runner:
+            self._runner_streams = (runner, takes_streaming(runner))
+        if self._runner_streams[1]:
+            return runner(x, mask, mu, t, spks, cond, streaming=True)
+        if next(self.estimator.parameters()).is_meta:  # an acceleration plan released the weights
+            raise UnsupportedModeError(
+                "streaming needs the DiT's chunk-masked attention, which this server's estimator runner "
+                "(an ONNX / TensorRT export) lacks: ask for non-streaming audio, or serve with "
+                "--force_config cpu_fast"
+            )
+        return self.estimator(x, mask, mu, t, spks, cond, streaming=True)
 
     @torch.inference_mode()
     def solve_euler(
@@ -121,6 +137,15 @@ class CausalConditionalCFM(nn.Module):
             if step < n:
                 dt = t_span[step + 1] - t
         return x.float()
+
+
+def takes_streaming(runner: EstimatorFn) -> bool:
+    """Whether an estimator runner accepts the ``streaming`` keyword (chunk-masked attention)."""
+    try:
+        parameters = inspect.signature(runner).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature: a plain 6-input runner
+        return False
+    return any(p.name == "streaming" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 @dataclass

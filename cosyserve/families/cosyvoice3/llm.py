@@ -14,8 +14,9 @@ state machines and sampler):
 Reference quirks kept (parity README "Upstream quirks recorded as-is"): ``ignore_eos`` masks id
 6561, which is SOS here, so EOS is never masked and ``min_len`` is not enforced; with text
 streamed in and no prompt speech, the first 15 speech tokens are decoded from ``[sos, instruct]``
-before any TTS text is fed; a stop id other than FILL while text streams in (or other than EOS
-after it) is an error.
+before any TTS text is fed. Not kept: a stop id other than FILL while text streams in (or other
+than EOS after it), an error that ends the reference's request, is never drawn (masked, as for
+CosyVoice2: :class:`~cosyserve.families.cosyvoice2.llm.BistreamDecoder`).
 
 :class:`SilentTokenFilter` is the reference ``llm_job``'s filter of long runs of silent tokens.
 """
@@ -147,8 +148,8 @@ class SilentTokenFilter:
     ``CosyVoice3Model.llm_job``): the run counter grows with every silent token, kept or not, and
     any other token resets it."""
 
-    def __init__(self, silent_tokens: Iterable[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN):
-        self.silent_tokens = frozenset(int(t) for t in silent_tokens)
+    def __init__(self, silent: Iterable[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN):
+        self.silent_tokens = frozenset(int(t) for t in silent)
         self.max_run = int(max_run)
         self._run = 0
 

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from cosyserve.families.cosyvoice3.flow import CausalMaskedDiffWithDiT, FlowInputs
 from cosyserve.families.cosyvoice3.hift import CausalHiFTGenerator, StreamingVocoder
+from cosyserve.families.cosyvoice3.llm import SilentTokenFilter
 from cosyserve.families.cosyvoice3.noise import HiFTNoise
 from cosyserve.nn.streaming import (
     StreamingMelResampler,
@@ -52,32 +53,8 @@ logger = logging.getLogger(__name__)
 TOKEN_HOP_LEN = 25  # first hop (upstream token_hop_len), = the DiT's attention chunk in tokens
 TOKEN_MAX_HOP_LEN = 100  # 4 x token_hop_len
 STREAM_SCALE_FACTOR = 2  # the hop doubles after every chunk
-# llm_job drops a speech token of this set once more than MAX_SILENT_RUN of them came in a row.
-SILENT_TOKENS = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
-MAX_SILENT_RUN = 5
 
 _EMPTY = np.zeros(0, dtype=np.float32)
-
-
-class SilentTokenFilter:
-    """Upstream ``llm_job``'s filter between the LLM and token2wav: a token of ``SILENT_TOKENS`` is
-    dropped when it makes the run of consecutive silent tokens longer than 5; any other token
-    resets the run."""
-
-    def __init__(self, silent: Iterable[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN):
-        self.silent = frozenset(silent)
-        self.max_run = max_run
-        self._run = 0
-
-    def accept(self, token: int) -> bool:
-        if token in self.silent:
-            self._run += 1
-            return self._run <= self.max_run
-        self._run = 0
-        return True
-
-    def filter(self, tokens: Iterable[int]) -> list[int]:
-        return [t for t in tokens if self.accept(int(t))]
 
 
 def first_hop(prompt_tokens: int, hop: int = TOKEN_HOP_LEN) -> int:
@@ -99,7 +76,11 @@ class CallRecord:
 
 
 class _Segment:
-    """What both sinks know of one segment: the networks, its prompt and speaker, its noise."""
+    """What both sinks know of one segment: the networks, its prompt and speaker, its noise.
+
+    ``drop_silent``: the tokens come from the LLM, and the reference's ``llm_job`` filter
+    (:class:`~cosyserve.families.cosyvoice3.llm.SilentTokenFilter`) stands between it and the
+    flow; tokens given directly (voice conversion, the model-level API) are not filtered."""
 
     streaming = False
 
@@ -113,9 +94,11 @@ class _Segment:
         embedding: Tensor,
         speed: float = 1.0,
         record: bool = False,
+        drop_silent: bool = False,
     ):
         if not (speed > 0 and math.isfinite(speed)):
             raise ValueError(f"speed must be a positive number, got {speed!r}")
+        self.drop_silent = drop_silent
         self.flow, self.hift, self.noise = flow, hift, noise
         self.prompt_tokens, self.prompt_feat, self.embedding = prompt_tokens, prompt_feat, embedding
         self.speed = float(speed)
@@ -132,6 +115,11 @@ class _Segment:
         frames and streaming flags batch without padding."""
         return self.ratio * (self.n_prompt_tokens + n_tokens - (0 if finalize else self.lookahead))
 
+    def batch_key(self, tokens: Sequence[int], finalize: bool) -> tuple[int, bool]:
+        """(Euler-loop frames, chunk-masked attention): calls with equal keys share one loop and
+        each gives its solo run's mel (the AudioSink protocol)."""
+        return self.flow_frames(len(tokens), finalize), self.streaming and not finalize
+
     @torch.inference_mode()
     def prepare(self, tokens: Sequence[int], finalize: bool = True) -> FlowInputs:
         token_tensor = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
@@ -147,9 +135,19 @@ class _Segment:
 
 
 class WholeToken2Wav(_Segment):
-    """Non-streaming token -> waveform for one segment, in two halves around ``flow.decode``."""
+    """Non-streaming token -> waveform for one segment, in two halves around ``flow.decode``; the
+    tokens are the segment's whole LLM output (filtered here with ``drop_silent``)."""
 
     streaming = False
+
+    def _kept(self, tokens: Sequence[int]) -> list[int]:
+        return SilentTokenFilter().filter(tokens) if self.drop_silent else list(tokens)
+
+    def batch_key(self, tokens: Sequence[int], finalize: bool = True) -> tuple[int, bool]:
+        return super().batch_key(self._kept(tokens), finalize)
+
+    def prepare(self, tokens: Sequence[int], finalize: bool = True) -> FlowInputs:
+        return super().prepare(self._kept(tokens), finalize)
 
     @torch.inference_mode()
     def complete(self, mel: Tensor, finalize: bool = True) -> np.ndarray:
@@ -190,8 +188,9 @@ class ChunkedToken2Wav(_Segment):
         max_hop: int = TOKEN_MAX_HOP_LEN,
         scale: int = STREAM_SCALE_FACTOR,
         record: bool = False,
+        drop_silent: bool = False,
     ):
-        super().__init__(flow, hift, noise, prompt_tokens, prompt_feat, embedding, speed, record)
+        super().__init__(flow, hift, noise, prompt_tokens, prompt_feat, embedding, speed, record, drop_silent)
         if hop < 1 or max_hop < hop or scale < 1:
             raise ValueError(f"bad streaming hops: hop {hop}, max_hop {max_hop}, scale {scale}")
         self.max_hop, self.scale = max_hop, scale
@@ -202,6 +201,7 @@ class ChunkedToken2Wav(_Segment):
         self._pending: deque[tuple[int, int]] = deque()  # (token offset, tokens) of calls to complete
         self._resampler = StreamingMelResampler(self.speed) if self.speed != 1.0 else None
         self.vocoder = StreamingVocoder(hift, noise)
+        self._silence = SilentTokenFilter() if drop_silent else None
         self.finished = False
 
     @property
@@ -212,6 +212,8 @@ class ChunkedToken2Wav(_Segment):
         """Buffer one token; returns the tokens of the chunk that became due, if any."""
         if self.finished:
             raise RuntimeError("the stream is already finished")
+        if self._silence is not None and not self._silence.keep(token):
+            return None
         self._tokens.append(int(token))
         if len(self._tokens) - self._offset < self._hop + self.lookahead:
             return None

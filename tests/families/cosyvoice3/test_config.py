@@ -36,13 +36,37 @@ def test_published_architecture() -> None:
     assert hift.upsample_rates == (8, 5, 3) and hift.source_resblock_kernel_sizes == (7, 7, 11)
     assert hift.f0_predictor.cond_channels == 512 and hift.conv_pre_look_right == 4
     assert cfg.mel.hop_size == 480 and cfg.mel.fmax == 12000.0  # fmax: null = Nyquist
-    assert cfg.llm is None  # the LLM mapping fills this slot
+    assert cfg.llm is None  # the text alone: no backbone config.json beside it
+
+
+def test_published_directory_config_has_the_llm() -> None:
+    """load_config(dir) = the yaml and CosyVoice-BlankEN/config.json: the whole typed config."""
+    arch_text()
+    cfg = import_family("cosyvoice3").load_config(ARCH_YAML.parent)
+    llm = cfg.llm
+    assert llm is not None and (llm.llm_input_size, llm.speech_token_size, llm.mix_ratio) == (
+        896,
+        6561,
+        (5, 15),
+    )
+    backbone = llm.backbone
+    assert (backbone.num_hidden_layers, backbone.num_attention_heads, backbone.num_key_value_heads) == (
+        24,
+        14,
+        2,
+    )
+    assert backbone.rope_theta == 1e6 and backbone.tie_word_embeddings
+    assert (llm.sampling.top_p, llm.sampling.top_k, llm.sampling.win_size) == (0.8, 25, 10)
+    assert cfg.flow == parse_model_config(arch_text()).flow
 
 
 @pytest.mark.parametrize("path", SETS, ids=[p.name for p in SETS])
 def test_parity_sets_agree_with_their_checkpoints(path) -> None:
     cfg = import_family(detect(path).name).load_config(path)
     assert cfg == load_model_config(path / "cosyvoice3.yaml")
+    assert cfg.llm is not None
+    llm = torch.load(path / "llm.pt", weights_only=True)
+    assert llm["speech_embedding.weight"].shape == (cfg.llm.speech_token_size + 200, cfg.llm.llm_input_size)
     flow = torch.load(path / "flow.pt", weights_only=True)
     dit = cfg.flow.dit
     assert flow["decoder.estimator.input_embed.proj.weight"].shape == (dit.dim, dit.in_channels)
