@@ -1,6 +1,7 @@
-"""Shared fixtures: a tiny random-weight CosyVoice v1 model directory, generated once per test run.
+"""Shared fixtures: tiny random-weight model directories (v1, CosyVoice2, CosyVoice3), generated
+once per test run by `cosyserve make-model` from `tests/families/<family>/tiny.yaml`.
 
-* `tiny_config_path`: `tests/data/tiny_cosyvoice.yaml` (official class paths, very small dims).
+* `tiny_config_path`: `tests/families/cosyvoice1/tiny.yaml` (official class paths, very small dims).
 * `tiny_model_dir`: session-scoped directory in the official format written by
   `cosyserve make-model` from that yaml (llm.pt, flow.pt, hift.pt with weight_g/weight_v,
   spk2info.pt with the seven SFT speakers, ONNX stand-ins). Treat it as read-only: tests that
@@ -9,9 +10,12 @@
 * `tiny_loaded_model`: session-scoped `LoadedModel` of `tiny_model_dir` (do not mutate it).
 * `tiny_backend`: session-scoped CPU backend of `tiny_model_dir` with its own voice store (tests
   that change options or the networks build their own).
-* `tiny_v2_model_dir`, `tiny_v2_model_copy`, `tiny_v2_backend`: the same for a tiny CosyVoice2
-  directory (built from the CosyVoice2 parity set, see `tests/helpers/tiny_v2.py`; skipped
-  without it).
+* `tiny_v2_model_dir`, `tiny_v3_model_dir`: session-scoped CosyVoice2 / CosyVoice3 directories in
+  the official layout (yaml, llm.pt, flow.pt, hift.pt, spk2info.pt (v2: seven speakers here, one as published), ONNX
+  stand-ins, the estimator ONNX, CosyVoice-BlankEN/ with a small byte-level BPE tokenizer: the
+  tiny text vocabularies (4,096 rows) are smaller than Qwen2's). Read-only: copy before changing.
+* `tiny_v2_model_copy`, `tiny_v2_backend`: a per-test copy and a session CPU backend of the
+  CosyVoice2 one (`tiny_v3_backend` lives in `tests/families/cosyvoice3/conftest.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from pathlib import Path
 
 import pytest
 
-TINY_CONFIG = Path(__file__).parent / "data" / "tiny_cosyvoice.yaml"
+FAMILIES_DIR = Path(__file__).parent / "families"
+TINY_CONFIG = FAMILIES_DIR / "cosyvoice1" / "tiny.yaml"
+TINY_V2_CONFIG = FAMILIES_DIR / "cosyvoice2" / "tiny.yaml"
+TINY_V3_CONFIG = FAMILIES_DIR / "cosyvoice3" / "tiny.yaml"
 TINY_SEED = 1234
 
 
@@ -30,13 +37,28 @@ def tiny_config_path() -> Path:
     return TINY_CONFIG
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _make_tiny(factory: pytest.TempPathFactory, config: Path, name: str, speakers: int | None = None) -> Path:
     from cosyserve.tools.make_model import make_model
 
-    out = tmp_path_factory.mktemp("tiny_model") / "CosyVoice-tiny-SFT"
-    make_model(TINY_CONFIG, out, seed=TINY_SEED)
+    out = factory.mktemp(name.lower()) / name
+    make_model(config, out, seed=TINY_SEED, speakers=speakers)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_tiny(tmp_path_factory, TINY_CONFIG, "CosyVoice-tiny-SFT")
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # seven built-in speakers (the published directory has one): tests batch different voices
+    return _make_tiny(tmp_path_factory, TINY_V2_CONFIG, "CosyVoice2-tiny", speakers=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_v3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_tiny(tmp_path_factory, TINY_V3_CONFIG, "CosyVoice3-tiny")
 
 
 @pytest.fixture
@@ -66,13 +88,6 @@ def tiny_backend(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
     options = FamilyOptions(device="cpu", voices_dir=tmp_path_factory.mktemp("voices"))
     return CosyVoiceBackend.from_dir(tiny_model_dir, options)
-
-
-@pytest.fixture(scope="session")
-def tiny_v2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.helpers.tiny_v2 import make_tiny_v2_dir
-
-    return make_tiny_v2_dir(tmp_path_factory.mktemp("tiny_v2_model") / "CosyVoice2-tiny")
 
 
 @pytest.fixture

@@ -77,6 +77,36 @@ def test_static_batch_onnx_runs_cfg_pairs(tmp_path: Path) -> None:
     assert torch.allclose(runner(*args), ref, atol=1e-4)
 
 
+def test_streamed_weights_export_is_the_same_network(
+    exported: tuple[nn.Module, Path], tmp_path: Path
+) -> None:
+    """`stream_weights` (the graph exported alone, the weights appended one tensor at a time, the
+    linear layers' weight transposes folded): one valid file with the official inputs and every
+    weight as an initializer, computing what the default export computes."""
+    import onnx
+
+    est, default_path = exported
+    path = ox.export_estimator(est, tmp_path / "streamed.onnx", stream_weights=True)
+    assert not (tmp_path / "streamed.onnx.partial").exists()
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == list(ox.ESTIMATOR_INPUTS)
+    initializers = {t.name for t in model.graph.initializer}
+    assert not any(n.op_type == "Transpose" and n.input[0] in initializers for n in model.graph.node)
+
+    def stored(m: onnx.ModelProto) -> int:
+        return sum(int(np.prod(t.dims)) for t in m.graph.initializer)
+
+    # The same weights (the default export also folds a few small constants).
+    assert abs(stored(model) - stored(onnx.load(str(default_path)))) < 0.01 * stored(model)
+    args = ox.estimator_example(4, 37, seed=5)
+    with torch.inference_mode():
+        ref = est(*args)
+    streamed = ox.OrtEstimator(path, threads=1)(*args)
+    assert torch.allclose(streamed, ref, atol=1e-4)
+    assert torch.allclose(streamed, ox.OrtEstimator(default_path, threads=1)(*args), atol=1e-5)
+
+
 def test_existing_onnx_is_checked_and_refused_when_stale(tmp_path: Path) -> None:
     est = _estimator(0)
     runner, desc = ox.load_or_export_estimator(tmp_path, est, threads=1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cosyserve.cli import main as cli_main
-from cosyserve.errors import ModelDirectoryError
+from cosyserve.errors import ModelConfigError, ModelDirectoryError
 from cosyserve.tools.make_model import SFT_SPEAKERS, make_model
 
 
@@ -132,3 +132,12 @@ def test_full_size(tmp_path: Path) -> None:
     from cosyserve.families.cosyvoice1.loader import load_model_directory
 
     load_model_directory(tmp_path / "full")
+
+
+def test_speakers_option(tiny_config_path: Path, tmp_path: Path) -> None:
+    """`--speakers N`: the first N published names; v1 needs at least one (its loader requires spk2info.pt)."""
+    make_model(tiny_config_path, tmp_path / "two", speakers=2)
+    assert list(torch.load(tmp_path / "two" / "spk2info.pt", weights_only=True)) == list(SFT_SPEAKERS[:2])
+    with pytest.raises(ModelConfigError, match="at least one"):
+        make_model(tiny_config_path, tmp_path / "none", speakers=0)
+    assert not (tmp_path / "none").exists()

@@ -197,11 +197,32 @@ def test_bench_subprocess_table(tiny_model_copy: Path, capsys: pytest.CaptureFix
     assert "LLM tok/s" in out and "eager" in out and "peak RSS MB" in out
 
 
+@pytest.mark.parametrize("family", ["cosyvoice2", "cosyvoice3"])
+def test_bench_later_families(
+    family: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CosyVoice2 (a built-in speaker) and CosyVoice3 (none: the warm-up's prompt recording) through
+    the int8 plan; the default token count is 5 s of audio at their 25 Hz token rate."""
+    fixture = {"cosyvoice2": "tiny_v2_model_dir", "cosyvoice3": "tiny_v3_model_dir"}[family]
+    model_dir = request.getfixturevalue(fixture)
+    args = ["bench", "--model_dir", str(model_dir), "--config", "cpu_int8", "--runs", "1"]
+    code, out, err = _run(capsys, *args, "--warmup_s", "0", "--json", "--in_process")
+    assert code == 0, err
+    results = json.loads(out)
+    assert [r["config"] for r in results] == ["eager", "cpu_int8"]
+    for r in results:
+        assert r["tokens"] == 125 and r["audio_s"] == pytest.approx(5.0, abs=0.05), r
+        assert r["flow_s"] > 0 and r["vocoder_s"] > 0 and r["first_chunk_s"] > 0, r
+    assert any("int8 llm" in a for a in results[1]["accelerations"])
+
+
 def test_bench_needs_a_model(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "bench")
     assert code == 2 and "--synthetic" in err
     code, _, err = _run(capsys, "bench", "--model_dir", ".", "--config", "nope")
     assert code in (1, 2)
+    code, _, err = _run(capsys, "bench", "--model_dir", ".", "--family", "cosyvoice2")
+    assert code == 2 and "--family picks the --synthetic model" in err
 
 
 def test_bench_helpers() -> None:
@@ -257,6 +278,18 @@ def test_full_size_yaml_ships_with_the_package() -> None:
     assert config.llm.llm.num_blocks == 14 and config.flow.estimator.num_mid_blocks == 12
 
 
+@pytest.mark.parametrize("family", ["cosyvoice2", "cosyvoice3"])
+def test_full_size_yaml_of_later_families(family: str) -> None:
+    """CosyVoice2/3's full-size configs come from the shared architecture folders beside the checkout."""
+    try:
+        path = bench.full_size_yaml(family)
+    except FileNotFoundError as exc:
+        assert bench.SYNTHETIC[family].arch in str(exc)
+        pytest.skip("no shared/models beside this checkout")
+    assert path.name == bench.SYNTHETIC[family].config
+    assert (path.parent / "CosyVoice-BlankEN" / "config.json").is_file()
+
+
 def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     """The prepared GPU measurement runs end to end (CPU dry run, tiny model), so it has not
     rotted when a GPU is finally lent."""
@@ -269,7 +302,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
             "--device",
             "cpu",
             "--yaml",
-            str(root / "tests" / "data" / "tiny_cosyvoice.yaml"),
+            str(root / "tests" / "families" / "cosyvoice1" / "tiny.yaml"),
             "--tokens",
             "60",
             "--out",

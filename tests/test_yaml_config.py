@@ -31,7 +31,7 @@ from cosyserve.nn.yaml_reader import Tagged, parse_yaml_tree
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SET_A_YAML = SHARED / "parity" / "cosyvoice1" / "set_a" / "cosyvoice.yaml"
 FULL_YAML = SHARED / "models" / "cosyvoice-300m-sft-arch" / "cosyvoice.yaml"
-TINY_YAML = Path(__file__).parent / "data" / "tiny_cosyvoice.yaml"
+TINY_YAML = Path(__file__).parent / "families" / "cosyvoice1" / "tiny.yaml"
 
 
 def _need(path: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -129,8 +130,14 @@ def export_estimator(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    stream_weights: bool = False,
 ) -> Path:
     """Export the ConditionalDecoder to ONNX (float32, dynamic time axis, dynamic batch).
+
+    ``stream_weights``: export the graph alone and append the weights to the file one tensor at a
+    time (:func:`_write_streamed`): peak memory is the module plus one tensor, where the exporter
+    holds up to three more copies of the weights (the graph's protobuf, its serialisation, a
+    re-parse). Same inputs, outputs and numbers.
 
     Written to ``path + '.partial'`` then renamed, so an interrupted export leaves no broken file.
     """
@@ -150,22 +157,75 @@ def export_estimator(
         dynamic_axes["spks"] = {0: "batch"}
     tmp = _atomic_path(path)
     t0 = time.perf_counter()
+    graph_only = io.BytesIO()
     with _quiet_export(), torch.no_grad():
         torch.onnx.export(
             source,
             estimator_example(),
-            str(tmp),
+            graph_only if stream_weights else str(tmp),
             dynamo=False,
-            export_params=True,
+            export_params=not stream_weights,
             opset_version=opset,
-            do_constant_folding=True,
+            # Folding would turn weights into unnamed new constants; _write_streamed folds the
+            # weight transposes itself.
+            do_constant_folding=not stream_weights,
             input_names=list(ESTIMATOR_INPUTS),
             output_names=[ESTIMATOR_OUTPUT],
             dynamic_axes=dynamic_axes,
         )
+    if stream_weights:
+        _write_streamed(graph_only.getvalue(), source, tmp)
     os.replace(tmp, path)
     logger.info("exported the flow estimator to %s in %.1f s", path, time.perf_counter() - t0)
     return path
+
+
+def _write_streamed(graph_bytes: bytes, module: nn.Module, path: Path) -> None:
+    """Write a model exported with ``export_params=False`` (``graph_bytes``: the weights are graph
+    inputs named like the module's parameters and buffers) with the weights as initializers,
+    serialising one tensor at a time.
+
+    A protobuf parser merges repeated occurrences of a message field, so the file is the model
+    without its weights followed by one ``ModelProto(graph=GraphProto(initializer=[w]))`` per
+    weight: readers see one graph. ``Transpose`` nodes applied to a weight (linear layers) are
+    folded into a transposed initializer, as the exporter's constant folding would store them.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model_from_string(graph_bytes)
+    graph = model.graph
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    weights = [i.name for i in graph.input if i.name not in ESTIMATOR_INPUTS]
+    unknown = [name for name in weights if name not in tensors]
+    if unknown:
+        raise ValueError(f"exported graph inputs {unknown[:5]} are not parameters or buffers of the module")
+    folded: dict[str, tuple[str, list[int]]] = {}  # Transpose output -> (weight, perm)
+    nodes = []
+    for node in graph.node:
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if node.op_type == "Transpose" and node.input[0] in tensors and perm:
+            folded[node.output[0]] = (node.input[0], perm[0])
+        else:
+            nodes.append(node)
+    used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(nodes)
+    data_inputs = [i for i in graph.input if i.name in ESTIMATOR_INPUTS]
+    del graph.input[:]
+    graph.input.extend(data_inputs)
+
+    def initializer(name: str, value: np.ndarray) -> bytes:
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        return onnx.ModelProto(graph=onnx.GraphProto(initializer=[tensor])).SerializeToString()
+
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+        for name in weights:
+            if name in used:
+                f.write(initializer(name, tensors[name].detach().numpy()))
+        for name, (weight, perm) in folded.items():
+            f.write(initializer(name, tensors[weight].detach().numpy().transpose(perm)))
 
 
 # ------------------------------------------------------------------------------------ runtime

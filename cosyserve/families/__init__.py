@@ -33,6 +33,7 @@ class FamilyEntry:
     module: str  # the family package, imported lazily
     markers: frozenset[str]  # upstream class paths that only this family's yaml names
     speech_tokenizer_file: str  # the prompt speech tokenizer's ONNX file
+    speech_token_hz: int  # speech tokens per second of audio
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -48,6 +49,7 @@ FAMILIES: dict[str, FamilyEntry] = {
             module="cosyserve.families.cosyvoice1",
             markers=frozenset({"cosyvoice.llm.llm.TransformerLM", "cosyvoice.flow.flow.MaskedDiffWithXvec"}),
             speech_tokenizer_file="speech_tokenizer_v1.onnx",
+            speech_token_hz=50,
         ),
         FamilyEntry(
             name="cosyvoice2",
@@ -63,6 +65,7 @@ FAMILIES: dict[str, FamilyEntry] = {
                 }
             ),
             speech_tokenizer_file="speech_tokenizer_v2.onnx",
+            speech_token_hz=25,
         ),
         FamilyEntry(
             name="cosyvoice3",
@@ -79,6 +82,7 @@ FAMILIES: dict[str, FamilyEntry] = {
                 }
             ),
             speech_tokenizer_file="speech_tokenizer_v3.onnx",
+            speech_token_hz=25,
         ),
     )
 }

@@ -8,8 +8,9 @@ configuration is always measured in the same invocation, so every figure also sh
 Per run: one non-streaming synthesis (LLM tokens/s, flow s, vocoder s, RTF) and, unless
 ``--no-stream``, one streaming synthesis with the server's first hop (time to first chunk).
 Figures are medians over the runs.
-``--synthetic`` writes a full-size random-weight model directory (CosyVoice-300M-SFT architecture)
-into the cache once and benchmarks that.
+``--synthetic`` writes a full-size random-weight model directory (``--family``: the
+CosyVoice-300M-SFT, CosyVoice2-0.5B or Fun-CosyVoice3-0.5B architecture) into the cache once and
+benchmarks that.
 
 RTF bands (the seed's): < 0.3 very fast, 0.3-0.7 fast, 0.7-1.0 acceptable, > 1.0 slow.
 """
@@ -17,6 +18,7 @@ RTF bands (the seed's): < 0.3 very fast, 0.3-0.7 fast, 0.7-1.0 acceptable, > 1.0
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -36,9 +38,32 @@ logger = logging.getLogger(__name__)
 
 BENCH_TEXT = "Hello, this is a benchmark of the CosyVoice inference server running on this machine."
 RESULT_PREFIX = "COSYSERVE_BENCH_RESULT "
-SYNTHETIC_NAME = "CosyVoice-300M-SFT-random-seed0"
-ASSET_YAML = Path(__file__).resolve().parent.parent / "assets" / "cosyvoice-300m-sft.yaml"
-SHARED_YAML = Path("shared/models/cosyvoice-300m-sft-arch/cosyvoice.yaml")  # beside the checkout
+BENCH_AUDIO_S = 5  # --tokens default: this many seconds of audio at the family's token rate
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass(frozen=True)
+class SyntheticModel:
+    """A family's full-size architecture, benchmarked with random weights (``--synthetic``)."""
+
+    name: str  # the directory written in the cache
+    config: str  # the yaml, in cosyserve/assets or in shared/models/<arch>/ beside the checkout
+    arch: str
+    speakers: int | None = None  # built-in speakers (the bench speaks with one, no prompt)
+
+
+SYNTHETIC = {
+    "cosyvoice1": SyntheticModel(
+        "CosyVoice-300M-SFT-random-seed0", "cosyvoice.yaml", "cosyvoice-300m-sft-arch"
+    ),
+    "cosyvoice2": SyntheticModel("CosyVoice2-0.5B-random-seed0", "cosyvoice2.yaml", "cosyvoice2-0.5b-arch"),
+    # Fun-CosyVoice3-0.5B ships no speakers; one lets the bench run without a prompt, as the
+    # reference's figures were measured.
+    "cosyvoice3": SyntheticModel(
+        "Fun-CosyVoice3-0.5B-random-seed0", "cosyvoice3.yaml", "cosyvoice3-0.5b-arch", speakers=1
+    ),
+}
+SYNTHETIC_DONE = ".cosyserve-bench-complete"  # written last: a half-written directory is redone
 
 
 def rtf_band(rtf: float | None) -> str:
@@ -56,32 +81,42 @@ def rtf_band(rtf: float | None) -> str:
 # ------------------------------------------------------------------------------------ model dir
 
 
-def full_size_yaml() -> Path:
+def full_size_yaml(family: str = "cosyvoice1") -> Path:
+    """The family's full-size config: bundled (v1) or in ``shared/models/<arch>/`` beside the
+    checkout (v2/v3, whose backbone config.json sits next to it)."""
+    spec = SYNTHETIC[family]
     repo = Path(__file__).resolve().parents[2]
-    for path in (ASSET_YAML, Path.cwd().parent / SHARED_YAML, repo.parent / SHARED_YAML):
-        if path.is_file():
+    shared = Path("shared") / "models" / spec.arch / spec.config
+    bundled = ASSETS / "cosyvoice-300m-sft.yaml" if family == "cosyvoice1" else None
+    for path in (bundled, Path.cwd().parent / shared, repo.parent / shared):
+        if path is not None and path.is_file():
             return path
     raise FileNotFoundError(
-        "the full-size cosyvoice.yaml is missing (expected cosyserve/assets/cosyvoice-300m-sft.yaml)"
+        f"the full-size {spec.config} is missing (looked in {Path.cwd().parent / shared} and "
+        f"{repo.parent / shared})"
     )
 
 
-def synthetic_model_dir(cache: Path | None = None) -> Path:
-    """The full-size random-weight model directory, written on first use (about 1.7 GB)."""
+def synthetic_model_dir(cache: Path | None = None, family: str = "cosyvoice1") -> Path:
+    """The family's full-size random-weight model directory, written on first use (1.7-2.5 GB)."""
     from cosyserve.acceleration.onnx_export import cache_root
-    from cosyserve.families.cosyvoice1.loader import REQUIRED_FILES
     from cosyserve.tools.make_model import make_model
 
-    out = (cache or cache_root() / "bench") / SYNTHETIC_NAME
-    if all((out / name).is_file() for name in REQUIRED_FILES):
+    spec = SYNTHETIC[family]
+    out = (cache or cache_root() / "bench") / spec.name
+    if (out / SYNTHETIC_DONE).is_file():
         return out
-    print(
-        f"writing a full-size random-weight model to {out} (once; about 1.7 GB) ...",
-        file=sys.stderr,
-        flush=True,
-    )
-    make_model(full_size_yaml(), out, seed=0, overwrite=True)
+    print(f"writing a full-size random-weight model to {out} (once) ...", file=sys.stderr, flush=True)
+    make_model(full_size_yaml(family), out, seed=0, overwrite=True, speakers=spec.speakers)
+    (out / SYNTHETIC_DONE).write_text("written by cosyserve bench --synthetic\n")
     return out
+
+
+def default_tokens(model_dir: str) -> int:
+    """``BENCH_AUDIO_S`` of audio at the directory's family's speech-token rate."""
+    from cosyserve import families
+
+    return BENCH_AUDIO_S * families.detect(model_dir).speech_token_hz
 
 
 # ------------------------------------------------------------------------------------ configurations
@@ -155,16 +190,25 @@ def _current_rss_mb() -> float | None:
     return None
 
 
+def bench_request(backend: Any) -> Any:
+    """What every run synthesises: ``BENCH_TEXT`` in a built-in voice (英文女 where there is one),
+    else in whatever voice the backend's own warm-up uses (a saved voice or a prompt recording)."""
+    from cosyserve.api import SynthesisRequest
+
+    if "英文女" in backend.speakers:
+        request = SynthesisRequest(text=BENCH_TEXT, voice="英文女")
+    else:
+        request = dataclasses.replace(backend.warmup_request(), text=BENCH_TEXT)
+    return dataclasses.replace(request, enable_smart_split=False)
+
+
 def _synthesize(
-    backend: Any, voice: str, stream: bool, seed: int, tokens: int | None
+    backend: Any, template: Any, stream: bool, seed: int, tokens: int | None
 ) -> tuple[float, float, float | None, Any]:
     """(audio seconds, wall seconds, first chunk seconds, info) of one synthesis."""
-    from cosyserve.api import SynthesisRequest
     from cosyserve.engine.batching import run_alone
 
-    request = SynthesisRequest(
-        text=BENCH_TEXT, voice=voice, stream=stream, seed=seed, enable_smart_split=False
-    )
+    request = dataclasses.replace(template, stream=stream, seed=seed)
     t0 = time.perf_counter()
     # num_tokens: exactly N tokens per segment (EOS masked, generation capped at N).
     job = backend.open(request, num_tokens=tokens) if tokens else backend.open(request)
@@ -197,23 +241,24 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     tokens = int(args.tokens) if args.tokens else None
     timer = StageTimer()
     for attr in ("inference", "prepare", "decode"):
-        timer.wrap(model.flow, attr, "flow")
+        if hasattr(model.flow, attr):
+            timer.wrap(model.flow, attr, "flow")
     timer.wrap(model.hift, "inference", "vocoder")
-    voice = "英文女" if "英文女" in backend.speakers else next(iter(backend.speakers))
+    request = bench_request(backend)
 
     # Warm-up: the VM runs a fresh process several times slower for its first minute, and
     # allocators/ORT arenas settle on the first calls: synthesise until warm_up_s has passed.
     t_warm = time.perf_counter()
     warm_runs = 0
     while warm_runs < 1 or time.perf_counter() - t_warm < args.warmup_s:
-        _synthesize(backend, voice, bool(args.stream), warm_runs, tokens)
+        _synthesize(backend, request, bool(args.stream), warm_runs, tokens)
         warm_runs += 1
     warm_s = time.perf_counter() - t_warm
 
     runs: list[dict[str, Any]] = []
     for i in range(args.runs):
         timer.reset()
-        audio_s, wall, _, info = _synthesize(backend, voice, False, 100 + i, tokens)
+        audio_s, wall, _, info = _synthesize(backend, request, False, 100 + i, tokens)
         llm_s = info.stage_seconds.get("llm", 0.0)
         run = {
             "audio_s": audio_s,
@@ -226,7 +271,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             "rtf": wall / audio_s if audio_s > 0 else None,
         }
         if args.stream:
-            s_audio, s_wall, first, _ = _synthesize(backend, voice, True, 100 + i, tokens)
+            s_audio, s_wall, first, _ = _synthesize(backend, request, True, 100 + i, tokens)
             run.update(first_chunk_s=first, stream_rtf=s_wall / s_audio if s_audio > 0 else None)
         runs.append(run)
         logger.info(
@@ -264,9 +309,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "accelerations": backend.options.extra.get("accelerations", []),
         "per_run": runs,
     }
-    if plan.int8 and args.int8_deviation:
+    if plan.int8 and args.int8_deviation and backend.family == "cosyvoice1" and request.voice:
         # After the peak RSS was taken: this loads a second, FP32 copy of the LLM.
-        result["int8_deviation"] = int8_report(backend, str(args.model_dir), voice)
+        result["int8_deviation"] = int8_report(backend, str(args.model_dir), request.voice)
     return result
 
 
@@ -459,7 +504,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", action="append", default=None, help="measure this plan (repeatable)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per configuration")
     parser.add_argument(
-        "--tokens", type=int, default=250, help="force exactly N speech tokens (default 250 = 5 s)"
+        "--family",
+        choices=sorted(SYNTHETIC),
+        default=None,
+        help="with --synthetic: which full-size architecture (default cosyvoice1 = CosyVoice-300M-SFT)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help=f"force exactly N speech tokens (default {BENCH_AUDIO_S} s of audio: 250 for CosyVoice, 125 for 2 and 3)",
     )
     parser.add_argument(
         "--stream",
@@ -531,10 +585,18 @@ def main(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            args.model_dir = str(synthetic_model_dir())
+            args.model_dir = str(synthetic_model_dir(family=args.family))
+        elif args.family:
+            print(
+                "cosyserve bench: --family picks the --synthetic model; a --model_dir says its own",
+                file=sys.stderr,
+            )
+            return 2
         from cosyserve.hub import resolve_model_dir
 
         args.model_dir = str(resolve_model_dir(args.model_dir))
+        if args.tokens is None:
+            args.tokens = default_tokens(args.model_dir)
         if args.concurrency:
             from cosyserve.tools.loadtest import bench_main
 

@@ -8,8 +8,9 @@ model directory; their values are meaningless.
   kaldi fbank) -> output float32 `[B, 192]`.
 * `speech_tokenizer_v1.onnx`: inputs `feats` float32 `[1, 128, T]` (whisper log-mel, 100 frames/s)
   and `feats_length` int32 `[1]` -> output `indices` int32 `[1, ceil(T / 2)]`, ids in [0, 4096)
-  (50 tokens/s, the rate of the v1 tokenizer); `speech_tokenizer_v2.onnx` (CosyVoice2) is the same
-  with `[1, ceil(T / 4)]` (25 tokens/s) and ids in [0, 6561).
+  (50 tokens/s, the rate of the v1 tokenizer).
+* `speech_tokenizer_v2.onnx` / `speech_tokenizer_v3.onnx` (CosyVoice2 / CosyVoice3): fed the same
+  way (upstream's frontend is shared), 25 tokens/s: `indices` `[1, ceil(T / 4)]`, ids in [0, 6561).
 
 Upstream's frontend (`_extract_spk_embedding`, `_extract_speech_token`) feeds inputs by position
 (`get_inputs()[i].name`) and reads output 0, so names matter less than order, shapes and dtypes.
@@ -67,30 +68,37 @@ def campplus_model(rng: np.random.Generator, fbank_dim: int = 80, embed_dim: int
 
 
 def speech_tokenizer_model(
-    rng: np.random.Generator, n_mels: int = 128, vocab_size: int = 4096, frame_stride: int = 2
+    rng: np.random.Generator,
+    n_mels: int = 128,
+    vocab_size: int = 4096,
+    frames_per_token: int = 2,
+    name: str = "speech_tokenizer_v1",
 ) -> onnx.ModelProto:
     """Crop to feats_length, project every frame onto `vocab_size` random directions, argmax,
-    keep every `frame_stride`-th frame (100 -> 50 Hz for 2, 25 Hz for 4) -> int32 ids."""
+    keep every `frames_per_token`-th frame (100 Hz -> 50 Hz for v1, 25 Hz for v2/v3) -> int32 ids."""
     w = rng.standard_normal((n_mels, vocab_size)).astype(np.float32)
+    consts = {
+        "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64),
+        "two": np.array([2], np.int64),  # the time axis of feats (and v1's step)
+        "big": np.array([np.iinfo(np.int64).max], np.int64),
+    }
+    step = "two"
+    if frames_per_token != 2:
+        step = "step"
+        consts[step] = np.array([frames_per_token], np.int64)
     nodes = [
         helper.make_node("Cast", [TOKENIZER_INPUTS[1]], ["len64"], to=TensorProto.INT64),
         helper.make_node("Slice", [TOKENIZER_INPUTS[0], "zero", "len64", "two"], ["cropped"]),  # [1, M, L]
         helper.make_node("Transpose", ["cropped"], ["frames"], perm=[0, 2, 1]),  # [1, L, M]
         helper.make_node("MatMul", ["frames", "w"], ["scores"]),  # [1, L, V]
         helper.make_node("ArgMax", ["scores"], ["ids64"], axis=2, keepdims=0),  # [1, L]
-        helper.make_node("Slice", ["ids64", "zero", "big", "one", "stride"], ["half"]),  # [1, ceil(L/s)]
+        helper.make_node("Slice", ["ids64", "zero", "big", "one", step], ["half"]),  # [1, ceil(L/step)]
         helper.make_node("Cast", ["half"], [TOKENIZER_OUTPUT], to=TensorProto.INT32),
     ]
-    consts = {
-        "zero": np.array([0], np.int64),
-        "one": np.array([1], np.int64),
-        "two": np.array([2], np.int64),
-        "stride": np.array([frame_stride], np.int64),
-        "big": np.array([np.iinfo(np.int64).max], np.int64),
-    }
     graph = helper.make_graph(
         nodes,
-        "speech_tokenizer_v1_standin",
+        f"{name}_standin",
         [
             helper.make_tensor_value_info(TOKENIZER_INPUTS[0], TensorProto.FLOAT, [1, n_mels, "T"]),
             helper.make_tensor_value_info(TOKENIZER_INPUTS[1], TensorProto.INT32, [1]),
@@ -99,14 +107,15 @@ def speech_tokenizer_model(
         initializer=[numpy_helper.from_array(w, "w")]
         + [numpy_helper.from_array(v, k) for k, v in consts.items()],
     )
-    return _model(graph, "random stand-in for speech_tokenizer_v1.onnx (NOT a trained model)")
+    return _model(graph, f"random stand-in for {name}.onnx (NOT a trained model)")
 
 
 def check_standins(
     campplus_path: str | os.PathLike[str],
     tokenizer_path: str | os.PathLike[str],
+    embed_dim: int = 192,
     vocab_size: int = 4096,
-    frame_stride: int = 2,
+    frames_per_token: int = 2,
 ) -> None:
     """Run both files once in onnxruntime and check the output shapes / dtypes / ranges."""
     import onnxruntime
@@ -115,13 +124,14 @@ def check_standins(
     opts.intra_op_num_threads = 1
     cam = onnxruntime.InferenceSession(os.fspath(campplus_path), opts, providers=["CPUExecutionProvider"])
     emb = cam.run(None, {cam.get_inputs()[0].name: np.zeros((2, 37, 80), np.float32) + 0.5})[0]
-    if emb.shape != (2, 192) or emb.dtype != np.float32 or not np.isfinite(emb).all():
+    if emb.shape != (2, embed_dim) or emb.dtype != np.float32 or not np.isfinite(emb).all():
         raise RuntimeError(f"campplus stand-in gave {emb.shape} {emb.dtype}")
     tok = onnxruntime.InferenceSession(os.fspath(tokenizer_path), opts, providers=["CPUExecutionProvider"])
-    feats = np.random.default_rng(0).standard_normal((1, 128, 101)).astype(np.float32)
+    frames = 101
+    feats = np.random.default_rng(0).standard_normal((1, 128, frames)).astype(np.float32)
     names = [i.name for i in tok.get_inputs()]
-    ids = tok.run(None, {names[0]: feats, names[1]: np.array([101], np.int32)})[0]
-    expected = (1, -(-101 // frame_stride))
+    ids = tok.run(None, {names[0]: feats, names[1]: np.array([frames], np.int32)})[0]
+    expected = (1, -(-frames // frames_per_token))
     if ids.shape != expected or ids.dtype != np.int32 or ids.min() < 0 or ids.max() >= vocab_size:
         raise RuntimeError(f"speech tokenizer stand-in gave {ids.shape} {ids.dtype}")
 
@@ -132,15 +142,18 @@ def write_standins(
     embed_dim: int = 192,
     vocab_size: int = 4096,
     tokenizer_file: str = "speech_tokenizer_v1.onnx",
-    frame_stride: int = 2,
+    frames_per_token: int = 2,
 ) -> tuple[str, str]:
-    """Write `campplus.onnx` and the speech tokenizer (`tokenizer_file`, `frame_stride` Whisper
-    frames per token) into `out_dir`, check them, return the paths."""
+    """Write `campplus.onnx` and the speech tokenizer (`tokenizer_file`) into `out_dir`, check them,
+    return the paths."""
     rng = np.random.default_rng(seed)
     cam_path = os.path.join(out_dir, "campplus.onnx")
     tok_path = os.path.join(out_dir, tokenizer_file)
+    name = tokenizer_file.removesuffix(".onnx")
     onnx.save(campplus_model(rng, embed_dim=embed_dim), cam_path)
-    onnx.save(speech_tokenizer_model(rng, vocab_size=vocab_size, frame_stride=frame_stride), tok_path)
-    if embed_dim == 192:
-        check_standins(cam_path, tok_path, vocab_size, frame_stride)
+    onnx.save(
+        speech_tokenizer_model(rng, vocab_size=vocab_size, frames_per_token=frames_per_token, name=name),
+        tok_path,
+    )
+    check_standins(cam_path, tok_path, embed_dim, vocab_size, frames_per_token)
     return cam_path, tok_path

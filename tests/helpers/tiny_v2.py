@@ -1,9 +1,9 @@
 """A tiny CosyVoice2 model directory for tests, built from the parity set's random weights.
 
-Until ``cosyserve make-model`` writes CosyVoice2 directories, the parity set (official layout,
+For the served-path parity tests: the parity set (official layout,
 reduced dims) is the model: this copies it and adds what serving needs and the set leaves out:
 
-* the Qwen2 tokenizer files (:mod:`tests.helpers.qwen_tokenizer_files`), and a text embedding
+* the Qwen2 tokenizer files (:mod:`cosyserve.tools.qwen_tokenizer_files`), and a text embedding
   with a row for every id they produce (the set's table has 4096 rows: its LLM fixtures use random
   ids below that); the first 4096 rows are the set's, the rest small random values;
 * a flow token embedding for every speech token the LLM can produce (the set's flow has 4096
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from cosyserve.tools.onnx_standins import write_standins
+from cosyserve.tools.qwen_tokenizer_files import write_qwen_tokenizer_files
 from tests.helpers.parity import parity_root
-from tests.helpers.qwen_tokenizer_files import write_qwen_tokenizer_files
 
 SET = "set_a"
 TEXT_TABLE = "llm.model.model.embed_tokens.weight"
@@ -89,6 +89,6 @@ def make_tiny_v2_dir(out: Path, seed: int = 1234, source: Path | None = None) ->
         seed=seed,
         vocab_size=SPEECH_TOKENS,
         tokenizer_file="speech_tokenizer_v2.onnx",
-        frame_stride=4,
+        frames_per_token=4,
     )
     return out

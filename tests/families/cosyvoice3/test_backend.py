@@ -47,7 +47,7 @@ def test_opens_the_official_layout(tiny_v3_backend: CosyVoice3Backend, tiny_v3_m
     assert backend.voices() == [] and backend.speakers == {}
     info = backend.describe()
     assert info["family"] == "cosyvoice3" and info["zero_shot"] is True and info["voice_conversion"] is True
-    assert info["parameters"]["llm"] > 0 and info["estimator_onnx"] is False
+    assert info["parameters"]["llm"] > 0 and info["estimator_onnx"] is True  # make-model ships it
     files = find_model_files(tiny_v3_model_dir)
     assert files.speech_tokenizer.name == "speech_tokenizer_v3.onnx"
     assert (

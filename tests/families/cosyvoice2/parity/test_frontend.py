@@ -15,9 +15,9 @@ import torch
 from cosyserve.errors import InvalidRequestError
 from cosyserve.families.cosyvoice2.frontend import CosyVoice2Frontend, ModelInput
 from cosyserve.text.qwen_tokenizer import ENDOFPROMPT, QwenTokenizer, load_qwen_tokenizer
+from cosyserve.tools.qwen_tokenizer_files import write_qwen_tokenizer_files
 from cosyserve.voices.prompt import PromptFeatures
 from tests.helpers.parity import ParitySet
-from tests.helpers.qwen_tokenizer_files import write_qwen_tokenizer_files
 
 pytestmark = [pytest.mark.parity, pytest.mark.timeout(300)]
 
