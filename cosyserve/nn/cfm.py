@@ -12,8 +12,10 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.errors import InvalidRequestError
@@ -32,6 +34,104 @@ def cosine_t_span(n_timesteps: int, device: torch.device | None = None) -> Tenso
     return 1 - torch.cos(t * 0.5 * torch.pi)
 
 
+def check_cosine_euler(cfg: CFMConfig) -> None:
+    """Raise ValueError unless `cfg` asks for the one sampler served: cosine t-schedule, Euler."""
+    if cfg.t_scheduler != "cosine" or cfg.solver != "euler":
+        raise ValueError(
+            f"only the cosine t-schedule with the Euler solver is supported, got "
+            f"{cfg.t_scheduler!r}/{cfg.solver!r}"
+        )
+
+
+def euler_cfg(
+    run: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor],
+    z: Tensor,
+    mu: Tensor,
+    mask: Tensor,
+    spks: Tensor,
+    cond: Tensor,
+    n_timesteps: int,
+    rate: float,
+) -> Tensor:
+    """The Euler loop with classifier-free guidance, for B requests at once: z, mu, cond
+    `[B, 80, T]`, mask `[B, 1, T]`, spks `[B, 80]`; returns float32 `[B, 80, T]`.
+
+    Each step calls `run(x, mask, mu, t, spks, cond)` once on a batch of 2B: rows `[:B]`
+    conditional, rows `[B:]` unconditional (mu, spks, cond zeroed);
+    `x += dt * ((1 + rate) v_cond - rate v_uncond)`. The estimator inputs are in spks' dtype;
+    `x` starts as `z` (its dtype as given).
+    """
+    n = n_timesteps
+    b, _, frames = z.shape
+    dtype = spks.dtype
+    t_span = cosine_t_span(n, z.device)
+
+    # Estimator inputs built once; only x and t change per step (fixed buffers suit TensorRT).
+    x_in = torch.empty((2 * b, z.shape[1], frames), device=z.device, dtype=dtype)
+    mask_in = torch.cat([mask, mask]).to(dtype)
+    mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(dtype)
+    spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dtype)
+    cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dtype)
+    t_in = torch.empty((2 * b,), device=z.device, dtype=dtype)
+
+    x = z
+    # t and dt accumulate in float32 exactly as upstream (t += dt; dt = t_span[k+1] - t).
+    t = t_span[0:1]
+    dt = t_span[1] - t_span[0]
+    for step in range(1, n + 1):
+        x_in[:b] = x
+        x_in[b:] = x
+        t_in[:] = t
+        v = run(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
+        v_cond, v_uncond = v[:b], v[b:]
+        x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+        t = t + dt
+        if step < n:
+            dt = t_span[step + 1] - t
+    return x.float()
+
+
+@dataclass
+class PreparedFlow:
+    """One request, ready for the Euler loop (channels-first, batch 1, T = prompt + new frames);
+    each family's flow extends it with what its `prepare` adds (a streaming flag, a cache)."""
+
+    mu: Tensor  # [1, 80, T]
+    spks: Tensor  # [1, 80]
+    cond: Tensor  # [1, 80, T]: prompt mel in the first `prompt_frames` frames, zeros after
+    z: Tensor  # [1, 80, T] initial ODE state
+    prompt_frames: int
+
+    @property
+    def frames(self) -> int:
+        return self.mu.shape[2]
+
+
+def solve_batch(
+    solve: Callable[..., Tensor], items: Sequence[PreparedFlow], *args: object, **kwargs: object
+) -> list[Tensor]:
+    """Run `solve(z, mu, mask, spks, cond, *args, **kwargs)` (a CFM's `solve_euler`) once for
+    several prepared requests: shorter ones right-padded to the longest and masked. Returns each
+    request's mel `[1, 80, T_new]` (prompt frames and padding removed), in order."""
+    if len(items) == 1:
+        it = items[0]
+        mask = torch.ones((1, 1, it.frames), device=it.mu.device, dtype=it.mu.dtype)
+        mel = solve(it.z, it.mu, mask, it.spks, it.cond, *args, **kwargs)
+        return [mel[:, :, it.prompt_frames :]]
+    frames = max(it.frames for it in items)
+
+    def pad(x: Tensor) -> Tensor:
+        return F.pad(x, (0, frames - x.shape[-1]))
+
+    z = torch.cat([pad(it.z) for it in items])
+    mu = torch.cat([pad(it.mu) for it in items])
+    cond = torch.cat([pad(it.cond) for it in items])
+    spks = torch.cat([it.spks for it in items])
+    mask = torch.cat([pad(torch.ones_like(it.mu[:, :1])) for it in items])
+    mel = solve(z, mu, mask, spks, cond, *args, **kwargs)
+    return [mel[i : i + 1, :, it.prompt_frames : it.frames] for i, it in enumerate(items)]
+
+
 class ConditionalCFM(nn.Module):
     """Conditional flow matching sampler (Euler, classifier-free guidance as a batch of two).
 
@@ -47,12 +147,8 @@ class ConditionalCFM(nn.Module):
         super().__init__()
         if estimator is None and estimator_cfg is None:
             raise ValueError("ConditionalCFM needs an estimator or the config to build v1's U-Net")
+        check_cosine_euler(cfg)
         self.cfg = cfg
-        if cfg.t_scheduler != "cosine" or cfg.solver != "euler":
-            raise ValueError(
-                f"only the cosine t-schedule with the Euler solver is supported, got "
-                f"{cfg.t_scheduler!r}/{cfg.solver!r}"
-            )
         self.estimator = estimator if estimator is not None else ConditionalDecoder(estimator_cfg)  # type: ignore[arg-type]
         self.estimator_runner: EstimatorFn | None = None
 
@@ -104,34 +200,7 @@ class ConditionalCFM(nn.Module):
         """
         run = estimator or self.forward_estimator
         n = n_timesteps or self.cfg.n_timesteps
-        rate = self.cfg.inference_cfg_rate
-        b, _, frames = z.shape
-        dtype = spks.dtype
-        t_span = cosine_t_span(n, z.device)
-
-        # Estimator inputs built once; only x and t change per step (fixed buffers suit TensorRT).
-        x_in = torch.empty((2 * b, z.shape[1], frames), device=z.device, dtype=dtype)
-        mask_in = torch.cat([mask, mask]).to(dtype)
-        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(dtype)
-        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dtype)
-        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dtype)
-        t_in = torch.empty((2 * b,), device=z.device, dtype=dtype)
-
-        x = z
-        # t and dt accumulate in float32 exactly as upstream (t += dt; dt = t_span[k+1] - t).
-        t = t_span[0:1]
-        dt = t_span[1] - t_span[0]
-        for step in range(1, n + 1):
-            x_in[:b] = x
-            x_in[b:] = x
-            t_in[:] = t
-            v = run(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
-            v_cond, v_uncond = v[:b], v[b:]
-            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
-            t = t + dt
-            if step < n:
-                dt = t_span[step + 1] - t
-        return x.float()
+        return euler_cfg(run, z, mu, mask, spks, cond, n, self.cfg.inference_cfg_rate)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.families.cosyvoice1.config import FlowConfig, LengthRegulatorConfig
-from cosyserve.nn.cfm import ConditionalCFM
+from cosyserve.nn.cfm import ConditionalCFM, PreparedFlow, solve_batch
 from cosyserve.nn.conformer import Encoder
 
 logger = logging.getLogger(__name__)
@@ -112,19 +112,10 @@ def apply_cache(
 
 
 @dataclass
-class FlowInputs:
-    """One request, ready for the Euler loop (channels-first, batch 1, T = prompt + new frames)."""
+class FlowInputs(PreparedFlow):
+    """One request, ready for the Euler loop; `mu` and `z` have the streaming cache applied."""
 
-    mu: Tensor  # [1, 80, T], streaming cache applied
-    spks: Tensor  # [1, 80]
-    cond: Tensor  # [1, 80, T]: prompt mel in the first `prompt_frames` frames, zeros after
-    z: Tensor  # [1, 80, T] initial ODE state, streaming cache applied
-    prompt_frames: int
     cache: Tensor  # the flow cache to pass with the next chunk, [1, 80, prompt_frames + 34, 2]
-
-    @property
-    def frames(self) -> int:
-        return self.mu.shape[2]
 
 
 class MaskedDiffWithXvec(nn.Module):
@@ -209,24 +200,7 @@ class MaskedDiffWithXvec(nn.Module):
     def decode(self, items: Sequence[FlowInputs], n_timesteps: int | None = None) -> list[Tensor]:
         """Run the ODE for several prepared requests in one batch; returns each mel `[1, 80, T_new]`
         (prompt frames removed)."""
-        if len(items) == 1:
-            it = items[0]
-            mask = torch.ones((1, 1, it.frames), device=it.mu.device, dtype=it.mu.dtype)
-            mel = self.decoder.solve_euler(it.z, it.mu, mask, it.spks, it.cond, n_timesteps)
-            return [mel[:, :, it.prompt_frames :]]
-
-        frames = max(it.frames for it in items)
-
-        def pad(x: Tensor) -> Tensor:
-            return F.pad(x, (0, frames - x.shape[-1]))
-
-        z = torch.cat([pad(it.z) for it in items])
-        mu = torch.cat([pad(it.mu) for it in items])
-        cond = torch.cat([pad(it.cond) for it in items])
-        spks = torch.cat([it.spks for it in items])
-        mask = torch.cat([pad(torch.ones_like(it.mu[:, :1])) for it in items])
-        mel = self.decoder.solve_euler(z, mu, mask, spks, cond, n_timesteps)
-        return [mel[i : i + 1, :, it.prompt_frames : it.frames] for i, it in enumerate(items)]
+        return solve_batch(self.decoder.solve_euler, items, n_timesteps)
 
     @torch.inference_mode()
     def inference(

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from cosyserve.families.cosyvoice2.config import CausalFlowConfig, UpsampleEncoderConfig
 from cosyserve.nn.causal_unet import CausalConditionalDecoder
-from cosyserve.nn.cfm import CausalConditionalCFM
+from cosyserve.nn.cfm import CausalConditionalCFM, PreparedFlow, solve_batch
 from cosyserve.nn.conformer import EncoderLayer, LinearInput, chunk_attention_mask
 from cosyserve.nn.lookahead import PreLookaheadLayer
 
@@ -113,19 +113,11 @@ class UpsampleConformerEncoder(nn.Module):
 
 
 @dataclass
-class CausalFlowInputs:
-    """One request, ready for the Euler loop (channels-first, batch 1, T = prompt + new frames)."""
+class CausalFlowInputs(PreparedFlow):
+    """One request, ready for the Euler loop; `z` is the head of the fixed noise (shared storage:
+    never modified)."""
 
-    mu: Tensor  # [1, 80, T]
-    spks: Tensor  # [1, 80]
-    cond: Tensor  # [1, 80, T]: prompt mel in the first `prompt_frames` frames, zeros after
-    z: Tensor  # [1, 80, T]: the head of the fixed noise (shared storage: never modified)
-    prompt_frames: int
     streaming: bool
-
-    @property
-    def frames(self) -> int:
-        return self.mu.shape[2]
 
 
 class CausalMaskedDiffWithXvec(nn.Module):
@@ -224,26 +216,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         streaming = items[0].streaming
         if any(it.streaming != streaming for it in items):
             raise ValueError("streaming and non-streaming flow calls cannot share an Euler loop")
-        if len(items) == 1:
-            it = items[0]
-            mask = torch.ones((1, 1, it.frames), device=it.mu.device, dtype=it.mu.dtype)
-            mel = self.decoder.solve_euler(
-                it.z, it.mu, mask, it.spks, it.cond, n_timesteps, streaming=streaming
-            )
-            return [mel[:, :, it.prompt_frames :]]
-
-        frames = max(it.frames for it in items)
-
-        def pad(x: Tensor) -> Tensor:
-            return F.pad(x, (0, frames - x.shape[-1]))
-
-        z = torch.cat([pad(it.z) for it in items])
-        mu = torch.cat([pad(it.mu) for it in items])
-        cond = torch.cat([pad(it.cond) for it in items])
-        spks = torch.cat([it.spks for it in items])
-        mask = torch.cat([pad(torch.ones_like(it.mu[:, :1])) for it in items])
-        mel = self.decoder.solve_euler(z, mu, mask, spks, cond, n_timesteps, streaming=streaming)
-        return [mel[i : i + 1, :, it.prompt_frames : it.frames] for i, it in enumerate(items)]
+        return solve_batch(self.decoder.solve_euler, items, n_timesteps, streaming=streaming)
 
     @torch.inference_mode()
     def inference(

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from cosyserve.errors import UnsupportedModeError
 from cosyserve.families.cosyvoice3.config import CONFIG_FILE, FlowConfig
 from cosyserve.families.cosyvoice3.noise import check_flow_frames, reference_flow_noise
-from cosyserve.nn.cfm import cosine_t_span
+from cosyserve.nn.cfm import PreparedFlow, check_cosine_euler, euler_cfg, solve_batch
 from cosyserve.nn.checkpoint import load_into, read_checkpoint, skip_random_init
 from cosyserve.nn.config import CFMConfig
 from cosyserve.nn.dit import DiT, DiTConfig
@@ -61,12 +61,8 @@ class CausalConditionalCFM(nn.Module):
 
     def __init__(self, cfg: CFMConfig, dit_cfg: DiTConfig):
         super().__init__()
+        check_cosine_euler(cfg)
         self.cfg = cfg
-        if cfg.t_scheduler != "cosine" or cfg.solver != "euler":
-            raise ValueError(
-                f"only the cosine t-schedule with the Euler solver is supported, got "
-                f"{cfg.t_scheduler!r}/{cfg.solver!r}"
-            )
         self.estimator = DiT(dit_cfg)
         self.estimator_runner: EstimatorFn | None = None
         self._runner_streams: tuple[EstimatorFn, bool] | None = None  # (runner, takes `streaming`)
@@ -111,32 +107,11 @@ class CausalConditionalCFM(nn.Module):
         ``[B, 80]``. Each step runs the estimator on 2B rows (``[:B]`` conditional, ``[B:]`` with
         mu, spks and cond zeroed); ``x += dt * ((1 + r) v_cond - r v_uncond)``."""
         n = n_timesteps or self.cfg.n_timesteps
-        rate = self.cfg.inference_cfg_rate
-        b = z.shape[0]
-        dtype = spks.dtype
-        t_span = cosine_t_span(n, z.device)
-        # Estimator inputs built once; only x and t change per step (fixed buffers suit TensorRT).
-        x_in = torch.empty((2 * b, *z.shape[1:]), device=z.device, dtype=dtype)
-        mask_in = torch.cat([mask, mask]).to(dtype)
-        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(dtype)
-        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dtype)
-        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dtype)
-        t_in = torch.empty((2 * b,), device=z.device, dtype=dtype)
 
-        x = z.to(dtype)
-        # t and dt accumulate in float32 exactly as upstream (t += dt; dt = t_span[k+1] - t).
-        t = t_span[0:1]
-        dt = t_span[1] - t_span[0]
-        for step in range(1, n + 1):
-            x_in[:b] = x
-            x_in[b:] = x
-            t_in[:] = t
-            v = self.forward_estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
-            x = x + dt * ((1.0 + rate) * v[:b] - rate * v[b:])
-            t = t + dt
-            if step < n:
-                dt = t_span[step + 1] - t
-        return x.float()
+        def run(x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor) -> Tensor:
+            return self.forward_estimator(x, mask, mu, t, spks, cond, streaming)
+
+        return euler_cfg(run, z.to(spks.dtype), mu, mask, spks, cond, n, self.cfg.inference_cfg_rate)
 
 
 def takes_streaming(runner: EstimatorFn) -> bool:
@@ -149,19 +124,10 @@ def takes_streaming(runner: EstimatorFn) -> bool:
 
 
 @dataclass
-class FlowInputs:
-    """One request, ready for the Euler loop (channels-first, batch 1, T = prompt + new frames)."""
+class FlowInputs(PreparedFlow):
+    """One request, ready for the Euler loop."""
 
-    mu: Tensor  # [1, 80, T]
-    spks: Tensor  # [1, 80]
-    cond: Tensor  # [1, 80, T]: prompt mel in the first `prompt_frames` frames, zeros after
-    z: Tensor  # [1, 80, T] initial ODE state
-    prompt_frames: int
     streaming: bool  # chunk-masked attention (a stream's non-final chunk)
-
-    @property
-    def frames(self) -> int:
-        return self.mu.shape[2]
 
 
 class CausalMaskedDiffWithDiT(nn.Module):
@@ -272,31 +238,12 @@ class CausalMaskedDiffWithDiT(nn.Module):
         for streaming in (False, True):
             group = [i for i, it in enumerate(items) if it.streaming == streaming]
             if group:
-                mels = self._decode_group([items[i] for i in group], streaming, n_timesteps)
+                mels = solve_batch(
+                    self.decoder.solve_euler, [items[i] for i in group], streaming, n_timesteps
+                )
                 for i, mel in zip(group, mels):
                     out[i] = mel
         return out  # type: ignore[return-value]
-
-    def _decode_group(
-        self, items: Sequence[FlowInputs], streaming: bool, n_timesteps: int | None
-    ) -> list[Tensor]:
-        if len(items) == 1:
-            it = items[0]
-            mask = torch.ones((1, 1, it.frames), device=it.mu.device, dtype=it.mu.dtype)
-            mel = self.decoder.solve_euler(it.z, it.mu, mask, it.spks, it.cond, streaming, n_timesteps)
-            return [mel[:, :, it.prompt_frames :]]
-        frames = max(it.frames for it in items)
-
-        def pad(x: Tensor) -> Tensor:
-            return F.pad(x, (0, frames - x.shape[-1]))
-
-        z = torch.cat([pad(it.z) for it in items])
-        mu = torch.cat([pad(it.mu) for it in items])
-        cond = torch.cat([pad(it.cond) for it in items])
-        spks = torch.cat([it.spks for it in items])
-        mask = torch.cat([pad(torch.ones_like(it.mu[:, :1])) for it in items])
-        mel = self.decoder.solve_euler(z, mu, mask, spks, cond, streaming, n_timesteps)
-        return [mel[i : i + 1, :, it.prompt_frames : it.frames] for i, it in enumerate(items)]
 
     @torch.inference_mode()
     def inference(
