@@ -194,7 +194,17 @@ def map_hift_config(ctx: ConfigContext, value: Any) -> HiFTConfig:
         ctx.fail(f"'hift.istft_params' must be a mapping with n_fft and hop_len, got {istft!r}")
     istft_node = ConfigNode(ctx, "hift.istft_params", Tagged("new", "dict", kwargs=istft))
     f0 = node.child("f0_predictor", (CONV_RNN_F0_PREDICTOR,))
-    cfg = HiFTConfig(
+    cfg = HiFTConfig(**hift_fields(node, istft_node), f0_predictor=map_f0_predictor_config(f0))
+    check_hift_stages(ctx, cfg)
+    if cfg.sampling_rate <= 0:
+        ctx.fail(f"'hift.sampling_rate' must be positive, got {cfg.sampling_rate}")
+    return cfg
+
+
+def hift_fields(node: ConfigNode, istft: ConfigNode) -> dict[str, Any]:
+    """The :class:`HiFTConfig` fields but `f0_predictor`, read from a `hift` node and its
+    `istft_params` node, with upstream's constructor defaults (HiFT and the causal HiFT alike)."""
+    return dict(
         in_channels=node.int("in_channels", 80),
         base_channels=node.int("base_channels", 512),
         nb_harmonics=node.int("nb_harmonics", 8),
@@ -204,8 +214,8 @@ def map_hift_config(ctx: ConfigContext, value: Any) -> HiFTConfig:
         nsf_voiced_threshold=node.float("nsf_voiced_threshold", 10.0),
         upsample_rates=node.ints("upsample_rates", (8, 8)),
         upsample_kernel_sizes=node.ints("upsample_kernel_sizes", (16, 16)),
-        istft_n_fft=istft_node.int("n_fft"),
-        istft_hop_len=istft_node.int("hop_len"),
+        istft_n_fft=istft.int("n_fft"),
+        istft_hop_len=istft.int("hop_len"),
         resblock_kernel_sizes=node.ints("resblock_kernel_sizes", (3, 7, 11)),
         resblock_dilation_sizes=node.int_lists("resblock_dilation_sizes", ((1, 3, 5), (1, 3, 5), (1, 3, 5))),
         source_resblock_kernel_sizes=node.ints("source_resblock_kernel_sizes", (7, 11)),
@@ -214,12 +224,20 @@ def map_hift_config(ctx: ConfigContext, value: Any) -> HiFTConfig:
         ),
         lrelu_slope=node.float("lrelu_slope", 0.1),
         audio_limit=node.float("audio_limit", 0.99),
-        f0_predictor=F0PredictorConfig(
-            num_class=f0.int("num_class", 1),
-            in_channels=f0.int("in_channels", 80),
-            cond_channels=f0.int("cond_channels", 512),
-        ),
     )
+
+
+def map_f0_predictor_config(f0: ConfigNode) -> F0PredictorConfig:
+    """A `hift.f0_predictor` node (ConvRNNF0Predictor or its causal variant)."""
+    return F0PredictorConfig(
+        num_class=f0.int("num_class", 1),
+        in_channels=f0.int("in_channels", 80),
+        cond_channels=f0.int("cond_channels", 512),
+    )
+
+
+def check_hift_stages(ctx: ConfigContext, cfg: HiFTConfig) -> None:
+    """Fail unless the HiFT's per-stage lists agree in length."""
     if len(cfg.upsample_rates) != len(cfg.upsample_kernel_sizes):
         ctx.fail("'hift.upsample_rates' and 'hift.upsample_kernel_sizes' differ in length")
     if len(cfg.resblock_kernel_sizes) != len(cfg.resblock_dilation_sizes):
@@ -230,9 +248,6 @@ def map_hift_config(ctx: ConfigContext, value: Any) -> HiFTConfig:
         )
     if len(cfg.source_resblock_kernel_sizes) != len(cfg.upsample_rates):
         ctx.fail("'hift.source_resblock_kernel_sizes' needs one entry per upsample stage")
-    if cfg.sampling_rate <= 0:
-        ctx.fail(f"'hift.sampling_rate' must be positive, got {cfg.sampling_rate}")
-    return cfg
 
 
 def map_mel_config(ctx: ConfigContext, value: Any, default: MelConfig, family: str) -> MelConfig:

@@ -19,7 +19,14 @@ from typing import Any
 
 from cosyserve.families.cosyvoice2.llm import BACKBONE_DIR, Qwen2LMConfig
 from cosyserve.families.cosyvoice3.llm import cosyvoice3_llm_config
-from cosyserve.nn.config import CFMConfig, F0PredictorConfig, HiFTConfig, MelConfig
+from cosyserve.nn.config import (
+    CFMConfig,
+    HiFTConfig,
+    MelConfig,
+    check_hift_stages,
+    hift_fields,
+    map_f0_predictor_config,
+)
 from cosyserve.nn.dit import DiTConfig
 from cosyserve.nn.qwen2 import Qwen2Config, load_qwen2_config
 from cosyserve.nn.yaml_reader import (
@@ -236,31 +243,9 @@ def _hift_config(ctx: ConfigContext, value: Any) -> CausalHiFTConfig:
     )
     f0 = node.child("f0_predictor", (CAUSAL_F0_PREDICTOR,))
     cfg = CausalHiFTConfig(
-        in_channels=node.int("in_channels", 80),
-        base_channels=node.int("base_channels", 512),
-        nb_harmonics=node.int("nb_harmonics", 8),
-        sampling_rate=node.int("sampling_rate", 22050),
-        nsf_alpha=node.float("nsf_alpha", 0.1),
-        nsf_sigma=node.float("nsf_sigma", 0.003),
-        nsf_voiced_threshold=node.float("nsf_voiced_threshold", 10.0),
-        upsample_rates=node.ints("upsample_rates", (8, 8)),
-        upsample_kernel_sizes=node.ints("upsample_kernel_sizes", (16, 16)),
-        istft_n_fft=istft.int("n_fft"),
-        istft_hop_len=istft.int("hop_len"),
-        resblock_kernel_sizes=node.ints("resblock_kernel_sizes", (3, 7, 11)),
-        resblock_dilation_sizes=node.int_lists("resblock_dilation_sizes", ((1, 3, 5), (1, 3, 5), (1, 3, 5))),
-        source_resblock_kernel_sizes=node.ints("source_resblock_kernel_sizes", (7, 11)),
-        source_resblock_dilation_sizes=node.int_lists(
-            "source_resblock_dilation_sizes", ((1, 3, 5), (1, 3, 5))
-        ),
-        lrelu_slope=node.float("lrelu_slope", 0.1),
-        audio_limit=node.float("audio_limit", 0.99),
+        **hift_fields(node, istft),
         conv_pre_look_right=node.int("conv_pre_look_right", 4),
-        f0_predictor=F0PredictorConfig(
-            num_class=f0.int("num_class", 1),
-            in_channels=f0.int("in_channels", 80),
-            cond_channels=f0.int("cond_channels", 512),
-        ),
+        f0_predictor=map_f0_predictor_config(f0),
     )
     if cfg.sampling_rate == 22050:
         # Upstream picks the non-causal SineGen ("type 1") at 22050 Hz, which has no fixed noise.
@@ -281,16 +266,7 @@ def _hift_config(ctx: ConfigContext, value: Any) -> CausalHiFTConfig:
         )
     if cfg.conv_pre_look_right < 1:
         ctx.fail(f"'hift.conv_pre_look_right' must be >= 1, got {cfg.conv_pre_look_right}")
-    if len(cfg.upsample_rates) != len(cfg.upsample_kernel_sizes):
-        ctx.fail("'hift.upsample_rates' and 'hift.upsample_kernel_sizes' differ in length")
-    if len(cfg.resblock_kernel_sizes) != len(cfg.resblock_dilation_sizes):
-        ctx.fail("'hift.resblock_kernel_sizes' and 'hift.resblock_dilation_sizes' differ in length")
-    if len(cfg.source_resblock_kernel_sizes) != len(cfg.source_resblock_dilation_sizes):
-        ctx.fail(
-            "'hift.source_resblock_kernel_sizes' and 'hift.source_resblock_dilation_sizes' differ in length"
-        )
-    if len(cfg.source_resblock_kernel_sizes) != len(cfg.upsample_rates):
-        ctx.fail("'hift.source_resblock_kernel_sizes' needs one entry per upsample stage")
+    check_hift_stages(ctx, cfg)
     if cfg.base_channels % 2 ** len(cfg.upsample_rates):
         ctx.fail(
             f"'hift.base_channels' ({cfg.base_channels}) must be divisible by 2**{len(cfg.upsample_rates)} "
