@@ -811,7 +811,13 @@ class Qwen2LM(nn.Module):
             as_id_list(prompt_speech_tokens),
             mix_ratio=self.cfg.mix_ratio,
             max_token_text_ratio=max_token_text_ratio,
+            **self._bistream_options(),
         )
+
+    def _bistream_options(self) -> dict[str, Any]:
+        """Hook for family options of :class:`BistreamDecoder` (CosyVoice3 splits the prompt at
+        <|endofprompt|>)."""
+        return {}
 
     def _check_text(self, text: list[int], prompt_text: list[int]) -> None:
         """Hook for family rules on the ids (CosyVoice3 requires <|endofprompt|>)."""

@@ -24,7 +24,7 @@ CosyVoice2: :class:`~cosyserve.families.cosyvoice2.llm.BistreamDecoder`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,14 +33,11 @@ from torch import Tensor, nn
 from cosyserve.errors import InvalidRequestError
 from cosyserve.families.cosyvoice2.llm import (
     ENDOFPROMPT_ID,
-    MAX_TOKEN_TEXT_RATIO,
-    BistreamDecoder,
     InputKind,
     Qwen2Encoder,
     Qwen2LM,
     Qwen2LMConfig,
     SpeechVocab,
-    as_id_list,
     build_llm,
     load_backbone_config,
     load_llm_weights,
@@ -114,22 +111,8 @@ class CosyVoice3LM(Qwen2LM):
                 "'You are a helpful assistant.<|endofprompt|>' followed by the prompt transcript)"
             )
 
-    def bistream(
-        self,
-        prompt_text_ids: Tensor | Sequence[int] | None = None,
-        prompt_speech_tokens: Tensor | Sequence[int] | None = None,
-        *,
-        max_token_text_ratio: float | None = MAX_TOKEN_TEXT_RATIO,
-    ) -> BistreamDecoder:
-        return BistreamDecoder(
-            self.vocab,
-            as_id_list(prompt_text_ids),
-            as_id_list(prompt_speech_tokens),
-            mix_ratio=self.cfg.mix_ratio,
-            split_at_endofprompt=True,
-            endofprompt_id=self.endofprompt_id,
-            max_token_text_ratio=max_token_text_ratio,
-        )
+    def _bistream_options(self) -> dict[str, Any]:
+        return {"split_at_endofprompt": True, "endofprompt_id": self.endofprompt_id}
 
 
 def load_llm(
