@@ -20,7 +20,7 @@ from typing import Any
 
 from cosyserve.errors import ModelConfigError, ModelDirectoryError
 
-__all__ = ["FAMILIES", "FamilyEntry", "detect", "detect_from_tree", "entry", "import_family"]
+__all__ = ["FAMILIES", "FamilyEntry", "detect", "detect_from_tree", "entry", "family_root", "import_family"]
 
 
 @dataclass(frozen=True)
@@ -152,3 +152,16 @@ def detect(model_dir: str | os.PathLike[str]) -> FamilyEntry:
             "an official model directory has exactly one"
         )
     return found[0]
+
+
+def family_root(model_dir: str | os.PathLike[str], family: str) -> Path:
+    """The resolved root of a model directory that :func:`detect` finds to be of ``family``;
+    ModelConfigError naming the family it does hold otherwise."""
+    found = detect(model_dir)  # ModelDirectoryError: no such directory, no (or several) configs
+    root = Path(model_dir).expanduser().resolve()
+    if found.name != family:
+        raise ModelConfigError(
+            f"{root}: this is a {found.title} model directory ({found.config_file}), "
+            f"not a {FAMILIES[family].title} one"
+        )
+    return root

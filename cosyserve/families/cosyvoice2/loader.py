@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cosyserve.errors import ModelConfigError, ModelDirectoryError
-from cosyserve.families import FAMILIES, detect
+from cosyserve.families import FAMILIES, family_root
 from cosyserve.families.cosyvoice2.config import CONFIG_FILE, CosyVoice2Config, load_model_config
 from cosyserve.families.cosyvoice2.flow import CausalMaskedDiffWithXvec
 from cosyserve.families.cosyvoice2.llm import BACKBONE_DIR, Qwen2LM, build_llm, load_llm_weights
@@ -72,16 +72,10 @@ class ModelFiles:
 
 def find_model_files(model_dir: str | os.PathLike[str]) -> ModelFiles:
     """Check that ``model_dir`` has the files of a CosyVoice2 model directory."""
-    found = detect(model_dir)  # ModelDirectoryError: no such directory, no (or several) configs
-    root = Path(model_dir).expanduser().resolve()
-    if found.name != FAMILY:
-        raise ModelConfigError(
-            f"{root}: this is a {found.title} model directory ({found.config_file}), not a CosyVoice2 one"
-        )
+    root = family_root(model_dir, FAMILY)
     missing = [name for name in REQUIRED_FILES if not (root / name).is_file()]
     backbone = root / BACKBONE_DIR
-    if not any(all((backbone / f).is_file() for f in names) for names in TOKENIZER_FILES):
-        missing.append(f"{BACKBONE_DIR}/vocab.json + merges.txt (or tokenizer.json)")
+    missing += missing_tokenizer_files(backbone)
     if missing:
         raise ModelDirectoryError(
             f"{root}: missing {', '.join(missing)} (a CosyVoice2 model directory needs "
@@ -113,6 +107,13 @@ def find_model_files(model_dir: str | os.PathLike[str]) -> ModelFiles:
             SPEECH_TOKENIZER_FILE,
         )
     return files
+
+
+def missing_tokenizer_files(backbone: Path) -> list[str]:
+    """What to name as missing when ``backbone`` lacks the Qwen2 tokenizer files (empty: all there)."""
+    if any(all((backbone / f).is_file() for f in names) for names in TOKENIZER_FILES):
+        return []
+    return [f"{BACKBONE_DIR}/vocab.json + merges.txt (or tokenizer.json)"]
 
 
 def check_vocabularies(config: CosyVoice2Config, tokenizer: QwenTokenizer, source: Path) -> None:

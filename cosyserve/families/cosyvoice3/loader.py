@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from cosyserve.errors import ModelConfigError, ModelDirectoryError
-from cosyserve.families import FAMILIES, detect
+from cosyserve.errors import ModelDirectoryError
+from cosyserve.families import FAMILIES, family_root
 from cosyserve.families.cosyvoice2.llm import BACKBONE_DIR, LLM_CHECKPOINT
-from cosyserve.families.cosyvoice2.loader import TOKENIZER_FILES, check_vocabularies
+from cosyserve.families.cosyvoice2.loader import check_vocabularies, missing_tokenizer_files
 from cosyserve.families.cosyvoice3.config import CONFIG_FILE, ModelConfig, load_model_config
 from cosyserve.families.cosyvoice3.flow import CausalMaskedDiffWithDiT, load_flow
 from cosyserve.families.cosyvoice3.hift import CausalHiFTGenerator, load_causal_hift_file
@@ -68,16 +68,10 @@ class ModelFiles:
 
 def find_model_files(model_dir: str | os.PathLike[str]) -> ModelFiles:
     """Check that ``model_dir`` has the files of a CosyVoice3 model directory (module docstring)."""
-    found = detect(model_dir)  # ModelDirectoryError: no such directory, no (or several) configs
-    root = Path(model_dir).expanduser().resolve()
-    if found.name != FAMILY:
-        raise ModelConfigError(
-            f"{root}: this is a {found.title} model directory ({found.config_file}), not a CosyVoice3 one"
-        )
+    root = family_root(model_dir, FAMILY)
     missing = [name for name in (*REQUIRED_FILES, BACKBONE_CONFIG) if not (root / name).is_file()]
     backbone = root / BACKBONE_DIR
-    if not any(all((backbone / f).is_file() for f in names) for names in TOKENIZER_FILES):
-        missing.append(f"{BACKBONE_DIR}/vocab.json + merges.txt (or tokenizer.json)")
+    missing += missing_tokenizer_files(backbone)
     if missing:
         raise ModelDirectoryError(
             f"{root}: missing {', '.join(missing)} (a CosyVoice3 model directory, as published as "
