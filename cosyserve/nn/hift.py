@@ -412,23 +412,36 @@ def convert_hift_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     differs in the last bit, which the source phase integration would amplify).
     """
     sd = {(k[len("generator.") :] if k.startswith("generator.") else k): v for k, v in state_dict.items()}
-    out: dict[str, torch.Tensor] = {}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    out, pairs = split_weight_norm(sd)
+    for prefix, (g, v) in pairs.items():
+        out[f"{prefix}.weight"] = torch._weight_norm(v.float(), g.float(), 0)
+    return out
+
+
+def split_weight_norm(
+    sd: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A state dict's plain tensors (in order) and its weight-norm ``(g, v)`` pairs by module
+    prefix (legacy ``weight_g``/``weight_v`` or ``parametrizations`` names); KeyError for a pair
+    with one half missing."""
+    plain: dict[str, torch.Tensor] = {}
+    halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
         for g_suffix, v_suffix in ((_LEGACY_G, _LEGACY_V), (_PARAM_G, _PARAM_V)):
             if key.endswith(g_suffix):
-                pairs.setdefault(key[: -len(g_suffix)], {})["g"] = value
+                halves.setdefault(key[: -len(g_suffix)], {})["g"] = value
                 break
             if key.endswith(v_suffix):
-                pairs.setdefault(key[: -len(v_suffix)], {})["v"] = value
+                halves.setdefault(key[: -len(v_suffix)], {})["v"] = value
                 break
         else:
-            out[key] = value
-    for prefix, gv in pairs.items():
+            plain[key] = value
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for prefix, gv in halves.items():
         if set(gv) != {"g", "v"}:
             raise KeyError(f"weight-norm pair incomplete for {prefix!r}: have {sorted(gv)}")
-        out[f"{prefix}.weight"] = torch._weight_norm(gv["v"].float(), gv["g"].float(), 0)
-    return out
+        pairs[prefix] = (gv["g"], gv["v"])
+    return plain, pairs
 
 
 def to_legacy_weight_norm_state_dict(module: HiFTGenerator) -> dict[str, torch.Tensor]:

@@ -48,6 +48,7 @@ from cosyserve.nn.hift import (
     _periodic_hann,
     convert_hift_state_dict,
     fast_weight,
+    split_weight_norm,
     to_fast_layout,
     to_legacy_weight_norm_state_dict,
 )
@@ -55,8 +56,6 @@ from cosyserve.nn.hift import (
 logger = logging.getLogger(__name__)
 
 _F0_PREFIX = "f0_predictor."
-_LEGACY_G, _LEGACY_V = ".weight_g", ".weight_v"
-_PARAM_G, _PARAM_V = ".parametrizations.weight.original0", ".parametrizations.weight.original1"
 
 
 # --------------------------------------------------------------------------------- convolutions
@@ -486,22 +485,10 @@ class StreamingVocoder:
 def _fold_float64(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Fold weight norm in float64 (upstream runs the f0 predictor, parametrization included, in
     float64); other tensors are cast to float64."""
-    out: dict[str, Tensor] = {}
-    pairs: dict[str, dict[str, Tensor]] = {}
-    for key, value in sd.items():
-        for g_suffix, v_suffix in ((_LEGACY_G, _LEGACY_V), (_PARAM_G, _PARAM_V)):
-            if key.endswith(g_suffix):
-                pairs.setdefault(key[: -len(g_suffix)], {})["g"] = value
-                break
-            if key.endswith(v_suffix):
-                pairs.setdefault(key[: -len(v_suffix)], {})["v"] = value
-                break
-        else:
-            out[key] = value.double()
-    for prefix, gv in pairs.items():
-        if set(gv) != {"g", "v"}:
-            raise KeyError(f"weight-norm pair incomplete for {prefix!r}: have {sorted(gv)}")
-        out[f"{prefix}.weight"] = torch._weight_norm(gv["v"].double(), gv["g"].double(), 0)
+    plain, pairs = split_weight_norm(sd)
+    out = {key: value.double() for key, value in plain.items()}
+    for prefix, (g, v) in pairs.items():
+        out[f"{prefix}.weight"] = torch._weight_norm(v.double(), g.double(), 0)
     return out
 
 
