@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,38 @@ class PreparedFlow:
     @property
     def frames(self) -> int:
         return self.mu.shape[2]
+
+
+class FlowSizes(Protocol):
+    """The sizes :class:`TokenFlow` reads from a family's flow config."""
+
+    vocab_size: int
+    input_size: int
+    spk_embed_dim: int
+    output_size: int
+    input_frame_rate: int
+
+
+class TokenFlow(nn.Module):
+    """What every family's flow (speech tokens -> mel) begins with, under the checkpoint's names:
+    `input_embedding` (speech token -> vector) and `spk_embed_affine_layer` (x-vector -> `spks`)."""
+
+    def __init__(self, cfg: FlowSizes):
+        super().__init__()
+        self.output_size = cfg.output_size
+        self.input_frame_rate = cfg.input_frame_rate
+        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+
+    def speaker_projection(self, embedding: Tensor) -> Tensor:
+        """x-vector `[B, 192]` -> `spks` `[B, 80]` (L2-normalised first)."""
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    @staticmethod
+    def check_tokens(tokens: Tensor) -> None:
+        """ValueError unless `tokens` is `[1, N]` with N > 0 (a flow call is batch 1)."""
+        if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [1, N] with N > 0, got {tuple(tokens.shape)}")
 
 
 def solve_batch(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.families.cosyvoice1.config import FlowConfig, LengthRegulatorConfig
-from cosyserve.nn.cfm import ConditionalCFM, PreparedFlow, solve_batch
+from cosyserve.nn.cfm import ConditionalCFM, PreparedFlow, TokenFlow, solve_batch
 from cosyserve.nn.conformer import Encoder
 
 logger = logging.getLogger(__name__)
@@ -118,26 +118,18 @@ class FlowInputs(PreparedFlow):
     cache: Tensor  # the flow cache to pass with the next chunk, [1, 80, prompt_frames + 34, 2]
 
 
-class MaskedDiffWithXvec(nn.Module):
+class MaskedDiffWithXvec(TokenFlow):
     """CosyVoice v1 flow (`flow.pt`): speech tokens (+ optional prompt) -> mel `[1, 80, T]`."""
 
     def __init__(self, cfg: FlowConfig):
-        super().__init__()
+        super().__init__(cfg)
         self.cfg = cfg
-        self.output_size = cfg.output_size
-        self.input_frame_rate = cfg.input_frame_rate
-        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
-        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
         self.encoder = Encoder(cfg.encoder)
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.length_regulator = InterpolateRegulator(cfg.length_regulator)
         self.decoder = ConditionalCFM(cfg.cfm, cfg.estimator)
 
     # -- per-request pieces -------------------------------------------------------------------
-
-    def speaker_projection(self, embedding: Tensor) -> Tensor:
-        """x-vector `[B, 192]` -> `spks` `[B, 80]` (L2-normalised first)."""
-        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
 
     def encode(self, tokens: Tensor) -> Tensor:
         """Speech tokens `[1, N]` -> encoder output `[1, N, D]` (after its final LayerNorm)."""
@@ -173,8 +165,7 @@ class MaskedDiffWithXvec(nn.Module):
         previous streaming chunk (or None); noise `[1, 80, P + T]` to inject, else drawn from
         `generator`.
         """
-        if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be [1, N] with N > 0, got {tuple(tokens.shape)}")
+        self.check_tokens(tokens)
         device = tokens.device
         dtype = self.spk_embed_affine_layer.weight.dtype  # float32, or float16 when halved
         if prompt_tokens is None:

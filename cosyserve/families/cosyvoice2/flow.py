@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from cosyserve.families.cosyvoice2.config import CausalFlowConfig, UpsampleEncoderConfig
 from cosyserve.nn.causal_unet import CausalConditionalDecoder
-from cosyserve.nn.cfm import CausalConditionalCFM, PreparedFlow, solve_batch
+from cosyserve.nn.cfm import CausalConditionalCFM, PreparedFlow, TokenFlow, solve_batch
 from cosyserve.nn.conformer import EncoderLayer, LinearInput, chunk_attention_mask
 from cosyserve.nn.lookahead import PreLookaheadLayer
 
@@ -120,18 +120,14 @@ class CausalFlowInputs(PreparedFlow):
     streaming: bool
 
 
-class CausalMaskedDiffWithXvec(nn.Module):
+class CausalMaskedDiffWithXvec(TokenFlow):
     """CosyVoice2 flow (`flow.pt`): speech tokens (+ optional prompt) -> mel `[1, 80, T]`."""
 
     def __init__(self, cfg: CausalFlowConfig):
-        super().__init__()
+        super().__init__(cfg)
         self.cfg = cfg
-        self.output_size = cfg.output_size
-        self.input_frame_rate = cfg.input_frame_rate
         self.token_mel_ratio = cfg.token_mel_ratio
         self.pre_lookahead_len = cfg.pre_lookahead_len
-        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
-        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
         self.encoder = UpsampleConformerEncoder(cfg.encoder)
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.decoder = CausalConditionalCFM(cfg.cfm, CausalConditionalDecoder(cfg.estimator))
@@ -145,10 +141,6 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return max(n, 0) * self.token_mel_ratio
 
     # -- per-request pieces -------------------------------------------------------------------
-
-    def speaker_projection(self, embedding: Tensor) -> Tensor:
-        """x-vector `[B, 192]` -> `spks` `[B, 80]` (L2-normalised first)."""
-        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
 
     def encode(self, tokens: Tensor, streaming: bool = False, finalize: bool = True) -> Tensor:
         """Speech tokens `[1, N]` (prompt included) -> encoder output `[1, mel_frames(N), D]`."""
@@ -186,8 +178,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         tokens `[1, N]` int; prompt_tokens `[1, Np]` (or None); prompt_feat `[1, P, 80]`
         time-major prompt mel (or None; P is normally 2 Np); embedding `[1, 192]`.
         """
-        if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be [1, N] with N > 0, got {tuple(tokens.shape)}")
+        self.check_tokens(tokens)
         device = tokens.device
         dtype = self.spk_embed_affine_layer.weight.dtype  # float32, or float16 when halved
         spks = self.speaker_projection(embedding.to(device=device, dtype=dtype))

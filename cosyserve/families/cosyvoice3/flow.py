@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.errors import UnsupportedModeError
 from cosyserve.families.cosyvoice3.config import CONFIG_FILE, FlowConfig
 from cosyserve.families.cosyvoice3.noise import check_flow_frames, reference_flow_noise
-from cosyserve.nn.cfm import PreparedFlow, check_cosine_euler, euler_cfg, solve_batch
+from cosyserve.nn.cfm import PreparedFlow, TokenFlow, check_cosine_euler, euler_cfg, solve_batch
 from cosyserve.nn.checkpoint import load_into, read_checkpoint, skip_random_init
 from cosyserve.nn.config import CFMConfig
 from cosyserve.nn.dit import DiT, DiTConfig
@@ -130,27 +129,19 @@ class FlowInputs(PreparedFlow):
     streaming: bool  # chunk-masked attention (a stream's non-final chunk)
 
 
-class CausalMaskedDiffWithDiT(nn.Module):
+class CausalMaskedDiffWithDiT(TokenFlow):
     """CosyVoice3 flow (`flow.pt`): speech tokens (+ optional prompt) -> mel ``[1, 80, T]``."""
 
     def __init__(self, cfg: FlowConfig):
-        super().__init__()
+        super().__init__(cfg)
         self.cfg = cfg
-        self.output_size = cfg.output_size
-        self.input_frame_rate = cfg.input_frame_rate
         self.token_mel_ratio = cfg.token_mel_ratio
         self.pre_lookahead_len = cfg.pre_lookahead_len
-        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
-        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
         pre = cfg.pre_lookahead
         self.pre_lookahead_layer = PreLookaheadLayer(pre.in_channels, pre.channels, pre.pre_lookahead_len)
         self.decoder = CausalConditionalCFM(cfg.cfm, cfg.dit)
 
     # -- per-request pieces -------------------------------------------------------------------
-
-    def speaker_projection(self, embedding: Tensor) -> Tensor:
-        """x-vector ``[B, 192]`` -> ``spks`` ``[B, 80]`` (L2-normalised first)."""
-        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """Speech tokens ``[1, N]`` -> embeddings ``[1, N, C]`` (negative ids read as 0, as upstream)."""
@@ -198,8 +189,7 @@ class CausalMaskedDiffWithDiT(nn.Module):
         ``[1, P, 80]`` time-major prompt mel (or None); embedding ``[1, 192]``. ``noise``
         ``[1, 80, T]`` replaces the fixed buffer (tests).
         """
-        if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be [1, N] with N > 0, got {tuple(tokens.shape)}")
+        self.check_tokens(tokens)
         device = tokens.device
         dtype = self.spk_embed_affine_layer.weight.dtype  # float32, or float16 when halved
         if prompt_tokens is None:
