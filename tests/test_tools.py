@@ -216,6 +216,25 @@ def test_bench_later_families(
     assert any("int8 llm" in a for a in results[1]["accelerations"])
 
 
+def test_bench_synthetic_defaults_to_cosyvoice1(
+    tiny_model_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--synthetic` alone is the CosyVoice-300M-SFT architecture; `--family` picks another (the
+    full-size directory is stood in for by the tiny one here)."""
+    asked: list[str] = []
+
+    def fake_synthetic_model_dir(cache: Path | None = None, family: str = "?") -> Path:
+        asked.append(family)
+        return tiny_model_copy
+
+    monkeypatch.setattr(bench, "synthetic_model_dir", fake_synthetic_model_dir)
+    args = ["--config", "eager", "--runs", "1", "--warmup_s", "0", "--no-stream", "--in_process"]
+    for family in ([], ["--family", "cosyvoice2"]):
+        code, _, err = _run(capsys, "bench", "--synthetic", *family, "--tokens", "20", *args)
+        assert code == 0, err
+    assert asked == ["cosyvoice1", "cosyvoice2"]
+
+
 def test_bench_needs_a_model(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "bench")
     assert code == 2 and "--synthetic" in err

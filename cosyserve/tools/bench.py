@@ -49,7 +49,6 @@ class SyntheticModel:
     name: str  # the directory written in the cache
     config: str  # the yaml, in cosyserve/assets or in shared/models/<arch>/ beside the checkout
     arch: str
-    speakers: int | None = None  # built-in speakers (the bench speaks with one, no prompt)
 
 
 SYNTHETIC = {
@@ -57,10 +56,9 @@ SYNTHETIC = {
         "CosyVoice-300M-SFT-random-seed0", "cosyvoice.yaml", "cosyvoice-300m-sft-arch"
     ),
     "cosyvoice2": SyntheticModel("CosyVoice2-0.5B-random-seed0", "cosyvoice2.yaml", "cosyvoice2-0.5b-arch"),
-    # Fun-CosyVoice3-0.5B ships no speakers; one lets the bench run without a prompt, as the
-    # reference's figures were measured.
+    # No built-in speakers, as published: every synthesis clones the warm-up's prompt recording.
     "cosyvoice3": SyntheticModel(
-        "Fun-CosyVoice3-0.5B-random-seed0", "cosyvoice3.yaml", "cosyvoice3-0.5b-arch", speakers=1
+        "Fun-CosyVoice3-0.5B-random-seed0", "cosyvoice3.yaml", "cosyvoice3-0.5b-arch"
     ),
 }
 SYNTHETIC_DONE = ".cosyserve-bench-complete"  # written last: a half-written directory is redone
@@ -107,7 +105,7 @@ def synthetic_model_dir(cache: Path | None = None, family: str = "cosyvoice1") -
     if (out / SYNTHETIC_DONE).is_file():
         return out
     print(f"writing a full-size random-weight model to {out} (once) ...", file=sys.stderr, flush=True)
-    make_model(full_size_yaml(family), out, seed=0, overwrite=True, speakers=spec.speakers)
+    make_model(full_size_yaml(family), out, seed=0, overwrite=True)
     (out / SYNTHETIC_DONE).write_text("written by cosyserve bench --synthetic\n")
     return out
 
@@ -585,7 +583,7 @@ def main(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            args.model_dir = str(synthetic_model_dir(family=args.family))
+            args.model_dir = str(synthetic_model_dir(family=args.family or "cosyvoice1"))
         elif args.family:
             print(
                 "cosyserve bench: --family picks the --synthetic model; a --model_dir says its own",

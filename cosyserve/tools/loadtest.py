@@ -563,7 +563,9 @@ def run_concurrency_bench(
         backend, plan = _load_backend(model_dir, plan, device, num_threads, stream_first_hop)
     else:
         plan = backend.options.extra.get("plan")
-    voice = voice or DEFAULT_VOICE
+    if voice is None:  # the v1 English voice where there is one, else the model's first
+        speakers = list(backend.speakers)
+        voice = DEFAULT_VOICE if DEFAULT_VOICE in speakers or not speakers else speakers[0]
     saved = (backend.options.num_tokens, backend.options.stream_first_hop)
     backend.options.num_tokens = tokens
     if stream_first_hop is not None:
