@@ -231,6 +231,82 @@ def test_fused_qkv_projection_matches_the_separate_ones(tiny_loaded_model) -> No
             assert torch.allclose(got, ref, atol=1e-5), float((got - ref).abs().max())
 
 
+def test_packed_linear_equals_f_linear_and_copies() -> None:
+    import copy
+
+    from cosyserve.acceleration.packed import PackedLinear, packing_available
+
+    if not packing_available():
+        pytest.skip("this torch build has no oneDNN")
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(48, 80)
+    packed = PackedLinear.from_linear(linear)
+    for shape in ((1, 48), (3, 1, 48), (2, 7, 48), (0, 48)):
+        x = torch.randn(*shape, generator=gen)
+        with torch.inference_mode():
+            got, ref = packed(x), linear(x)
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5), shape
+    clone = copy.deepcopy(packed)
+    x = torch.randn(2, 48, generator=gen)
+    with torch.inference_mode():
+        assert torch.equal(clone(x), packed(x))
+
+
+def _same_decoding(ref_llm, got_llm, prefix: torch.Tensor, tokens=(3, 77, 5)) -> None:  # noqa: ANN001
+    with torch.inference_mode():
+        ref, cache_ref = ref_llm.prefill(prefix) if hasattr(ref_llm, "prefill") else (None, None)
+        if ref is None:  # CosyVoice2/3: the batch runner's protocol
+            cache_ref, cache_got = ref_llm.new_cache(1, 64), got_llm.new_cache(1, 64)
+            ref, got = ref_llm.prefill_logp(prefix, cache_ref), got_llm.prefill_logp(prefix, cache_got)
+        else:
+            got, cache_got = got_llm.prefill(prefix)
+        assert torch.allclose(got, ref, atol=1e-5), float((got - ref).abs().max())
+        for token in tokens:
+            ref = ref_llm.decode_step(torch.tensor([token]), cache_ref)
+            got = got_llm.decode_step(torch.tensor([token]), cache_got)
+            assert torch.allclose(got, ref, atol=1e-5), float((got - ref).abs().max())
+
+
+def test_packed_llm_decodes_like_eager(tiny_loaded_model, tiny_v2_backend) -> None:  # noqa: ANN001
+    import copy
+
+    from cosyserve.acceleration.packed import PackedLinear, pack_llm, packing_available
+
+    if not packing_available():
+        pytest.skip("this torch build has no oneDNN")
+    # CosyVoice v1: the conformer LLM (q/k/v fused; the position projection stays nn.Linear)
+    llm = tiny_loaded_model.llm
+    packed = copy.deepcopy(llm)
+    assert pack_llm(packed) > 0
+    attn = packed.llm.encoders[0].self_attn
+    assert isinstance(attn.linear_qkv, PackedLinear) and not hasattr(attn, "linear_q")
+    assert type(attn.linear_pos) is nn.Linear
+    assert isinstance(packed.llm_decoder, PackedLinear)
+    text = torch.randint(0, 5000, (1, 9), generator=torch.Generator().manual_seed(0))
+    _same_decoding(llm, packed, llm.build_prefix(text, embedding=tiny_loaded_model.speakers["英文女"]))
+    # CosyVoice2: the Qwen2 backbone (q/k/v and gate/up fused) and the speech head
+    llm2 = tiny_v2_backend.model.llm
+    packed2 = copy.deepcopy(llm2)
+    assert pack_llm(packed2) > 0
+    layer = packed2.backbone.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, PackedLinear) and isinstance(layer.mlp.gate_up_proj, PackedLinear)
+    assert isinstance(packed2.llm_decoder, PackedLinear)
+    _same_decoding(llm2, packed2, llm2.build_prefix([5, 17, 99, 3]))
+
+
+def test_cpu_fast_plan_packs_the_llm(tiny_model_copy: Path) -> None:
+    from cosyserve.acceleration.packed import PackedLinear, packing_available
+
+    if not packing_available():
+        pytest.skip("this torch build has no oneDNN")
+    fast = _build(tiny_model_copy, "cpu_fast")
+    applied = fast.options.extra["accelerations"]
+    assert any(a.startswith("packed fp32 llm") for a in applied), applied
+    assert isinstance(fast.model.llm.llm_decoder, PackedLinear)
+    eager = _build(tiny_model_copy, "eager")
+    assert type(eager.model.llm.llm_decoder) is nn.Linear  # the baseline stays plain torch
+
+
 def test_int8_layers_run_the_torch_ao_kernel_unchanged() -> None:
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 

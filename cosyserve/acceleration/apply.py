@@ -7,6 +7,8 @@ falls back to the next plan. What each plan field does:
   intra-op threads = physical cores, inter-op threads = 1, the allocator policy of
   :func:`tune_cpu_allocator`, and the position projections' weights paged out between steps
   (:func:`keep_paged_out`).
+* ``packed_llm`` (``cpu_fast``, ``cpu_onnx``): the LLM's projections fused and its FP32 linear
+  layers packed for oneDNN (:mod:`.acceleration.packed`: the decode step streams its weights faster).
 * ``onnx_cpu`` (``cpu_onnx``): the flow estimator runs on ONNX Runtime (the model
   directory's ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported
   once); the eager estimator's weights are then released. The vocoder stays eager (see
@@ -148,6 +150,12 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
             install_vocoder_allocation(targets.vocoder, targets.vocoder_blocks)
         if allocator_tuned():
             keep_paged_out(targets.cold_weights)
+    if plan.packed_llm and plan.device == "cpu" and not plan.int8:
+        from cosyserve.acceleration.packed import pack_llm
+
+        count = pack_llm(targets.llm)
+        if count:
+            applied.append(f"packed fp32 llm ({count} linear layers, oneDNN)")
     if plan.fp16:
         applied.append("fp16 (llm, flow)")
     if plan.jit:

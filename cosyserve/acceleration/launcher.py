@@ -34,6 +34,7 @@ class AccelPlan:
     onnx_cpu: bool = False  # ONNX Runtime for the flow estimator (CPU)
     int8: bool = False  # opt-in dynamic int8 weights for the LLM and the flow estimator (CPU)
     cpu_tuning: bool = True  # CPU threads and allocator policy (off: plain PyTorch, the baseline)
+    packed_llm: bool = False  # FP32 LLM linears fused and packed for oneDNN (CPU decode steps)
 
 
 PLANS: dict[str, AccelPlan] = {
@@ -44,8 +45,8 @@ PLANS: dict[str, AccelPlan] = {
     # CPU: measured on the 2-core VM (README), the torch estimator is as fast as ONNX Runtime's and
     # lighter (ORT holds its own weights and arena), so the default CPU plan keeps torch; cpu_onnx
     # is there for machines where ONNX Runtime wins (`cosyserve bench --test_all` shows both).
-    "cpu_fast": AccelPlan("cpu_fast", "cpu"),
-    "cpu_onnx": AccelPlan("cpu_onnx", "cpu", onnx_cpu=True),
+    "cpu_fast": AccelPlan("cpu_fast", "cpu", packed_llm=True),
+    "cpu_onnx": AccelPlan("cpu_onnx", "cpu", onnx_cpu=True, packed_llm=True),
     "cpu_int8": AccelPlan("cpu_int8", "cpu", int8=True),
     "eager": AccelPlan("eager", "cpu", cpu_tuning=False),
 }

@@ -35,13 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from cosyserve.errors import AccelerationMismatchError, AcceleratorUnavailableError
-from cosyserve.nn.conformer import RelPositionMultiHeadedAttention
+from cosyserve.acceleration.packed import fuse_projections, llm_linears
 from cosyserve.runtime.memory import page_out
 
 logger = logging.getLogger(__name__)
-
-# Linear layers of the LLM that stay float (suffixes of module names).
-_SKIP = ("linear_pos", "spk_embed_affine_layer")
 
 # The int8 estimator's accepted error against FP32: max |int8 - fp32| / max |fp32| on the load-time
 # check (measured figures: README, Performance).
@@ -74,13 +71,6 @@ def reduce_range_for(engine: str) -> bool:
     7 bits unless oneDNN runs on VNNI/AMX (see :func:`int8_dot_product`), where 8 bits halve its
     error; fbgemm keeps torch.ao's default of 7."""
     return engine != "onednn" or not int8_dot_product()
-
-
-def quantizable_linears(llm: nn.Module) -> list[str]:
-    """Names of the nn.Linear modules that int8 replaces (all but the position projections)."""
-    return [
-        name for name, module in llm.named_modules() if type(module) is nn.Linear and not name.endswith(_SKIP)
-    ]
 
 
 class Int8Linear(nn.Module):
@@ -143,14 +133,13 @@ def _quantize_linears(root: nn.Module, names: list[str], engine: str) -> None:
 def quantize_llm_int8(llm: nn.Module) -> int:
     """Replace the LLM's linear layers (in place) with dynamic int8 ones; returns how many.
 
-    The attention q/k/v projections are fused first (see the module docstring). CPU only: the
+    The projections that read the same input are fused first (q/k/v, and Qwen2's gate/up: see
+    the module docstring). CPU only: the
     quantised kernels are fbgemm/oneDNN (x86) or qnnpack (Arm).
     """
     _check_cpu(llm)
-    for module in llm.modules():
-        if isinstance(module, RelPositionMultiHeadedAttention) and module.linear_qkv is None:
-            module.fuse_qkv()
-    names = quantizable_linears(llm)
+    fuse_projections(llm)
+    names = llm_linears(llm)
     _quantize_linears(llm, names, engine="x86")  # fbgemm: the fastest one-row GEMV
     logger.info("int8: %d linear layers of the LLM quantised (dynamic, per channel)", len(names))
     return len(names)

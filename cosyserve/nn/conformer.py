@@ -206,6 +206,11 @@ class RelPositionMultiHeadedAttention(nn.Module):
         self.linear_qkv = fused
         return fused
 
+    def fuse_projections(self) -> None:
+        """:meth:`fuse_qkv` once (the hook acceleration plans call on every module that has it)."""
+        if self.linear_qkv is None:
+            self.fuse_qkv()
+
     # -- the projected position table ----------------------------------------------------------
 
     def reset_positions(self) -> None:

@@ -1,0 +1,111 @@
+"""FP32 linear layers with oneDNN-packed weights (CPU): the LLM's decode step of the FP32 plans.
+
+A decode step multiplies one row (or a few, batched) by every weight matrix of the LLM: it is
+bound by how fast the weights stream from memory. torch's ``F.linear`` hands such products to
+MKL's GEMV; oneDNN's inner-product kernels on weights reordered once into its blocked layout
+stream the same FP32 weights much faster on the CPUs we measured (README, Performance). Same
+precision: FP32 products and sums, only the summation order differs (~1e-6 relative).
+
+The projections that read the same input are fused first (q/k/v; gate/up in Qwen2), so each step
+makes fewer, larger calls. The memory-mapped FP32 originals are paged out as their packed copies
+are made, so loading never holds both copies of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cosyserve.runtime.memory import page_out
+
+logger = logging.getLogger(__name__)
+
+# Linear layers of an LLM that stay plain nn.Linear under every plan (suffixes of module names): the
+# relative-position projections' weights are read directly by their cache, the speaker projection
+# runs once per request.
+KEEP_PLAIN = ("linear_pos", "spk_embed_affine_layer")
+
+
+def packing_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear operators."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """``F.linear`` on a weight held in oneDNN's blocked layout (FP32, CPU)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, batch_hint: int = 1):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # batch_hint: the row count the layout is tuned for (decode steps: 1); any count works.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
+        self.bias = None if bias is None else bias.detach().clone()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PackedLinear:
+        # oneDNN tensors have no storage to copy generically; clone() copies the packed layout
+        clone = object.__new__(PackedLinear)
+        nn.Module.__init__(clone)
+        clone.in_features, clone.out_features = self.in_features, self.out_features
+        clone.packed = self.packed.clone()
+        clone.bias = None if self.bias is None else self.bias.clone()
+        return clone
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
+
+
+def fuse_projections(root: nn.Module) -> None:
+    """Call every ``fuse_projections()`` under `root` (modules that can merge projections reading
+    the same input), paging out the separate memory-mapped weights the fused copies replace."""
+    for module in list(root.modules()):
+        fuse = getattr(module, "fuse_projections", None)
+        if callable(fuse):
+            before = [p for p in module.parameters() if p.device.type == "cpu"]
+            fuse()
+            kept = {id(p) for p in module.parameters()}
+            for p in before:
+                if id(p) not in kept:
+                    page_out(p)
+
+
+def pack_linears(root: nn.Module, names: list[str]) -> int:
+    """Replace the named nn.Linear modules of `root` with :class:`PackedLinear`, in place, one at
+    a time (each FP32 original is paged out once packed); returns how many."""
+    modules = dict(root.named_modules())
+    with torch.no_grad():
+        for name in names:
+            linear = modules[name]
+            parent, _, attr = name.rpartition(".")
+            setattr(modules[parent] if parent else root, attr, PackedLinear.from_linear(linear))
+            page_out(linear.weight)
+    return len(names)
+
+
+def llm_linears(llm: nn.Module) -> list[str]:
+    """Names of the LLM's nn.Linear modules that plans may replace (all but :data:`KEEP_PLAIN`)."""
+    return [
+        name for name, module in llm.named_modules() if type(module) is nn.Linear and not name.endswith(KEEP_PLAIN)
+    ]
+
+
+def pack_llm(llm: nn.Module) -> int:
+    """Fuse the LLM's projections and pack its FP32 linear layers; returns how many were packed,
+    0 where oneDNN is missing (plain torch then)."""
+    if not packing_available():
+        logger.warning("this torch build has no oneDNN packed linear: the LLM runs on plain F.linear")
+        return 0
+    first = next(llm.parameters(), None)
+    if first is None or first.device.type != "cpu" or first.dtype != torch.float32:
+        return 0
+    fuse_projections(llm)
+    return pack_linears(llm, llm_linears(llm))
