@@ -289,7 +289,9 @@ def test_packed_llm_decodes_like_eager(tiny_loaded_model, tiny_v2_backend) -> No
     packed2 = copy.deepcopy(llm2)
     assert pack_llm(packed2) > 0
     layer = packed2.backbone.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, PackedLinear) and isinstance(layer.mlp.gate_up_proj, PackedLinear)
+    assert isinstance(layer.self_attn.qkv_proj, PackedLinear) and isinstance(
+        layer.mlp.gate_up_proj, PackedLinear
+    )
     assert isinstance(packed2.llm_decoder, PackedLinear)
     _same_decoding(llm2, packed2, llm2.build_prefix([5, 17, 99, 3]))
 

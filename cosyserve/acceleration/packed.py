@@ -94,7 +94,9 @@ def pack_linears(root: nn.Module, names: list[str]) -> int:
 def llm_linears(llm: nn.Module) -> list[str]:
     """Names of the LLM's nn.Linear modules that plans may replace (all but :data:`KEEP_PLAIN`)."""
     return [
-        name for name, module in llm.named_modules() if type(module) is nn.Linear and not name.endswith(KEEP_PLAIN)
+        name
+        for name, module in llm.named_modules()
+        if type(module) is nn.Linear and not name.endswith(KEEP_PLAIN)
     ]
 
 

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cosyserve.errors import AccelerationMismatchError, AcceleratorUnavailableError
 from cosyserve.acceleration.packed import fuse_projections, llm_linears
+from cosyserve.errors import AccelerationMismatchError, AcceleratorUnavailableError
 from cosyserve.runtime.memory import page_out
 
 logger = logging.getLogger(__name__)
