@@ -5,8 +5,8 @@ falls back to the next plan. What each plan field does:
 
 * ``device="cpu"`` with ``cpu_tuning`` (every CPU plan but the ``eager`` baseline): torch
   intra-op threads = physical cores, inter-op threads = 1, the allocator policy of
-  :func:`tune_cpu_allocator`, and the position projections' weights paged out between steps
-  (:func:`keep_paged_out`).
+  :func:`tune_cpu_allocator` (HiFT's own mmaps only with ``COSYSERVE_VOCODER_MMAP=1``), and the
+  position projections' weights paged out between steps (:func:`keep_paged_out`).
 * ``packed_llm`` (``cpu_fast``, ``cpu_onnx``): the LLM's projections fused and its FP32 linear
   layers packed for oneDNN (:mod:`.acceleration.packed`: the decode step streams its weights faster).
 * ``onnx_cpu`` (``cpu_onnx``): the flow estimator runs on ONNX Runtime (the model
@@ -59,6 +59,12 @@ logger = logging.getLogger(__name__)
 # the eager channels-last (oneDNN) path (best of 8: 2.2 s vs 1.2 s for 5 s of audio), so the
 # vocoder stays eager unless COSYSERVE_ORT_VOCODER=1.
 CPU_ORT_VOCODER = os.environ.get("COSYSERVE_ORT_VOCODER", "0") == "1"
+
+# COSYSERVE_VOCODER_MMAP=1: HiFT's large activations get their own mmaps (see
+# install_vocoder_allocation). Measured on CosyVoice2 cpu_fast (2-core VM, one session): peak RSS
+# 2,524 -> 2,375 MiB for HiFT 1.12 -> 1.49 s per 5 s of audio, so it is off unless memory is tighter
+# than time.
+VOCODER_MMAP = os.environ.get("COSYSERVE_VOCODER_MMAP", "0") == "1"
 
 
 def install_vocoder_allocation(hift: torch.nn.Module, blocks: tuple[type, ...] = ()) -> None:
@@ -145,9 +151,9 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
     model_dir, cfm = targets.model_dir, targets.cfm
     if plan.device == "cpu" and plan.cpu_tuning:
         applied.append(configure_cpu_threads(getattr(backend.options, "num_threads", None)))
-        if allocator_tuned() and not plan.int8:
-            # FP32 plans sit near their memory target; int8 has ~700 MB to spare and keeps HiFT fast.
+        if allocator_tuned() and VOCODER_MMAP:
             install_vocoder_allocation(targets.vocoder, targets.vocoder_blocks)
+            applied.append("malloc: vocoder blocks mmap'd (COSYSERVE_VOCODER_MMAP=1)")
         if allocator_tuned():
             keep_paged_out(targets.cold_weights)
     if plan.packed_llm and plan.device == "cpu" and not plan.int8:

@@ -14,6 +14,7 @@ are made, so loading never holds both copies of the model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,23 +65,31 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
 
 
-def fuse_projections(root: nn.Module) -> None:
-    """Call every ``fuse_projections()`` under `root` (modules that can merge projections reading
-    the same input), paging out the separate memory-mapped weights the fused copies replace."""
-    for module in list(root.modules()):
+def convert_llm_linears(llm: nn.Module, convert: Callable[[nn.Module, list[str]], None]) -> int:
+    """Fuse the LLM's projections and hand its replaceable linear layers to
+    ``convert(root, names)`` (which replaces them in place), one fusing module at a time: the
+    separate memory-mapped weights are paged out as soon as their fused copy is converted, so the
+    whole model is never held twice. Returns how many layers were converted."""
+    count = 0
+    for module in list(llm.modules()):
         fuse = getattr(module, "fuse_projections", None)
-        if callable(fuse):
-            before = [p for p in module.parameters() if p.device.type == "cpu"]
-            fuse()
-            kept = {id(p) for p in module.parameters()}
-            for p in before:
-                if id(p) not in kept:
-                    page_out(p)
+        if not callable(fuse):
+            continue
+        before = [p for p in module.parameters() if p.device.type == "cpu"]
+        fuse()
+        names = llm_linears(module)
+        convert(module, names)
+        count += len(names)
+        for p in before:
+            page_out(p)
+    names = llm_linears(llm)
+    convert(llm, names)
+    return count + len(names)
 
 
-def pack_linears(root: nn.Module, names: list[str]) -> int:
+def pack_linears(root: nn.Module, names: list[str]) -> None:
     """Replace the named nn.Linear modules of `root` with :class:`PackedLinear`, in place, one at
-    a time (each FP32 original is paged out once packed); returns how many."""
+    a time (each FP32 original is paged out once packed)."""
     modules = dict(root.named_modules())
     with torch.no_grad():
         for name in names:
@@ -88,7 +97,6 @@ def pack_linears(root: nn.Module, names: list[str]) -> int:
             parent, _, attr = name.rpartition(".")
             setattr(modules[parent] if parent else root, attr, PackedLinear.from_linear(linear))
             page_out(linear.weight)
-    return len(names)
 
 
 def llm_linears(llm: nn.Module) -> list[str]:
@@ -109,5 +117,4 @@ def pack_llm(llm: nn.Module) -> int:
     first = next(llm.parameters(), None)
     if first is None or first.device.type != "cpu" or first.dtype != torch.float32:
         return 0
-    fuse_projections(llm)
-    return pack_linears(llm, llm_linears(llm))
+    return convert_llm_linears(llm, pack_linears)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cosyserve.acceleration.packed import fuse_projections, llm_linears
+from cosyserve.acceleration.packed import convert_llm_linears
 from cosyserve.errors import AccelerationMismatchError, AcceleratorUnavailableError
 from cosyserve.runtime.memory import page_out
 
@@ -138,11 +138,11 @@ def quantize_llm_int8(llm: nn.Module) -> int:
     quantised kernels are fbgemm/oneDNN (x86) or qnnpack (Arm).
     """
     _check_cpu(llm)
-    fuse_projections(llm)
-    names = llm_linears(llm)
-    _quantize_linears(llm, names, engine="x86")  # fbgemm: the fastest one-row GEMV
-    logger.info("int8: %d linear layers of the LLM quantised (dynamic, per channel)", len(names))
-    return len(names)
+    count = convert_llm_linears(
+        llm, functools.partial(_quantize_linears, engine="x86")
+    )  # fbgemm: fastest GEMV
+    logger.info("int8: %d linear layers of the LLM quantised (dynamic, per channel)", count)
+    return count
 
 
 @torch.inference_mode()

@@ -240,10 +240,12 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.qkv_proj: nn.Linear | None = None  # see fuse()
+        self.qkv_proj: nn.Linear | None = None  # see fuse_projections()
 
-    def fuse(self) -> nn.Linear:
-        """Replace q/k/v by one projection (one weight pass and one call per step). Returns it."""
+    def fuse_projections(self) -> None:
+        """Replace q/k/v by one projection (one weight pass and one call per step); once."""
+        if self.qkv_proj is not None:
+            return
         parts = (self.q_proj, self.k_proj, self.v_proj)
         ref = self.q_proj.weight
         out_features = sum(p.out_features for p in parts)
@@ -253,7 +255,6 @@ class Qwen2Attention(nn.Module):
             fused.bias.copy_(torch.cat([p.bias for p in parts]))
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = fused
-        return fused
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, allowed: Tensor | None
@@ -290,17 +291,18 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj: nn.Linear | None = None  # see fuse()
+        self.gate_up_proj: nn.Linear | None = None  # see fuse_projections()
 
-    def fuse(self) -> nn.Linear:
-        """Replace gate/up by one `[2I, D]` projection. Returns it."""
+    def fuse_projections(self) -> None:
+        """Replace gate/up by one `[2I, D]` projection; once."""
+        if self.gate_up_proj is not None:
+            return
         ref = self.gate_proj.weight
         fused = nn.Linear(ref.shape[1], 2 * ref.shape[0], bias=False, device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             fused.weight.copy_(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
         del self.gate_proj, self.up_proj
         self.gate_up_proj = fused
-        return fused
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is not None:
@@ -430,14 +432,6 @@ class Qwen2Model(nn.Module):
         """Full causal forward over ``[B, T, D]`` (no padding) -> ``[B, T, D]`` after the final norm."""
         cache = self.new_cache(inputs_embeds.shape[0], inputs_embeds.shape[1])
         return self.forward_chunk(inputs_embeds, cache)
-
-    def fuse_projections(self) -> None:
-        """Fuse q/k/v and gate/up in every layer (fewer, larger matmuls per decode step)."""
-        for layer in self.layers:
-            if layer.self_attn.qkv_proj is None:
-                layer.self_attn.fuse()
-            if layer.mlp.gate_up_proj is None:
-                layer.mlp.fuse()
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -28,8 +29,9 @@ def tune_cpu_allocator() -> str | None:
     keeps peak RSS lowest but costs 20 % end to end (each activation page-faults afresh: the torch
     estimator 0.65 -> 1.2 s per call, HiFT 1.3 -> 1.9 s); serving them from the heap is fast, but
     the heap keeps what it frees, and HiFT's 14 MB activations fragment it (+150-250 MB peak). So:
-    blocks come from the heap (2 arenas), except while HiFT runs (:func:`vocoder_allocation`), and
-    :func:`release_free_memory` hands free heap pages back after each audio step and after loading.
+    blocks come from the heap (2 arenas), and :func:`release_free_memory` hands free heap pages back
+    after each audio step and after loading; :func:`vocoder_allocation` (opt-in,
+    ``COSYSERVE_VOCODER_MMAP=1``) gives HiFT's blocks their own mmaps for a lower peak.
     ``COSYSERVE_MALLOC_TUNING=0`` leaves the allocator alone."""
     global _libc
     if os.environ.get("COSYSERVE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
@@ -38,13 +40,12 @@ def tune_cpu_allocator() -> str | None:
         libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(_M_ARENA_MAX, 2) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS) == 1
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return None
     if not ok:
         return None
     _libc = libc
-    return "malloc: heap blocks, mmap'd while vocoding, free heap returned after each audio step"
+    return "malloc: heap blocks, free heap returned after each audio step"
 
 
 def allocator_tuned() -> bool:
@@ -70,18 +71,33 @@ def keep_paged_out(tensors: Iterable[Tensor]) -> int:
     return count
 
 
+@functools.cache
+def _madvise() -> Any:
+    """libc's ``madvise`` (Linux), whatever the allocator policy; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL("libc.so.6").madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 def page_out(tensor: Tensor) -> None:
     """Ask the kernel to reclaim the whole pages under a CPU tensor (``MADV_PAGEOUT``). Never loses
     data: clean file-backed pages are dropped (and re-read on access), anonymous pages go to swap
-    or, without swap, stay."""
-    if _libc is None:
+    or, without swap, stay. Works with or without the allocator policy (weights replaced by an
+    accelerated copy are paged out either way)."""
+    madvise = _madvise()
+    if madvise is None:
         return
     page = os.sysconf("SC_PAGE_SIZE")
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     first, last = -(-start // page) * page, end // page * page  # only pages the tensor fills
     if last > first:
-        _libc.madvise(first, last - first, _MADV_PAGEOUT)
+        madvise(first, last - first, _MADV_PAGEOUT)
 
 
 def release_free_heap_pages() -> None:
