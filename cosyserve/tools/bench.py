@@ -49,6 +49,7 @@ class SyntheticModel:
     name: str  # the directory written in the cache
     config: str  # the yaml, in cosyserve/assets or in shared/models/<arch>/ beside the checkout
     arch: str
+    speakers: int | None = None  # built-in speakers (None: as the published directory has)
 
 
 SYNTHETIC = {
@@ -56,9 +57,10 @@ SYNTHETIC = {
         "CosyVoice-300M-SFT-random-seed0", "cosyvoice.yaml", "cosyvoice-300m-sft-arch"
     ),
     "cosyvoice2": SyntheticModel("CosyVoice2-0.5B-random-seed0", "cosyvoice2.yaml", "cosyvoice2-0.5b-arch"),
-    # No built-in speakers, as published: every synthesis clones the warm-up's prompt recording.
+    # One built-in speaker (the published directory has none): the reference's figures were taken
+    # without a prompt, so the bench speaks without one too (an SFT speaker: the embedding only).
     "cosyvoice3": SyntheticModel(
-        "Fun-CosyVoice3-0.5B-random-seed0", "cosyvoice3.yaml", "cosyvoice3-0.5b-arch"
+        "Fun-CosyVoice3-0.5B-random-seed0-spk1", "cosyvoice3.yaml", "cosyvoice3-0.5b-arch", speakers=1
     ),
 }
 SYNTHETIC_DONE = ".cosyserve-bench-complete"  # written last: a half-written directory is redone
@@ -105,7 +107,7 @@ def synthetic_model_dir(cache: Path | None = None, family: str = "cosyvoice1") -
     if (out / SYNTHETIC_DONE).is_file():
         return out
     print(f"writing a full-size random-weight model to {out} (once) ...", file=sys.stderr, flush=True)
-    make_model(full_size_yaml(family), out, seed=0, overwrite=True)
+    make_model(full_size_yaml(family), out, seed=0, overwrite=True, speakers=spec.speakers)
     (out / SYNTHETIC_DONE).write_text("written by cosyserve bench --synthetic\n")
     return out
 

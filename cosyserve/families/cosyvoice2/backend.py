@@ -196,15 +196,10 @@ class CosyVoice2Backend(FamilyBackend):
         self, request: SynthesisRequest, segment: str | None, prompt: PromptFeatures | None
     ) -> ModelInput:
         """What the segment hands the model in the request's mode (``segment`` None: streamed in)."""
-        frontend = self.frontend
-        if prompt is None:  # a built-in speaker: its embedding is all the flow gets
+        if prompt is None:  # a built-in speaker
             embedding = self.speakers[request.voice]  # type: ignore[index]
-            text_ids = None if segment is None else frontend.tokenize(segment)
-            instruct = frontend.instruct_ids(request.instruct or "") if request.mode == "instruct2" else []
-            return ModelInput(
-                text_ids, instruct, flow_embedding=embedding, llm_embedding=embedding, text=segment
-            )
-        return frontend.voice_input(request.mode, segment, prompt, request.instruct)
+            return self.frontend.speaker_input(request.mode, segment, embedding, request.instruct)
+        return self.frontend.voice_input(request.mode, segment, prompt, request.instruct)
 
     def plan_segment(
         self,

@@ -166,11 +166,12 @@ class CosyVoice2Frontend:
 
     # -- modes ---------------------------------------------------------------------------------
 
-    def sft(self, tts_text: str, embedding: Tensor, text_frontend: bool = True) -> list[ModelInput]:
-        """A built-in speaker (``spk2info.pt`` entry ``embedding`` ``[1, 192]``)."""
+    def sft(self, tts_text: str | None, embedding: Tensor, text_frontend: bool = True) -> list[ModelInput]:
+        """A built-in speaker (``spk2info.pt`` entry ``embedding`` ``[1, 192]``): its embedding is
+        all the flow gets. ``tts_text=None``: one input for text streamed in."""
         return [
-            ModelInput(self.tokenize(s), flow_embedding=embedding, llm_embedding=embedding, text=s)
-            for s in self.segments(tts_text, text_frontend)
+            ModelInput(ids, flow_embedding=embedding, llm_embedding=embedding, text=s)
+            for s, ids in self._segment_ids(tts_text, text_frontend, "sft")
         ]
 
     def zero_shot(
@@ -241,6 +242,17 @@ class CosyVoice2Frontend:
         if mode == "cross_lingual" or not prompt.text:
             return self.cross_lingual(segment, prompt, text_frontend=False)[0]
         return self.zero_shot(segment, self.prompt_text(prompt.text), prompt, text_frontend=False)[0]
+
+    def speaker_input(
+        self, mode: str, segment: str | None, embedding: Tensor, instruct_text: str | None = None
+    ) -> ModelInput:
+        """What one segment (already normalised; None: text streamed in) hands the model for a
+        built-in speaker: :meth:`sft`, or in ``instruct2`` the instruction as the LLM's prompt text."""
+        if mode != "instruct2":
+            return self.sft(segment, embedding, text_frontend=False)[0]
+        ((text, ids),) = self._segment_ids(segment, False, "instruct2")
+        instruct = self.instruct_ids(instruct_text or "")
+        return ModelInput(ids, instruct, flow_embedding=embedding, llm_embedding=embedding, text=text)
 
     def vc(self, source_speech_tokens: Tensor | Sequence[int], prompt: PromptFeatures) -> ModelInput:
         """Voice conversion: the source's speech tokens in the prompt's voice (no LLM, no trimming)."""

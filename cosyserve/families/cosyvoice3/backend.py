@@ -12,8 +12,9 @@ This module says what a CosyVoice3 segment is made of (:meth:`CosyVoice3Backend.
   - ``zero_shot``: a prompt recording and its transcript (LLM prompt text and speech tokens);
   - ``cross_lingual``: a prompt recording's voice only (the flow keeps the prompt);
   - ``instruct2``: a voice (recording or saved) directed by an instruction;
-  - a saved voice by name (what ``sft`` requests mean here: there are no built-in speakers)
-    speaks as zero-shot with its transcript, as cross-lingual without one;
+  - a saved voice by name (``sft`` requests: the published model has no built-in speakers)
+    speaks as zero-shot with its transcript, as cross-lingual without one; a directory with a
+    ``spk2info.pt`` also has built-in speakers (the embedding alone, text as in cross-lingual);
 
 * the decoder (:class:`~cosyserve.families.cosyvoice2.backend.StateDecoder`, shared with
   CosyVoice2): the reference's decoding state machine, the whole text at once (unistream: stop ids
@@ -120,7 +121,7 @@ class CosyVoice3Backend(FamilyBackend):
         super().__init__(
             options,
             model_dir=model.files.root,
-            speakers={},
+            speakers=model.speakers,
             # Features are kept untrimmed: each mode trims them as the reference does (vc does not).
             prompt_encoder=PromptEncoder(
                 model.files.root,
@@ -133,6 +134,8 @@ class CosyVoice3Backend(FamilyBackend):
         self.model = model
         self.config = model.config
         self.sample_rate = int(model.config.sample_rate)
+        if model.speakers:  # a directory with spk2info.pt (the published one has none)
+            self.modes = MODES | {"sft"}
 
     @property
     def llm(self) -> CosyVoice3LM:
@@ -142,14 +145,19 @@ class CosyVoice3Backend(FamilyBackend):
 
     def require_mode(self, mode: str) -> None:
         if mode == "sft":
-            return  # a voice by name: with no built-in speakers, a saved voice (checked per request)
+            return  # a voice by name: a built-in speaker or a saved voice (checked per request)
         super().require_mode(mode)
 
     def check_request(self, request: SynthesisRequest) -> None:
-        if request.mode == "sft" and request.voice and request.voice not in self.voice_store:
+        voice = request.voice
+        if request.mode == "sft" and voice and voice not in self.speakers and voice not in self.voice_store:
+            if self.speakers:
+                what = f"{voice!r} is neither a built-in speaker of this CosyVoice3 model nor a saved voice"
+            else:
+                what = f"CosyVoice3 has no built-in speakers, and {voice!r} is not a saved voice"
             raise UnsupportedModeError(
-                f"CosyVoice3 has no built-in speakers, and {request.voice!r} is not a saved voice: send a "
-                "prompt recording (zero-shot, cross-lingual, instruct2) or save one with POST /v1/voices"
+                f"{what}: send a prompt recording (zero-shot, cross-lingual, instruct2) or save one with "
+                "POST /v1/voices"
             )
         super().check_request(request)
 
@@ -186,9 +194,13 @@ class CosyVoice3Backend(FamilyBackend):
         generators: tuple[torch.Generator, torch.Generator],
         num_tokens: int | None,
     ) -> SegmentPlan:
-        if prompt is None:  # check_request makes every request name a voice
+        if prompt is not None:
+            inputs = self.frontend.voice_input(request.mode, segment, prompt, request.instruct)
+        elif request.voice in self.speakers:  # a built-in speaker (spk2info.pt)
+            embedding = self.speakers[request.voice]
+            inputs = self.frontend.speaker_input(request.mode, segment, embedding, request.instruct)
+        else:  # check_request makes every request name a voice
             raise InvalidRequestError("CosyVoice3 needs a voice: a prompt recording or a saved voice")
-        inputs = self.frontend.voice_input(request.mode, segment, prompt, request.instruct)
         sampler = self.token_sampler(generators[0])
         decoder = StateDecoder.for_input(self.llm, inputs, sampler, num_tokens, self.frontend.tokenizer)
         return SegmentPlan(decoder, self.make_sink(request, inputs))

@@ -15,7 +15,8 @@ normalised nor split). Text without ``<|endofprompt|>`` gets the same form writt
 would stop on its assert instead. ``system_prompt=None`` makes a missing ``<|endofprompt|>`` an
 :class:`~cosyserve.errors.InvalidRequestError`.
 
-No SFT (the published model has no ``spk2info.pt``). Upstream's saved-speaker instruct2 quirk
+SFT only for directories with a ``spk2info.pt`` (the published model has none), in the
+cross-lingual text form. Upstream's saved-speaker instruct2 quirk
 (the saved zero-shot prompt replaces the instruction) is not reproduced: instruct2 always uses the
 instruction; upstream's behaviour is :meth:`CosyVoice3Frontend.zero_shot` with the saved prompt.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from cosyserve.errors import InvalidRequestError
-from cosyserve.families.cosyvoice2.frontend import CosyVoice2Frontend, ModelInput, unsupported
+from cosyserve.families.cosyvoice2.frontend import CosyVoice2Frontend, ModelInput
 from cosyserve.text.qwen_tokenizer import ENDOFPROMPT, QwenTokenizer
 from cosyserve.voices.prompt import PromptFeatures
 
@@ -56,12 +57,13 @@ class CosyVoice3Frontend(CosyVoice2Frontend):
 
     # -- modes ---------------------------------------------------------------------------------
 
-    def sft(self, tts_text: str, embedding: Tensor, text_frontend: bool = True) -> list[ModelInput]:
-        raise unsupported(
-            "SFT",
-            self.family,
-            "there are no built-in speakers (no spk2info.pt); use a voice recording or a saved voice",
-        )
+    def sft(self, tts_text: str | None, embedding: Tensor, text_frontend: bool = True) -> list[ModelInput]:
+        """A built-in speaker of a directory that has ``spk2info.pt`` (the published one has none):
+        the text carries the system turn, as in cross-lingual, and the flow only the embedding."""
+        inputs = super().sft(tts_text, embedding, text_frontend)
+        if tts_text is None:  # streamed text: the system turn goes first, as prompt text
+            inputs[0].prompt_text_ids = self.tokenize(self._system_turn("text"))
+        return inputs
 
     def prompt_text(self, prompt_text: str, text_frontend: bool = True) -> str:
         """The zero-shot prompt text: as written when it has ``<|endofprompt|>``, else the system
@@ -81,7 +83,7 @@ class CosyVoice3Frontend(CosyVoice2Frontend):
     def _segment_ids(
         self, tts_text: str | None, text_frontend: bool, mode: str
     ) -> list[tuple[str | None, list[int] | None]]:
-        if mode != "cross_lingual" or tts_text is None or ENDOFPROMPT in tts_text:
+        if mode not in ("cross_lingual", "sft") or tts_text is None or ENDOFPROMPT in tts_text:
             return super()._segment_ids(tts_text, text_frontend, mode)
         turn = self._system_turn("text")
         return [(turn + s, self.tokenize(turn + s)) for s in self.segments(tts_text, text_frontend)]

@@ -338,3 +338,47 @@ def test_stop_ids_while_text_streams_in_are_never_drawn(tiny_v3_backend: CosyVoi
     whole = lm.unistream([1, 2, 3], prompt_ids, max_len=10)
     whole.take_inputs()
     assert sampler.choose(logp.log_softmax(0), whole) == vocab.eos  # min_len unenforced: the quirk
+
+
+def test_built_in_speakers_when_the_directory_has_spk2info(tmp_path: Path) -> None:
+    """Upstream serves spk2info.pt speakers when a CosyVoice3 directory has one (the published one
+    has none): SFT with the embedding alone, the text in the cross-lingual form."""
+    from cosyserve.text.qwen_tokenizer import ENDOFPROMPT
+    from cosyserve.tools.make_model import make_model
+    from tests.conftest import TINY_SEED, TINY_V3_CONFIG
+
+    out = tmp_path / "CosyVoice3-tiny-spk"
+    make_model(TINY_V3_CONFIG, out, seed=TINY_SEED, speakers=2)
+    backend = CosyVoice3Backend.from_dir(out)
+    speaker = next(iter(backend.speakers))
+    assert len(backend.speakers) == 2 and "sft" in backend.modes
+    assert speaker in [v.id for v in backend.voices()]
+    assert backend.warmup_request().voice == speaker and backend.warmup_request().prompt is None
+
+    frontend, embedding = backend.frontend, backend.speakers[speaker]
+    sft = frontend.speaker_input("sft", TEXT, embedding)
+    assert sft.text_ids == frontend.tokenize(f"You are a helpful assistant.{ENDOFPROMPT}{TEXT}")
+    assert sft.prompt_text_ids == [] and sft.flow_prompt_speech_tokens.numel() == 0
+    assert sft.prompt_speech_feat is None and torch.equal(sft.flow_embedding, embedding)
+    instruct = frontend.speaker_input("instruct2", TEXT, embedding, "Speak slowly.")
+    assert instruct.text_ids == frontend.tokenize(TEXT)
+    assert instruct.prompt_text_ids == frontend.tokenize(
+        f"You are a helpful assistant. Speak slowly.{ENDOFPROMPT}"
+    )
+    streamed = frontend.speaker_input("sft", None, embedding)
+    assert streamed.text_ids is None
+    assert streamed.prompt_text_ids == frontend.tokenize(f"You are a helpful assistant.{ENDOFPROMPT}")
+
+    for stream in (False, True):
+        task, chunks = solo(
+            backend, SynthesisRequest(TEXT, voice=speaker, stream=stream, seed=6), num_tokens=30
+        )
+        check_audio(audio_of(chunks), task.segment_tokens[0])
+    task, chunks = solo(
+        backend, SynthesisRequest(TEXT, mode="instruct2", voice=speaker, instruct="Speak slowly.", seed=7), 20
+    )
+    check_audio(audio_of(chunks), task.segment_tokens[0])
+    with pytest.raises(
+        UnsupportedModeError, match="neither a built-in speaker of this CosyVoice3 model nor a saved voice"
+    ):
+        backend.check_request(SynthesisRequest(TEXT, voice="nobody"))
