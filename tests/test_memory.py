@@ -157,3 +157,24 @@ def test_freed_heap_memory_goes_back_and_vocoder_blocks_are_not_kept(tmp_path: P
         pytest.skip("MADV_PAGEOUT needs Linux 5.4+")
     assert probe["cold_returned"] > 24, probe  # the mapped checkpoint's pages left RSS
     assert probe["int8_fp32_returned"] > 48, probe  # quantising never holds both copies
+
+
+def test_converted_checkpoint_tensors_are_paged_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FP16 checkpoint loaded into an FP32 network: the FP16 originals were read once, and are
+    paged out (their file pages would stay in RSS while the file stays mapped); adopted ones are not."""
+    from cosyserve.nn import checkpoint
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Embedding(10, 4))
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    state["0.weight"] = state["0.weight"].half()
+    state["0.bias"] = state["0.bias"].half()
+    path = tmp_path / "net.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, mmap=True, weights_only=True)
+    paged: list[int] = []
+    monkeypatch.setattr(checkpoint, "page_out", lambda t: paged.append(t.data_ptr()))
+    checkpoint.load_into(net, loaded, path)
+    assert sorted(paged) == sorted(loaded[k].data_ptr() for k in ("0.weight", "0.bias"))
+    assert net[0].weight.dtype == torch.float32
+    assert torch.equal(net[0].weight, loaded["0.weight"].float())
+    assert net[1].weight.data_ptr() == loaded["1.weight"].data_ptr()  # adopted, still file-backed
