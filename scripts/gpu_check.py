@@ -5,7 +5,12 @@ one process: LLM decode tokens/s (eager FP32, FP16; batch 1 and batch 16), the f
 tokens (eager FP32, FP16 with a NaN/silence check, torch.compile'd estimator), HiFT, and 16
 requests batched vs one at a time. Prints one JSON object. Needs only torch, numpy, pyyaml, onnx.
 
-    PYTHONPATH=. python3 scripts/gpu_check.py [--out results.json] [--deadline 420]
+``--family cosyvoice2|cosyvoice3`` measures the issues' GPU targets for a later family instead,
+through the serving path (the launcher's plans, the engine's batching): for ``cuda_eager`` and
+``jit_fp16``, the first streamed chunk and RTF of one request and the aggregate throughput of 16
+concurrent requests against one at a time (``cosyserve bench --concurrency``'s phases).
+
+    PYTHONPATH=. python3 scripts/gpu_check.py [--family F] [--out results.json] [--deadline 420]
 """
 
 from __future__ import annotations
@@ -72,14 +77,18 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
-    parser.add_argument("--yaml", default=str(FULL_YAML))
+    parser.add_argument("--yaml", default=None, help="the architecture (default: the family's full size)")
     parser.add_argument(
         "--deadline", type=float, default=420.0, help="skip remaining parts after this many s"
     )
-    parser.add_argument("--tokens", type=int, default=TOKENS, help="speech tokens per run (dry run: fewer)")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="speech tokens per run (default 5 s of audio; dry run: fewer)"
+    )
+    parser.add_argument("--family", default="cosyvoice1", choices=("cosyvoice1", "cosyvoice2", "cosyvoice3"))
+    parser.add_argument("--concurrency", type=int, default=16, help="--family: concurrent requests")
     args = parser.parse_args()
     DEVICE = args.device
-    TOKENS = args.tokens
+    TOKENS = args.tokens or (TOKENS if args.family == "cosyvoice1" else 125)
     start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = False  # FP32 parity (TF32 convolutions break it)
     torch.backends.cudnn.allow_tf32 = False
@@ -91,9 +100,13 @@ def main() -> int:
     def left() -> float:
         return args.deadline - (time.perf_counter() - start)
 
+    if args.family != "cosyvoice1":
+        family_check(args.family, args.yaml, args.concurrency, res, left)
+        return _report(res, start, args.out)
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        make_model(Path(args.yaml), Path(tmp) / "m", seed=0)
+        make_model(Path(args.yaml or FULL_YAML), Path(tmp) / "m", seed=0)
         res["make_model_s"] = round(time.perf_counter() - t0, 1)
         model = load_model_directory(Path(tmp) / "m", device=DEVICE)
     llm, flow, hift = model.llm, model.flow, model.hift
@@ -152,6 +165,43 @@ def main() -> int:
     else:
         res["compile_skipped"] = f"only {left():.0f} s left"
     return _report(res, start, args.out)
+
+
+def family_check(family: str, yaml: str | None, concurrency: int, res: dict, left) -> None:  # noqa: ANN001
+    """A later family's GPU targets through the serving path (see the module docstring)."""
+    from cosyserve.tools.bench import SYNTHETIC, full_size_yaml
+    from cosyserve.tools.loadtest import run_concurrency_bench
+
+    plans = ("cuda_eager", "jit_fp16") if DEVICE == "cuda" else ("eager",)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "m"
+        t0 = time.perf_counter()
+        config = Path(yaml) if yaml else full_size_yaml(family)
+        make_model(config, model_dir, seed=0, speakers=SYNTHETIC[family].speakers or 1)
+        res["family"], res["make_model_s"] = family, round(time.perf_counter() - t0, 1)
+        for plan in plans:
+            if left() < 120:
+                res[plan] = f"skipped: only {left():.0f} s left"
+                continue
+            report = run_concurrency_bench(
+                model_dir,
+                concurrency=concurrency,
+                tokens=TOKENS,
+                plan=plan,
+                device=DEVICE,
+                max_seconds=max(60.0, left() - 60),
+                baseline_requests=2,
+            )
+            stream, non_stream = report.get("stream", {}), report.get("non_stream", {})
+            res[plan] = {
+                "plan": report.get("plan"),
+                "single_first_chunk_s": report.get("single_first_chunk_s"),
+                "single_rtf_p50": non_stream.get("one_at_a_time", {}).get("rtf_p50"),
+                "concurrent_throughput_ratio": report.get("throughput_ratio"),
+                "concurrent_audio_s_per_wall_s": non_stream.get("batched", {}).get("audio_s_per_wall_s"),
+                "concurrent_first_chunk_p50_s": stream.get("batched", {}).get("first_chunk_p50_s"),
+                "failed": non_stream.get("batched", {}).get("failed"),
+            }
 
 
 def _report(res: dict, start: float, out: str | None) -> int:

@@ -299,14 +299,14 @@ def test_full_size_yaml_ships_with_the_package() -> None:
 
 @pytest.mark.parametrize("family", ["cosyvoice2", "cosyvoice3"])
 def test_full_size_yaml_of_later_families(family: str) -> None:
-    """CosyVoice2/3's full-size configs come from the shared architecture folders beside the checkout."""
-    try:
-        path = bench.full_size_yaml(family)
-    except FileNotFoundError as exc:
-        assert bench.SYNTHETIC[family].arch in str(exc)
-        pytest.skip("no shared/models beside this checkout")
-    assert path.name == bench.SYNTHETIC[family].config
-    assert (path.parent / "CosyVoice-BlankEN" / "config.json").is_file()
+    """CosyVoice2/3's full-size configs ship with the package, the backbone's config.json beside
+    them, and describe the architectures of ../shared/models (the checkpoints' parameter counts)."""
+    from cosyserve.nn.qwen2 import load_qwen2_config
+
+    path = bench.full_size_yaml(family)
+    assert path.is_file() and path.name == f"{family}.yaml"
+    backbone = load_qwen2_config(path.parent / "CosyVoice-BlankEN")
+    assert (backbone.hidden_size, backbone.num_hidden_layers, backbone.intermediate_size) == (896, 24, 4864)
 
 
 def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
@@ -336,3 +336,38 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     assert res["device"] == "cpu"
     for key in ("llm_fp32_b1_tok_s", "llm_fp32_b16_tok_s", "flow_fp32_s", "hift_fp32_s", "flow16_speedup"):
         assert res[key] > 0, (key, res)
+
+
+def test_gpu_check_family_dry_run_on_cpu(tmp_path: Path) -> None:
+    """--family measures a later family through the serving path (CPU dry run, tiny CosyVoice2):
+    one request's first chunk and RTF, and concurrent requests against one at a time."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "scripts" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--family",
+            "cosyvoice2",
+            "--yaml",
+            str(root / "tests" / "families" / "cosyvoice2" / "tiny.yaml"),
+            "--tokens",
+            "12",
+            "--concurrency",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["family"] == "cosyvoice2"
+    eager = res["eager"]
+    assert eager["plan"] == "eager" and eager["failed"] == []
+    for key in ("single_first_chunk_s", "single_rtf_p50", "concurrent_throughput_ratio"):
+        assert eager[key] > 0, (key, res)

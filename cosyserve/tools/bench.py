@@ -47,20 +47,17 @@ class SyntheticModel:
     """A family's full-size architecture, benchmarked with random weights (``--synthetic``)."""
 
     name: str  # the directory written in the cache
-    config: str  # the yaml, in cosyserve/assets or in shared/models/<arch>/ beside the checkout
-    arch: str
+    config: str  # the yaml, in cosyserve/assets (CosyVoice2/3: the backbone's config.json beside it)
     speakers: int | None = None  # built-in speakers (None: as the published directory has)
 
 
 SYNTHETIC = {
-    "cosyvoice1": SyntheticModel(
-        "CosyVoice-300M-SFT-random-seed0", "cosyvoice.yaml", "cosyvoice-300m-sft-arch"
-    ),
-    "cosyvoice2": SyntheticModel("CosyVoice2-0.5B-random-seed0", "cosyvoice2.yaml", "cosyvoice2-0.5b-arch"),
+    "cosyvoice1": SyntheticModel("CosyVoice-300M-SFT-random-seed0", "cosyvoice-300m-sft.yaml"),
+    "cosyvoice2": SyntheticModel("CosyVoice2-0.5B-random-seed0", "cosyvoice2-0.5b/cosyvoice2.yaml"),
     # One built-in speaker (the published directory has none): the reference's figures were taken
     # without a prompt, so the bench speaks without one too (an SFT speaker: the embedding only).
     "cosyvoice3": SyntheticModel(
-        "Fun-CosyVoice3-0.5B-random-seed0-spk1", "cosyvoice3.yaml", "cosyvoice3-0.5b-arch", speakers=1
+        "Fun-CosyVoice3-0.5B-random-seed0-spk1", "cosyvoice3-0.5b/cosyvoice3.yaml", speakers=1
     ),
 }
 SYNTHETIC_DONE = ".cosyserve-bench-complete"  # written last: a half-written directory is redone
@@ -82,19 +79,8 @@ def rtf_band(rtf: float | None) -> str:
 
 
 def full_size_yaml(family: str = "cosyvoice1") -> Path:
-    """The family's full-size config: bundled (v1) or in ``shared/models/<arch>/`` beside the
-    checkout (v2/v3, whose backbone config.json sits next to it)."""
-    spec = SYNTHETIC[family]
-    repo = Path(__file__).resolve().parents[2]
-    shared = Path("shared") / "models" / spec.arch / spec.config
-    bundled = ASSETS / "cosyvoice-300m-sft.yaml" if family == "cosyvoice1" else None
-    for path in (bundled, Path.cwd().parent / shared, repo.parent / shared):
-        if path is not None and path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"the full-size {spec.config} is missing (looked in {Path.cwd().parent / shared} and "
-        f"{repo.parent / shared})"
-    )
+    """The family's full-size config, shipped with the package (architecture only, no weights)."""
+    return ASSETS / SYNTHETIC[family].config
 
 
 def synthetic_model_dir(cache: Path | None = None, family: str = "cosyvoice1") -> Path:
