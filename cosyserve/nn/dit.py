@@ -14,6 +14,12 @@
   ``static_chunk_size`` frames (a frame sees every frame of its own and all earlier chunks).
 * output: adaptive LayerNorm (scale first, then shift) -> Linear to 80 mel channels.
 
+Everything the time embedding feeds (each block's six modulation vectors, the final scale/shift)
+depends on ``t`` alone, and the sampler calls the estimator with the same few ``t`` values for
+every request and every streaming chunk: on CPU those vectors are computed once per ``t`` value
+and reused (:meth:`DiT.time_conditioning`): the adaptive norms' ~25 MB of weights per block are not
+re-read at every call (measured in the README, Performance).
+
 Module names match upstream's, so ``flow.pt``'s ``decoder.estimator.*`` keys load strictly. Every
 operation is a plain tensor op (no Python loop over frames, no data-dependent control flow while
 tracing), so the module exports to ONNX.
@@ -32,6 +38,7 @@ __all__ = ["DiT", "DiTConfig", "attention_masks"]
 
 _LN_EPS = 1e-6
 _TIME_FREQ_DIM = 256
+_TIME_CACHE_SIZE = 64  # time values kept (a sampler uses n_timesteps of them)
 
 
 @dataclass
@@ -252,8 +259,12 @@ class AdaLayerNormZeroFinal(nn.Module):
         self.dim = dim
         self.linear = nn.Linear(dim, dim * 2)
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        scale, shift = torch.chunk(self.linear(F.silu(temb)), 2, dim=1)
+    def modulation(self, temb: Tensor) -> tuple[Tensor, ...]:
+        """(scale, shift) ``[B, H]`` from the time embedding."""
+        return torch.chunk(self.linear(F.silu(temb)), 2, dim=1)
+
+    def forward(self, x: Tensor, modulation: tuple[Tensor, ...]) -> Tensor:
+        scale, shift = modulation
         return _modulate(_layer_norm(x, self.dim), scale, shift)
 
 
@@ -283,12 +294,13 @@ class DiTBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        temb: Tensor,
+        modulation: tuple[Tensor, ...],
         rope: tuple[Tensor, Tensor, Tensor],
         attn_mask: Tensor | None,
         keep: Tensor | None,
     ) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(temb)
+        """``modulation``: this block's ``attn_norm(temb)`` (see :meth:`DiT.time_conditioning`)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         attn = self.attn(_modulate(_layer_norm(x, self.dim), scale_msa, shift_msa), rope, attn_mask, keep)
         x = torch.addcmul(x, gate_msa[:, None], attn)
         ff = self.ff(_modulate(_layer_norm(x, self.dim), scale_mlp, shift_mlp))
@@ -331,6 +343,9 @@ class DiT(nn.Module):
         self.transformer_blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.norm_out = AdaLayerNormZeroFinal(cfg.dim)
         self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
+        self._time_cache: dict[tuple, tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]] = {}
+        # Weights loaded in place keep their tensors (and so the cache key): forget the entries.
+        self.register_load_state_dict_pre_hook(lambda *_: self._time_cache.clear())
 
     def forward(
         self,
@@ -346,13 +361,48 @@ class DiT(nn.Module):
         b, _, frames = x.shape
         if t.dim() == 0:
             t = t.repeat(b)
-        temb = self.time_embed(t)
+        blocks, final = self.time_conditioning(t)
         h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
         rope = self.rotary_embed.cos_sin(frames, h.dtype)
         attn_mask, keep = attention_masks(mask, streaming, self.static_chunk_size)
-        for block in self.transformer_blocks:
-            h = block(h, temb, rope, attn_mask, keep)
-        return self.proj_out(self.norm_out(h, temb)).transpose(1, 2)
+        for block, modulation in zip(self.transformer_blocks, blocks):
+            h = block(h, modulation, rope, attn_mask, keep)
+        return self.proj_out(self.norm_out(h, final)).transpose(1, 2)
+
+    def _time_conditioning(self, t: Tensor) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+        temb = self.time_embed(t)
+        return [block.attn_norm(temb) for block in self.transformer_blocks], self.norm_out.modulation(temb)
+
+    def time_conditioning(self, t: Tensor) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+        """Every block's modulation vectors and the final norm's, ``[B, H]`` each, for times ``t``
+        ``[B]``: on CPU, computed once per time value (every row of a call shares it: the CFG pair,
+        requests batched at the same Euler step) and kept while the weights they come from stay."""
+        cacheable = (
+            t.device.type == "cpu" and not torch.is_grad_enabled() and not _exporting() and t.numel() > 0
+        )
+        if not cacheable or bool(t.ne(t[0]).any()):
+            return self._time_conditioning(t)
+        key = (float(t[0]), t.dtype, self._conditioning_weights())
+        entry = self._time_cache.get(key)
+        if entry is None:
+            if len(self._time_cache) >= _TIME_CACHE_SIZE:
+                self._time_cache.clear()
+            entry = self._time_cache[key] = self._time_conditioning(t[:1])
+        rows = t.shape[0]
+        blocks, final = entry
+        return [tuple(v.expand(rows, -1) for v in m) for m in blocks], tuple(
+            v.expand(rows, -1) for v in final
+        )
+
+    def _conditioning_weights(self) -> tuple:
+        """What the time conditioning is computed from: a new tensor or module (loading, ``.to()``,
+        quantisation) is another key, so a cached entry never outlives its weights."""
+        parts = (
+            self.time_embed,
+            self.norm_out.linear,
+            *(b.attn_norm.linear for b in self.transformer_blocks),
+        )
+        return tuple((id(m), *((p.data_ptr(), p.dtype) for p in m.parameters())) for m in parts)
 
     def fuse_qkv(self) -> bool:
         """Fuse every block's q/k/v projections (see :meth:`Attention.fuse_qkv`)."""
