@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosyserve.runtime.memory import page_out
+
 __all__ = ["DiT", "DiTConfig", "attention_masks"]
 
 _LN_EPS = 1e-6
@@ -193,13 +195,16 @@ class Attention(nn.Module):
             bias = torch.cat([m.bias for m in linears])
             n = weight.shape[0] // 3
             for i, m in enumerate(linears):
+                separate = m.weight
                 m.weight = nn.Parameter(weight[i * n : (i + 1) * n], requires_grad=m.weight.requires_grad)
                 m.bias = nn.Parameter(bias[i * n : (i + 1) * n], requires_grad=m.bias.requires_grad)
+                page_out(separate)  # read once by the cat: memory-mapped pages would stay in RSS
         self._qkv = (weight, bias)
         return True
 
     def _fused(self) -> tuple[Tensor, Tensor] | None:
-        """The fused weight and bias while the three parameters still are views of them."""
+        """The fused weight and bias while the three parameters still are views of them (once they
+        are replaced, e.g. quantised, the fused tensors are dropped: they would only hold memory)."""
         if self._qkv is None:
             return None
         weight, bias = self._qkv
@@ -214,6 +219,7 @@ class Attention(nn.Module):
                 or b.data_ptr() != bias[i * n :].data_ptr()
                 or w.dtype != weight.dtype
             ):
+                self._qkv = None
                 return None
         return weight, bias
 

@@ -67,6 +67,13 @@ class CausalConditionalCFM(nn.Module):
         self._runner_streams: tuple[EstimatorFn, bool] | None = None  # (runner, takes `streaming`)
 
     @property
+    def serves_eager_estimator(self) -> bool:
+        """Whether some calls still run the PyTorch DiT (its weights must stay loaded): streaming
+        calls do unless the runner takes ``streaming`` (the chunk masks an ONNX export lacks)."""
+        runner = self.estimator_runner
+        return runner is None or not takes_streaming(runner)
+
+    @property
     def rand_noise(self) -> Tensor:
         """Upstream's fixed noise buffer ``[1, 80, 15000]`` (not a checkpoint tensor)."""
         return reference_flow_noise()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cosyserve.errors import InvalidRequestError, UnsupportedModeError
+from cosyserve.errors import InvalidRequestError
 from cosyserve.families.cosyvoice3.frontend import CosyVoice3Frontend
 from cosyserve.text.qwen_tokenizer import load_qwen_tokenizer
 from tests.families.cosyvoice2.parity.test_frontend import (
@@ -79,8 +79,11 @@ def test_recorded_modes(parity_set: ParitySet, frontend: CosyVoice3Frontend) -> 
     if not modes:
         pytest.skip(f"{parity_set.name}: frontend.json records no modes")
     assert check_recorded_modes(parity_set, frontend, modes) >= 4
-    with pytest.raises(UnsupportedModeError):
-        frontend.sft("你好。", recorded_prompt(parity_set).embedding)
+    # SFT (directories with a spk2info.pt): the cross-lingual text form, the embedding alone.
+    prompt = recorded_prompt(parity_set)
+    (sft,) = frontend.sft("你好。", prompt.embedding)
+    assert sft.text_ids == frontend.cross_lingual("你好。", prompt)[0].text_ids
+    assert sft.prompt_speech_feat is None and sft.flow_prompt_speech_tokens.numel() == 0
 
 
 def test_bare_texts_get_the_reference_system_prompt(
