@@ -82,7 +82,10 @@ def main() -> int:
         "--deadline", type=float, default=420.0, help="skip remaining parts after this many s"
     )
     parser.add_argument(
-        "--tokens", type=int, default=None, help="speech tokens per run (default 5 s of audio; dry run: fewer)"
+        "--tokens",
+        type=int,
+        default=None,
+        help="speech tokens per run (default 5 s of audio; dry run: fewer)",
     )
     parser.add_argument("--family", default="cosyvoice1", choices=("cosyvoice1", "cosyvoice2", "cosyvoice3"))
     parser.add_argument("--concurrency", type=int, default=16, help="--family: concurrent requests")

@@ -309,30 +309,25 @@ def test_full_size_yaml_of_later_families(family: str) -> None:
     assert (backbone.hidden_size, backbone.num_hidden_layers, backbone.intermediate_size) == (896, 24, 4864)
 
 
-def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
-    """The prepared GPU measurement runs end to end (CPU dry run, tiny model), so it has not
-    rotted when a GPU is finally lent."""
+def _gpu_check_dry_run(tmp_path: Path, *args: str) -> dict:
+    """Run scripts/gpu_check.py on the CPU with `args`; returns its JSON report."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu.json"
     done = subprocess.run(
-        [
-            sys.executable,
-            str(root / "scripts" / "gpu_check.py"),
-            "--device",
-            "cpu",
-            "--yaml",
-            str(root / "tests" / "families" / "cosyvoice1" / "tiny.yaml"),
-            "--tokens",
-            "60",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(root / "scripts" / "gpu_check.py"), "--device", "cpu", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The prepared GPU measurement runs end to end (CPU dry run, tiny model), so it has not
+    rotted when a GPU is finally lent."""
+    tiny = Path(__file__).resolve().parents[1] / "tests" / "families" / "cosyvoice1" / "tiny.yaml"
+    res = _gpu_check_dry_run(tmp_path, "--yaml", str(tiny), "--tokens", "60")
     assert res["device"] == "cpu"
     for key in ("llm_fp32_b1_tok_s", "llm_fp32_b16_tok_s", "flow_fp32_s", "hift_fp32_s", "flow16_speedup"):
         assert res[key] > 0, (key, res)
@@ -341,31 +336,9 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
 def test_gpu_check_family_dry_run_on_cpu(tmp_path: Path) -> None:
     """--family measures a later family through the serving path (CPU dry run, tiny CosyVoice2):
     one request's first chunk and RTF, and concurrent requests against one at a time."""
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "gpu.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(root / "scripts" / "gpu_check.py"),
-            "--device",
-            "cpu",
-            "--family",
-            "cosyvoice2",
-            "--yaml",
-            str(root / "tests" / "families" / "cosyvoice2" / "tiny.yaml"),
-            "--tokens",
-            "12",
-            "--concurrency",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    res = json.loads(out.read_text())
+    tiny = Path(__file__).resolve().parents[1] / "tests" / "families" / "cosyvoice2" / "tiny.yaml"
+    args = ("--family", "cosyvoice2", "--yaml", str(tiny), "--tokens", "12", "--concurrency", "2")
+    res = _gpu_check_dry_run(tmp_path, *args)
     assert res["family"] == "cosyvoice2"
     eager = res["eager"]
     assert eager["plan"] == "eager" and eager["failed"] == []
