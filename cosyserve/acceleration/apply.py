@@ -156,7 +156,7 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
             applied.append("malloc: vocoder blocks mmap'd (COSYSERVE_VOCODER_MMAP=1)")
         if allocator_tuned():
             keep_paged_out(targets.cold_weights)
-    if plan.packed_llm and plan.device == "cpu" and not plan.int8:
+    if plan.packed_llm:  # FP32 CPU plans only; pack_llm leaves any other LLM as it is
         from cosyserve.acceleration.packed import pack_llm
 
         count = pack_llm(targets.llm)

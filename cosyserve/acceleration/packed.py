@@ -38,11 +38,11 @@ def packing_available() -> bool:
 class PackedLinear(nn.Module):
     """``F.linear`` on a weight held in oneDNN's blocked layout (FP32, CPU)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, batch_hint: int = 1):
+    def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        # batch_hint: the row count the layout is tuned for (decode steps: 1); any count works.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
+        # Laid out for one-row products (decode steps); any row count works.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
         self.bias = None if bias is None else bias.detach().clone()
 
     @classmethod

@@ -134,13 +134,11 @@ def quantize_llm_int8(llm: nn.Module) -> int:
     """Replace the LLM's linear layers (in place) with dynamic int8 ones; returns how many.
 
     The projections that read the same input are fused first (q/k/v, and Qwen2's gate/up: see
-    the module docstring). CPU only: the
-    quantised kernels are fbgemm/oneDNN (x86) or qnnpack (Arm).
+    the module docstring). CPU only: the quantised kernels are fbgemm/oneDNN (x86) or qnnpack (Arm).
     """
     _check_cpu(llm)
-    count = convert_llm_linears(
-        llm, functools.partial(_quantize_linears, engine="x86")
-    )  # fbgemm: fastest GEMV
+    to_int8 = functools.partial(_quantize_linears, engine="x86")  # fbgemm: the fastest one-row GEMV
+    count = convert_llm_linears(llm, to_int8)
     logger.info("int8: %d linear layers of the LLM quantised (dynamic, per channel)", count)
     return count
 

@@ -12,8 +12,8 @@ The official layout (Fun-CosyVoice3-0.5B-2512)::
     CosyVoice-BlankEN/model.safetensors superseded by llm.pt: never read
 
 The published directory has no ``spk2info.pt``; one that does (speakers saved as upstream's
-``spk2info`` entries with an ``embedding``) gets built-in speakers, as upstream loads it. Networks are memory-mapped and loaded strictly (every parameter
-overwritten, no second copy of the weights). The vocoder's fixed noise is the reference's seed-0
+``spk2info`` entries with an ``embedding``) gets built-in speakers, as upstream loads it. Networks
+are memory-mapped and loaded strictly (every parameter overwritten, no second copy of the weights). The vocoder's fixed noise is the reference's seed-0
 construction-time buffer, reproduced lazily from the config (:mod:`.noise`).
 
 Every problem becomes ONE :class:`ModelDirectoryError` (or :class:`ModelConfigError`) that names
