@@ -260,3 +260,4 @@ def test_finish_edge_cases(hift: HiFTGenerator) -> None:
         streamer.push([1])
     with pytest.raises(RuntimeError):
         streamer.finish()
+
