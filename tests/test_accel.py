@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.acceleration import apply as accel
@@ -307,6 +308,85 @@ def test_cpu_fast_plan_packs_the_llm(tiny_model_copy: Path) -> None:
     assert isinstance(fast.model.llm.llm_decoder, PackedLinear)
     eager = _build(tiny_model_copy, "eager")
     assert type(eager.model.llm.llm_decoder) is nn.Linear  # the baseline stays plain torch
+
+
+def test_fused_projections_keep_the_estimators_outputs() -> None:
+    from cosyserve.nn.dit import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(dim=64, depth=2, heads=4, dim_head=16, static_chunk_size=8)).eval()
+    dit.fuse_qkv()  # as loaded: q/k/v views of one tensor, then one module
+    for estimator in (_estimator(), dit):
+        fused = copy.deepcopy(estimator)
+        for module in fused.modules():
+            if hasattr(module, "fuse_projections"):
+                module.fuse_projections()
+                module.fuse_projections()  # once: a second call changes nothing
+                assert isinstance(module.to_qkv, nn.Linear) and not hasattr(module, "to_q")
+        args = ox.estimator_example(2, 21, seed=3)
+        with torch.inference_mode():
+            ref, got = estimator(*args), fused(*args)
+        assert torch.allclose(got, ref, rtol=0, atol=1e-5), float((got - ref).abs().max())
+
+
+def _require_bf16() -> None:
+    from cosyserve.acceleration.packed import bf16_native
+
+    if not bf16_native():
+        pytest.skip("this CPU has no native bfloat16 (AVX512-BF16/AMX)")
+
+
+def test_bf16_packed_linear_matches_a_bf16_product() -> None:
+    from cosyserve.acceleration.packed import PackedLinear
+
+    _require_bf16()
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    x = torch.randn(7, 96)
+    got = PackedLinear.from_linear(linear, torch.bfloat16, rows_hint=None)(x)
+    assert got.dtype == torch.float32 and got.shape == (7, 40)
+    ref = F.linear(x.bfloat16().float(), linear.weight.bfloat16().float(), linear.bias.bfloat16().float())
+    assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2), float((got - ref).abs().max())
+    assert not torch.allclose(got, linear(x), rtol=0, atol=1e-7)  # really in bf16
+
+
+def test_cpu_bf16_plan_packs_llm_and_estimator(tiny_model_copy: Path) -> None:
+    from cosyserve.acceleration.packed import PackedLinear
+
+    _require_bf16()
+    backend = _build(tiny_model_copy, "cpu_bf16")
+    applied = backend.options.extra["accelerations"]
+    assert any(a.startswith("bf16 flow estimator") for a in applied), applied
+    assert any(a.startswith("bf16 llm") for a in applied), applied
+    llm = backend.model.llm
+    assert isinstance(llm.llm_decoder, PackedLinear) and llm.llm_decoder.dtype == torch.float32  # head
+    packed = [m for m in llm.modules() if isinstance(m, PackedLinear) and m is not llm.llm_decoder]
+    assert packed and all(m.dtype == torch.bfloat16 for m in packed)
+    estimator = backend.model.flow.decoder.estimator
+    assert not [m for m in estimator.modules() if type(m) is nn.Linear]
+    eager = _build(tiny_model_copy, "eager")
+    args = ox.estimator_example(2, 37)
+    with torch.inference_mode():
+        ref, got = eager.model.flow.decoder.estimator(*args), estimator(*args)
+    err = float((got - ref).abs().max()) / float(ref.abs().max())
+    assert 0 < err < 5e-2, err
+
+
+def test_cpu_bf16_plan_refused_without_native_bf16(monkeypatch) -> None:  # noqa: ANN001
+    from cosyserve.acceleration.launcher import PLANS
+
+    monkeypatch.setattr(accel, "bf16_native", lambda: False)
+    with pytest.raises(AcceleratorUnavailableError, match="no native bfloat16"):
+        accel.preflight(PLANS["cpu_bf16"])
+
+
+def test_bf16_native_reads_the_cpu_flags(tmp_path: Path) -> None:
+    from cosyserve.acceleration.packed import bf16_native
+
+    plain = tmp_path / "plain"
+    plain.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not bf16_native(str(plain))
+    assert not bf16_native(str(tmp_path / "missing"))
 
 
 def test_int8_layers_run_the_torch_ao_kernel_unchanged() -> None:

@@ -260,4 +260,3 @@ def test_finish_edge_cases(hift: HiFTGenerator) -> None:
         streamer.push([1])
     with pytest.raises(RuntimeError):
         streamer.finish()
-

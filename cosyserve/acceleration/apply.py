@@ -13,6 +13,10 @@ falls back to the next plan. What each plan field does:
   directory's ``flow.decoder.estimator.fp32.onnx`` when it matches the weights, else exported
   once); the eager estimator's weights are then released. The vocoder stays eager (see
   ``CPU_ORT_VOCODER``).
+* ``bf16`` (the opt-in ``cpu_bf16`` plan, CPUs that multiply bfloat16 natively: AVX512-BF16,
+  AMX): the LLM's and the flow estimator's linear layers packed in bfloat16 for oneDNN (half the
+  bytes per decode step, AMX tiles for the estimator), but for the LLM's speech head and the DiT's
+  output projection; the estimator is checked against FP32 at load (``ESTIMATOR_BF16_RTOL``).
 * ``int8`` (the opt-in ``cpu_int8`` plan): dynamic int8 weights for the linear layers of the LLM
   and of the flow estimator (torch; each packed for the kernel that suits it, see
   :mod:`.acceleration.quant`); the estimator is checked against FP32 at load (see
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cosyserve.acceleration.fp16 import install_fp16_guard
+from cosyserve.acceleration.packed import bf16_native, pack_estimator_bf16, pack_llm
 from cosyserve.errors import AcceleratorUnavailableError
 from cosyserve.interfaces import AccelTargets
 from cosyserve.nn.checkpoint import detach_from_checkpoint
@@ -65,6 +70,11 @@ CPU_ORT_VOCODER = os.environ.get("COSYSERVE_ORT_VOCODER", "0") == "1"
 # 2,524 -> 2,375 MiB for HiFT 1.12 -> 1.49 s per 5 s of audio, so it is off unless memory is tighter
 # than time.
 VOCODER_MMAP = os.environ.get("COSYSERVE_VOCODER_MMAP", "0") == "1"
+
+
+# The bf16 estimator's accepted error against FP32 (as int8's: max |bf16 - fp32| / max |fp32| on
+# the load-time check).
+ESTIMATOR_BF16_RTOL = 5e-2
 
 
 def install_vocoder_allocation(hift: torch.nn.Module, blocks: tuple[type, ...] = ()) -> None:
@@ -111,6 +121,13 @@ def preflight(plan: AccelPlan) -> None:
             raise AcceleratorUnavailableError("onnxruntime is not installed (pip install onnxruntime)")
         if plan.device != "cpu":
             raise AcceleratorUnavailableError("the ONNX Runtime estimator path is the CPU path")
+    if plan.bf16:
+        if plan.device != "cpu":
+            raise AcceleratorUnavailableError("the bf16 plan is a CPU plan (GPUs run fp16)")
+        if not bf16_native():
+            raise AcceleratorUnavailableError(
+                "this CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 would be slower than FP32"
+            )
     if plan.int8:
         if plan.device != "cpu":
             raise AcceleratorUnavailableError("int8 dynamic quantisation runs on CPU only")
@@ -157,11 +174,20 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         if allocator_tuned():
             keep_paged_out(targets.cold_weights)
     if plan.packed_llm:  # FP32 CPU plans only; pack_llm leaves any other LLM as it is
-        from cosyserve.acceleration.packed import pack_llm
-
         count = pack_llm(targets.llm)
         if count:
             applied.append(f"packed fp32 llm ({count} linear layers, oneDNN)")
+    if plan.bf16:
+        from cosyserve.acceleration.quant import convert_estimator_checked
+
+        if cfm.estimator_runner is not None:
+            raise AcceleratorUnavailableError("bf16 packs the torch estimator; this plan replaced it")
+        count, err = convert_estimator_checked(
+            cfm.estimator, pack_estimator_bf16, ESTIMATOR_BF16_RTOL, "bf16"
+        )
+        applied.append(f"bf16 flow estimator ({count} linear layers, oneDNN; error {err:.1e})")
+        count = pack_llm(targets.llm, torch.bfloat16)
+        applied.append(f"bf16 llm ({count} linear layers, oneDNN; speech head fp32)")
     if plan.fp16:
         applied.append("fp16 (llm, flow)")
     if plan.jit:

@@ -35,6 +35,7 @@ class AccelPlan:
     int8: bool = False  # opt-in dynamic int8 weights for the LLM and the flow estimator (CPU)
     cpu_tuning: bool = True  # CPU threads and allocator policy (off: plain PyTorch, the baseline)
     packed_llm: bool = False  # FP32 LLM linears fused and packed for oneDNN (CPU decode steps)
+    bf16: bool = False  # opt-in bfloat16 LLM and estimator linears (CPUs with AVX512-BF16/AMX)
 
 
 PLANS: dict[str, AccelPlan] = {
@@ -47,6 +48,7 @@ PLANS: dict[str, AccelPlan] = {
     # is there for machines where ONNX Runtime wins (`cosyserve bench --test_all` shows both).
     "cpu_fast": AccelPlan("cpu_fast", "cpu", packed_llm=True),
     "cpu_onnx": AccelPlan("cpu_onnx", "cpu", onnx_cpu=True, packed_llm=True),
+    "cpu_bf16": AccelPlan("cpu_bf16", "cpu", bf16=True),
     "cpu_int8": AccelPlan("cpu_int8", "cpu", int8=True),
     "eager": AccelPlan("eager", "cpu", cpu_tuning=False),
 }

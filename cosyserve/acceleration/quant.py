@@ -27,6 +27,7 @@ import copy
 import functools
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -143,34 +144,49 @@ def quantize_llm_int8(llm: nn.Module) -> int:
     return count
 
 
-@torch.inference_mode()
 def quantize_estimator_int8(estimator: nn.Module) -> tuple[int, float]:
     """Replace the flow estimator's linear layers (attention and feed-forward projections, time
     MLP; convolutions stay float) with dynamic int8 ones, in place; returns how many and the
     relative error measured against the FP32 estimator on random inputs (raises
     AccelerationMismatchError above ``ESTIMATOR_INT8_RTOL``)."""
+    _check_cpu(estimator)
+
+    def quantize(module: nn.Module) -> int:
+        names = [name for name, m in module.named_modules() if type(m) is nn.Linear]
+        _quantize_linears(module, names, engine="onednn")  # oneDNN: the fastest many-row GEMM
+        return len(names)
+
+    count, err = convert_estimator_checked(estimator, quantize, ESTIMATOR_INT8_RTOL, "int8")
+    logger.info(
+        "int8: %d linear layers of the flow estimator quantised (%d-bit activations, error %.1e)",
+        count,
+        7 if any(m.reduce_range for m in estimator.modules() if isinstance(m, Int8Linear)) else 8,
+        err,
+    )
+    return count, err
+
+
+@torch.inference_mode()
+def convert_estimator_checked(
+    estimator: nn.Module, convert: Callable[[nn.Module], int], rtol: float, what: str
+) -> tuple[int, float]:
+    """Run ``convert(estimator)`` (in place; returns how many layers it changed) and measure the
+    converted estimator against its FP32 self on random inputs: max |new - fp32| / max |fp32|.
+    Raises AccelerationMismatchError above ``rtol``; returns (count, error)."""
     from cosyserve.acceleration.onnx_export import estimator_example
 
-    _check_cpu(estimator)
     examples = [estimator_example(2, frames, seed=i) for i, frames in enumerate((37, 8))]
     references = [estimator(*args) for args in examples]
-    names = [name for name, module in estimator.named_modules() if type(module) is nn.Linear]
-    _quantize_linears(estimator, names, engine="onednn")  # oneDNN: the fastest many-row GEMM
+    count = convert(estimator)
     err = max(
         float((estimator(*args) - ref).abs().max()) / max(1.0, float(ref.abs().max()))
         for args, ref in zip(examples, references)
     )
-    if not err <= ESTIMATOR_INT8_RTOL:  # also catches NaN
+    if not err <= rtol:  # also catches NaN
         raise AccelerationMismatchError(
-            f"the int8 estimator deviates from FP32 by {err:.2e} (max relative; accepted {ESTIMATOR_INT8_RTOL:g})"
+            f"the {what} estimator deviates from FP32 by {err:.2e} (max relative; accepted {rtol:g})"
         )
-    logger.info(
-        "int8: %d linear layers of the flow estimator quantised (%d-bit activations, error %.1e)",
-        len(names),
-        7 if any(m.reduce_range for m in estimator.modules() if isinstance(m, Int8Linear)) else 8,
-        err,
-    )
-    return len(names), err
+    return count, err
 
 
 def _check_cpu(module: nn.Module) -> None:

@@ -177,6 +177,25 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self._qkv: tuple[Tensor, Tensor] | None = None  # see fuse_qkv
+        self.to_qkv: nn.Module | None = None  # see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v by one module ``to_qkv`` (for plans that convert linear layers); once.
+        Upstream's state-dict keys no longer load into the block after this."""
+        if self.to_qkv is not None:
+            return
+        fused = self._fused()  # fuse_qkv's tensors are reused as they are: no copy
+        with torch.inference_mode(False), torch.no_grad():
+            if fused is None:
+                linears = (self.to_q, self.to_k, self.to_v)
+                fused = torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])
+            weight, bias = fused
+            to_qkv = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+            to_qkv.weight = nn.Parameter(weight, requires_grad=False)
+            to_qkv.bias = nn.Parameter(bias, requires_grad=False)
+        del self.to_q, self.to_k, self.to_v
+        self._qkv = None
+        self.to_qkv = to_qkv
 
     def fuse_qkv(self) -> bool:
         """Store the q, k and v projections side by side in one weight and one bias, the three
@@ -186,6 +205,8 @@ class Attention(nn.Module):
         Call it after loading and after moving the module: anything that replaces the parameters
         (``.to()``, quantisation) silently returns the projections to three separate GEMMs.
         Returns whether fusing applied (plain float ``nn.Linear`` projections only)."""
+        if self.to_qkv is not None:
+            return True
         linears = (self.to_q, self.to_k, self.to_v)
         if not all(type(m) is nn.Linear and m.bias is not None for m in linears):
             self._qkv = None
@@ -231,8 +252,10 @@ class Attention(nn.Module):
         keep: Tensor | None,
     ) -> Tensor:
         b, t, _ = x.shape
-        fused = None if _exporting() else self._fused()
-        if fused is not None:
+        fused = None if _exporting() or self.to_qkv is not None else self._fused()
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        elif fused is not None:
             q, k, v = F.linear(x, *fused).chunk(3, dim=-1)
         else:
             q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)

@@ -93,13 +93,30 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.to_qkv: nn.Module | None = None  # see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v by one module ``to_qkv`` (one GEMM; for plans that convert linear layers);
+        once. Upstream's state-dict keys no longer load into the block after this."""
+        if self.to_qkv is not None:
+            return
+        ref = self.to_q.weight
+        to_qkv = nn.Linear(ref.shape[1], 3 * ref.shape[0], bias=False, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            to_qkv.weight.copy_(torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+        del self.to_q, self.to_k, self.to_v
+        self.to_qkv = to_qkv
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """`x` `[B, T, C]`; `bias` `[B, 1, 1, T]` additive key mask."""
         b = x.shape[0]
-        q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
-        k = self.to_k(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
-        v = self.to_v(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
+        if self.to_qkv is not None:
+            qkv = self.to_qkv(x).view(b, -1, 3 * self.heads, self.head_dim).transpose(1, 2)
+            q, k, v = qkv.chunk(3, dim=1)
+        else:
+            q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
+            k = self.to_k(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
+            v = self.to_v(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
         # Scale defaults to 1/sqrt(head_dim), as in diffusers.
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.to_out[0](o.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim))

@@ -18,6 +18,18 @@ pytestmark = [pytest.mark.parity, pytest.mark.timeout(300)]
 ATOL_FEATURE = 1e-5  # encoder stages, mu, spks
 ATOL_ESTIMATOR = 1e-4
 ATOL_MEL = 2e-4
+# The fixtures come from one CPU; another one's float32 kernels (AVX-512 vs AVX2) sum in another
+# order, and the embedding's LayerNorm spreads that over its whole row: errors scale with the
+# stage's magnitude (an Intel AVX-512 host: 6.1e-5 on values up to 98, i.e. 6e-7 of the scale).
+SCALE_TOL = 2e-6  # ~16 float32 epsilons: the embedding and the lookahead convolutions after it
+
+
+def assert_feature(ps: ParitySet, stage: str, actual: torch.Tensor) -> None:
+    """An encoder / mu / spks stage within ATOL_FEATURE, or within a few float32 ulps of the
+    stage's largest value where that is more."""
+    expected = ps.t(stage)
+    assert_close(ps, stage, actual, expected, max(ATOL_FEATURE, SCALE_TOL * float(expected.abs().max())))
+
 
 # The recorded flow calls: (prompt?, streaming, finalize), as the set's README describes them.
 CASES = {"ns": (False, False, True), "zs": (True, False, True), "chunk": (False, True, False)}
@@ -80,11 +92,11 @@ def test_encoder_stages(parity_set: ParitySet) -> None:
         blocks = flow.encoder.token_blocks(x)
         raw = flow.encode(tokens)
         spks = flow.speaker_projection(ps.t("spk_embedding"))
-    assert_close(ps, "flow_ns_spks", spks, ps.t("flow_ns_spks"), ATOL_FEATURE)
-    assert_close(ps, "flow_ns_embed_out", embedded, ps.t("flow_ns_embed_out"), ATOL_FEATURE)
-    assert_close(ps, "flow_ns_lookahead_out", lookahead, ps.t("flow_ns_lookahead_out"), ATOL_FEATURE)
-    assert_close(ps, "flow_ns_blocks_out", blocks, ps.t("flow_ns_blocks_out"), ATOL_FEATURE)
-    assert_close(ps, "flow_ns_encoder_raw", raw, ps.t("flow_ns_encoder_raw"), ATOL_FEATURE)
+    assert_feature(ps, "flow_ns_spks", spks)
+    assert_feature(ps, "flow_ns_embed_out", embedded)
+    assert_feature(ps, "flow_ns_lookahead_out", lookahead)
+    assert_feature(ps, "flow_ns_blocks_out", blocks)
+    assert_feature(ps, "flow_ns_encoder_raw", raw)
 
 
 def test_chunk_lookahead_with_context(parity_set: ParitySet) -> None:
@@ -99,9 +111,9 @@ def test_chunk_lookahead_with_context(parity_set: ParitySet) -> None:
         embedded = flow.encoder.embed(x[:, :-n_context])
         context = flow.encoder.embed(x[:, -n_context:])
         lookahead = flow.encoder.pre_lookahead_layer(embedded, context)
-    assert_close(ps, "flow_chunk_embed_out", embedded, ps.t("flow_chunk_embed_out"), ATOL_FEATURE)
-    assert_close(ps, "flow_chunk_context_embed", context, ps.t("flow_chunk_context_embed"), ATOL_FEATURE)
-    assert_close(ps, "flow_chunk_lookahead_out", lookahead, ps.t("flow_chunk_lookahead_out"), ATOL_FEATURE)
+    assert_feature(ps, "flow_chunk_embed_out", embedded)
+    assert_feature(ps, "flow_chunk_context_embed", context)
+    assert_feature(ps, "flow_chunk_lookahead_out", lookahead)
 
 
 def estimator_inputs(ps: ParitySet, prefix: str) -> list[torch.Tensor]:
@@ -197,7 +209,7 @@ def test_flow_inference(parity_set: ParitySet, case: str) -> None:
     )
     n_prompt = 0 if kwargs["prompt_tokens"] is None else kwargs["prompt_tokens"].shape[1]
     assert item.frames == flow.mel_frames(n_prompt + tokens.shape[1], kwargs["finalize"])
-    assert_close(ps, f"flow_{case}_mu", item.mu, ps.t(f"flow_{case}_mu"), ATOL_FEATURE)
+    assert_feature(ps, f"flow_{case}_mu", item.mu)
     for stage, value in (("cond", item.cond), ("noise", item.z)):
         if f"flow_{case}_{stage}" in ps.arrays:
             assert_close(ps, f"flow_{case}_{stage}", value, ps.t(f"flow_{case}_{stage}"), 0.0)

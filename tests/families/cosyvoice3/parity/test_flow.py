@@ -18,7 +18,7 @@ from tests.helpers.parity import ParitySet, assert_close
 pytestmark = [pytest.mark.parity, pytest.mark.timeout(300)]
 
 ATOL_EXACT = 0.0  # embeddings, lookahead, mu, cond, noise: the same float operations
-ATOL_FEATURE = 1e-6
+ATOL_FEATURE = 1e-5  # the v1 spec's encoder / mu / spks tolerance (1e-6 failed on an AVX-512 host)
 ATOL_ESTIMATOR = 1e-4
 ATOL_MEL = 2e-4
 ATOL_STREAM_MEL = 1e-3
