@@ -133,6 +133,19 @@ def test_precompile_broken_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str
 # ------------------------------------------------------------------------------------ bench
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_bench_worker_peak_rss_is_its_own_not_the_parents() -> None:
+    """A worker forked by a parent that had just used a lot of memory (the bench's parent writes the
+    synthetic model) reports its own peak (ru_maxrss would carry the parent's across exec)."""
+    import numpy as np
+
+    ballast = np.ones(1 << 28, dtype=np.float32)  # 1 GiB touched in this (parent) process
+    probe = "from cosyserve.tools.bench import _peak_rss_mb; print(_peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert float(ballast[-1]) == 1.0
+    assert float(out.stdout) < 700, out.stdout  # MiB: the child's own few hundred, not 1 GiB+
+
+
 def test_bench_in_process_json(tiny_model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(
         capsys,

@@ -162,28 +162,28 @@ class StageTimer:
         self.seconds.clear()
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _peak_rss_mb() -> float:
     """This process's peak RSS: the kernel's high-water mark of its own memory map (VmHWM).
 
     Not ``ru_maxrss``: Linux carries that across exec from the forked parent's map, so a worker
     started by a parent that had just built a 2 GB synthetic model would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _current_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_status_mb("VmRSS")
 
 
 def bench_request(backend: Any) -> Any:
