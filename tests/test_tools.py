@@ -97,6 +97,18 @@ def test_diagnose_format_has_advice() -> None:
     assert "FAIL  thing: broken" in text and "-> fix it like so" in text and not report.ok
 
 
+def test_diagnose_names_the_bf16_plan_where_the_cpu_has_bf16(tmp_path: Path) -> None:
+    rows = {}
+    for name, flags in (("amx", "fpu avx2 fma avx512f avx512_bf16 amx_bf16"), ("avx2", "fpu avx2 fma")):
+        cpuinfo = tmp_path / name
+        cpuinfo.write_text(f"model name\t: Test CPU\nflags\t\t: {flags}\n")
+        report = diagnose.Report()
+        diagnose.check_cpu(report, None, str(cpuinfo))
+        rows[name] = {check.name: check.detail for check in report.checks}
+    assert "cpu_bf16" in rows["amx"]["bfloat16"] and "amx_bf16" in rows["amx"]["features"]
+    assert "bfloat16" not in rows["avx2"]
+
+
 # ------------------------------------------------------------------------------------ precompile
 
 

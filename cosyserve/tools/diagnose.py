@@ -196,13 +196,13 @@ def check_onnxruntime(report: Report) -> None:
     )
 
 
-def check_cpu(report: Report, torch: Any) -> None:
+def check_cpu(report: Report, torch: Any, cpuinfo: str = "/proc/cpuinfo") -> None:
     from cosyserve.runtime.threads import physical_cores
 
     model = "unknown"
     flags: set[str] = set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path(cpuinfo).read_text().splitlines():
             if line.startswith("model name") and model == "unknown":
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
@@ -225,6 +225,14 @@ def check_cpu(report: Report, torch: Any) -> None:
             ", ".join(have) or "no AVX2",
             "" if status == OK else "without AVX2 the CPU path is several times slower",
         )
+        if {"avx512_bf16", "amx_bf16"} & flags:
+            report.add(
+                "cpu",
+                "bfloat16",
+                OK,
+                "native: the opt-in plan `--force_config cpu_bf16` runs the LLM and flow estimator "
+                "linear layers in bf16 (AMX where present)",
+            )
     if torch is not None:
         threads = torch.get_num_threads()
         status = OK if threads <= usable else WARN
