@@ -432,8 +432,12 @@ class FamilyBackend(Backend):
 
     def warmup_request(self) -> SynthesisRequest:
         """A built-in speaker, else a saved voice, else a generated prompt recording (zero-shot):
-        whatever the model has, the request runs every loaded path."""
-        text = "Hello, this is a warm-up."
+        whatever the model has, the request runs every loaded path.
+
+        A short text: a model that babbles (random weights, or a bad one) runs to the length limit
+        of its text, and the start-up check should not cost more than a short real synthesis (nor
+        set the process's peak memory: a full-size synthetic model once babbled 6.4 s here)."""
+        text = "Hello."
         if self.speakers:
             return SynthesisRequest(text=text, voice=next(iter(self.speakers)), seed=0)
         saved = self.voice_store.list()
