@@ -435,8 +435,8 @@ class FamilyBackend(Backend):
         whatever the model has, the request runs every loaded path.
 
         A short text: a model that babbles (random weights, or a bad one) runs to the length limit
-        of its text, and the start-up check should not cost more than a short real synthesis (nor
-        set the process's peak memory: a full-size synthetic model once babbled 6.4 s here)."""
+        of its text, and the start-up check should cost no more than a short real synthesis (time,
+        and the process's peak memory: README, Performance)."""
         text = "Hello."
         if self.speakers:
             return SynthesisRequest(text=text, voice=next(iter(self.speakers)), seed=0)
