@@ -100,11 +100,12 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn{kind}"
 
 
-def convert_llm_linears(llm: nn.Module, convert: Callable[[nn.Module, list[str]], None]) -> int:
-    """Fuse the LLM's projections and hand its replaceable linear layers to
-    ``convert(root, names)`` (which replaces them in place), one fusing module at a time: the
-    separate memory-mapped weights are paged out as soon as their fused copy is converted, so the
-    whole model is never held twice. Returns how many layers were converted."""
+def convert_linears(llm: nn.Module, convert: Callable[[nn.Module, list[str]], None]) -> int:
+    """Fuse a model's projections (an LLM's, an estimator's: every module's ``fuse_projections()``)
+    and hand its replaceable linear layers to ``convert(root, names)`` (which replaces them in
+    place), one fusing module at a time: the separate memory-mapped weights are paged out as soon as
+    their fused copy is converted, so the whole model is never held twice. Returns how many layers
+    were converted."""
     count = 0
     for module in list(llm.modules()):
         fuse = getattr(module, "fuse_projections", None)
@@ -156,29 +157,18 @@ def pack_llm(llm: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     first = next(llm.parameters(), None)
     if first is None or first.device.type != "cpu" or first.dtype != torch.float32:
         return 0
-    if dtype == torch.float32:
-        return convert_llm_linears(llm, pack_linears)
+    return convert_linears(llm, pack_linears if dtype == torch.float32 else pack_linears_bf16)
 
-    def pack(root: nn.Module, names: list[str]) -> None:
-        # No row hint: oneDNN's one-row bf16 layout streams ~30 % slower than its default here.
-        pack_linears(root, [n for n in names if not n.endswith(FP32_HEADS)], dtype, rows_hint=None)
-        pack_linears(root, [n for n in names if n.endswith(FP32_HEADS)])
 
-    return convert_llm_linears(llm, pack)
+def pack_linears_bf16(root: nn.Module, names: list[str]) -> None:
+    """:func:`pack_linears` in bfloat16, but for the output heads (:data:`FP32_HEADS`), packed in FP32."""
+    # No row hint: oneDNN's one-row bf16 layout streams slower than its default.
+    pack_linears(root, [n for n in names if not n.endswith(FP32_HEADS)], torch.bfloat16, rows_hint=None)
+    pack_linears(root, [n for n in names if n.endswith(FP32_HEADS)])
 
 
 def pack_estimator_bf16(estimator: nn.Module) -> int:
     """Fuse the flow estimator's q/k/v projections and pack its linear layers in bfloat16 for oneDNN
-    (the many-row GEMMs of every Euler step), but for its output projection; returns how many.
+    (the many-row GEMMs of every Euler step), its output projection in FP32; returns how many.
     Convolutions, norms and attention stay float32."""
-    for module in list(estimator.modules()):
-        fuse = getattr(module, "fuse_projections", None)
-        if callable(fuse):
-            fuse()
-    names = [
-        name
-        for name, module in estimator.named_modules()
-        if type(module) is nn.Linear and not name.endswith(FP32_HEADS)
-    ]
-    pack_linears(estimator, names, torch.bfloat16, rows_hint=None)
-    return len(names)
+    return convert_linears(estimator, pack_linears_bf16)

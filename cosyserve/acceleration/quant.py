@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cosyserve.acceleration.packed import convert_llm_linears
+from cosyserve.acceleration.packed import convert_linears
 from cosyserve.errors import AccelerationMismatchError, AcceleratorUnavailableError
 from cosyserve.runtime.memory import page_out
 
@@ -139,7 +139,7 @@ def quantize_llm_int8(llm: nn.Module) -> int:
     """
     _check_cpu(llm)
     to_int8 = functools.partial(_quantize_linears, engine="x86")  # fbgemm: the fastest one-row GEMV
-    count = convert_llm_linears(llm, to_int8)
+    count = convert_linears(llm, to_int8)
     logger.info("int8: %d linear layers of the LLM quantised (dynamic, per channel)", count)
     return count
 

@@ -252,10 +252,9 @@ class Attention(nn.Module):
         keep: Tensor | None,
     ) -> Tensor:
         b, t, _ = x.shape
-        fused = None if _exporting() or self.to_qkv is not None else self._fused()
         if self.to_qkv is not None:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        elif fused is not None:
+        elif (fused := None if _exporting() else self._fused()) is not None:
             q, k, v = F.linear(x, *fused).chunk(3, dim=-1)
         else:
             q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
