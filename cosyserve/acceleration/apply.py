@@ -7,6 +7,9 @@ falls back to the next plan. What each plan field does:
   intra-op threads = physical cores, inter-op threads = 1, the allocator policy of
   :func:`tune_cpu_allocator` (HiFT's own mmaps only with ``COSYSERVE_VOCODER_MMAP=1``), and the
   position projections' weights paged out between steps (:func:`keep_paged_out`).
+* ``time_table`` (``cpu_fast``, ``cpu_bf16``, ``cpu_int8``): where the torch estimator can
+  (CosyVoice3's DiT), its time conditioning is computed once for the sampler's step times and the
+  weights it comes from are freed (~540 MB full size); done first, so later conversions skip them.
 * ``packed_llm`` (``cpu_fast``, ``cpu_onnx``): the LLM's projections fused and its FP32 linear
   layers packed for oneDNN (:mod:`.acceleration.packed`: the decode step streams its weights faster).
 * ``onnx_cpu`` (``cpu_onnx``): the flow estimator runs on ONNX Runtime (the model
@@ -45,6 +48,7 @@ from cosyserve.acceleration.fp16 import install_fp16_guard
 from cosyserve.acceleration.packed import bf16_native, pack_estimator_bf16, pack_llm
 from cosyserve.errors import AcceleratorUnavailableError
 from cosyserve.interfaces import AccelTargets
+from cosyserve.nn.cfm import euler_times
 from cosyserve.nn.checkpoint import detach_from_checkpoint
 from cosyserve.runtime.memory import (
     allocator_tuned,
@@ -173,6 +177,8 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
             applied.append("malloc: vocoder blocks mmap'd (COSYSERVE_VOCODER_MMAP=1)")
         if allocator_tuned():
             keep_paged_out(targets.cold_weights)
+    if plan.time_table:  # before the conversions below: they skip the freed layers
+        applied += _freeze_time_conditioning(cfm)
     if plan.packed_llm:  # FP32 CPU plans only; pack_llm leaves any other LLM as it is
         count = pack_llm(targets.llm)
         if count:
@@ -232,6 +238,19 @@ def apply_plan(backend: Any, plan: AccelPlan) -> list[str]:
         guard = install_fp16_guard(backend, targets)
         applied.append("fp16 guard" if not guard.tripped else f"fp16 guard: {guard.reason}")
     return applied
+
+
+def _freeze_time_conditioning(cfm: Any) -> list[str]:
+    """Precompute the torch estimator's time conditioning for the sampler's step times and free
+    its weights, where the estimator can (CosyVoice3's DiT); nothing for the others."""
+    freeze = getattr(cfm.estimator, "freeze_time_conditioning", None)
+    if cfm.estimator_runner is not None or not callable(freeze):
+        return []
+    n = cfm.cfg.n_timesteps
+    freed = freeze(euler_times(n))
+    return [
+        f"time conditioning precomputed for the {n} Euler steps ({freed / 2**20:.0f} MiB of weights freed)"
+    ]
 
 
 def _install_trt(targets: AccelTargets, plan: AccelPlan) -> str:

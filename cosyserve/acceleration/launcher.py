@@ -36,6 +36,9 @@ class AccelPlan:
     cpu_tuning: bool = True  # CPU threads and allocator policy (off: plain PyTorch, the baseline)
     packed_llm: bool = False  # FP32 LLM linears fused and packed for oneDNN (CPU decode steps)
     bf16: bool = False  # opt-in bfloat16 LLM and estimator linears (CPUs with AVX512-BF16/AMX)
+    # the torch estimator's time conditioning precomputed for the sampler's step times, the weights
+    # it comes from freed (CosyVoice3's DiT: its adaptive norms, ~40 % of its parameters)
+    time_table: bool = False
 
 
 PLANS: dict[str, AccelPlan] = {
@@ -46,10 +49,10 @@ PLANS: dict[str, AccelPlan] = {
     # CPU: measured on the 2-core VM (README), the torch estimator is as fast as ONNX Runtime's and
     # lighter (ORT holds its own weights and arena), so the default CPU plan keeps torch; cpu_onnx
     # is there for machines where ONNX Runtime wins (`cosyserve bench --test_all` shows both).
-    "cpu_fast": AccelPlan("cpu_fast", "cpu", packed_llm=True),
+    "cpu_fast": AccelPlan("cpu_fast", "cpu", packed_llm=True, time_table=True),
     "cpu_onnx": AccelPlan("cpu_onnx", "cpu", onnx_cpu=True, packed_llm=True),
-    "cpu_bf16": AccelPlan("cpu_bf16", "cpu", bf16=True),
-    "cpu_int8": AccelPlan("cpu_int8", "cpu", int8=True),
+    "cpu_bf16": AccelPlan("cpu_bf16", "cpu", bf16=True, time_table=True),
+    "cpu_int8": AccelPlan("cpu_int8", "cpu", int8=True, time_table=True),
     "eager": AccelPlan("eager", "cpu", cpu_tuning=False),
 }
 GPU_CHAIN = ["trt_jit_fp16", "jit_fp16", "jit", "cuda_eager", "cpu_fast", "eager"]

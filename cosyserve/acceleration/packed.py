@@ -139,11 +139,12 @@ def pack_linears(
 
 
 def llm_linears(llm: nn.Module) -> list[str]:
-    """Names of the LLM's nn.Linear modules that plans may replace (all but :data:`KEEP_PLAIN`)."""
+    """Names of the LLM's nn.Linear modules that plans may replace (all but :data:`KEEP_PLAIN` and
+    those whose weights a plan freed)."""
     return [
         name
         for name, module in llm.named_modules()
-        if type(module) is nn.Linear and not name.endswith(KEEP_PLAIN)
+        if type(module) is nn.Linear and not name.endswith(KEEP_PLAIN) and not module.weight.is_meta
     ]
 
 

@@ -152,7 +152,7 @@ def quantize_estimator_int8(estimator: nn.Module) -> tuple[int, float]:
     _check_cpu(estimator)
 
     def quantize(module: nn.Module) -> int:
-        names = [name for name, m in module.named_modules() if type(m) is nn.Linear]
+        names = [name for name, m in module.named_modules() if type(m) is nn.Linear and not m.weight.is_meta]
         _quantize_linears(module, names, engine="onednn")  # oneDNN: the fastest many-row GEMM
         return len(names)
 
@@ -176,6 +176,9 @@ def convert_estimator_checked(
     from cosyserve.acceleration.onnx_export import estimator_example
 
     examples = [estimator_example(2, frames, seed=i) for i, frames in enumerate((37, 8))]
+    times = getattr(estimator, "frozen_times", None)  # an estimator that serves only these t values
+    if times is not None:
+        examples = [(*args[:3], times[[i, -1 - i]], *args[4:]) for i, args in enumerate(examples)]
     references = [estimator(*args) for args in examples]
     count = convert(estimator)
     err = max(
@@ -190,7 +193,8 @@ def convert_estimator_checked(
 
 
 def _check_cpu(module: nn.Module) -> None:
-    device = next(module.parameters()).device
+    params = list(module.parameters())
+    device = next((p.device for p in params if not p.is_meta), params[0].device)  # not freed ones
     if device.type != "cpu":
         raise AcceleratorUnavailableError(
             f"int8 dynamic quantisation runs on CPU only (the model is on {device})"

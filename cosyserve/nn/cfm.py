@@ -65,7 +65,6 @@ def euler_cfg(
     n = n_timesteps
     b, _, frames = z.shape
     dtype = spks.dtype
-    t_span = cosine_t_span(n, z.device)
 
     # Estimator inputs built once; only x and t change per step (fixed buffers suit TensorRT).
     x_in = torch.empty((2 * b, z.shape[1], frames), device=z.device, dtype=dtype)
@@ -76,20 +75,36 @@ def euler_cfg(
     t_in = torch.empty((2 * b,), device=z.device, dtype=dtype)
 
     x = z
-    # t and dt accumulate in float32 exactly as upstream (t += dt; dt = t_span[k+1] - t).
-    t = t_span[0:1]
-    dt = t_span[1] - t_span[0]
-    for step in range(1, n + 1):
+    for t, dt in euler_steps(n, z.device):
         x_in[:b] = x
         x_in[b:] = x
         t_in[:] = t
         v = run(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
         v_cond, v_uncond = v[:b], v[b:]
         x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
-        t = t + dt
-        if step < n:
-            dt = t_span[step + 1] - t
     return x.float()
+
+
+def euler_steps(n_timesteps: int, device: torch.device | None = None) -> list[tuple[Tensor, Tensor]]:
+    """``(t, dt)`` of each Euler step on the cosine schedule, float32: t and dt accumulate exactly
+    as upstream (``t += dt; dt = t_span[k + 1] - t``), so these are the very t values the estimator
+    is called with (see :func:`euler_times`)."""
+    t_span = cosine_t_span(n_timesteps, device)
+    t = t_span[0:1]
+    dt = t_span[1] - t_span[0]
+    steps = []
+    for step in range(1, n_timesteps + 1):
+        steps.append((t, dt))
+        t = t + dt
+        if step < n_timesteps:
+            dt = t_span[step + 1] - t
+    return steps
+
+
+def euler_times(n_timesteps: int) -> Tensor:
+    """The t values ``[n_timesteps]`` (float32, CPU) that every Euler solve of ``n_timesteps``
+    steps feeds the estimator, in step order (what a plan precomputes time conditioning for)."""
+    return torch.cat([t for t, _ in euler_steps(n_timesteps)])
 
 
 @dataclass

@@ -18,7 +18,9 @@ Everything the time embedding feeds (each block's six modulation vectors, the fi
 depends on ``t`` alone, and the sampler calls the estimator with the same few ``t`` values for
 every request and every streaming chunk: on CPU those vectors are computed once per ``t`` value
 and reused (:meth:`DiT.time_conditioning`): the adaptive norms' ~25 MB of weights per block are not
-re-read at every call (measured in the README, Performance).
+re-read at every call (measured in the README, Performance). A CPU plan goes further
+(:meth:`DiT.freeze_time_conditioning`): it computes the vectors of the sampler's own t values once
+and frees the weights they come from, ~40 % of the DiT's parameters.
 
 Module names match upstream's, so ``flow.pt``'s ``decoder.estimator.*`` keys load strictly. Every
 operation is a plain tensor op (no Python loop over frames, no data-dependent control flow while
@@ -41,6 +43,9 @@ __all__ = ["DiT", "DiTConfig", "attention_masks"]
 _LN_EPS = 1e-6
 _TIME_FREQ_DIM = 256
 _TIME_CACHE_SIZE = 64  # time values kept (a sampler uses n_timesteps of them)
+
+# Every block's modulation vectors and the final norm's (scale, shift) for one call's t values.
+TimeConditioning = tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]
 
 
 @dataclass
@@ -371,9 +376,19 @@ class DiT(nn.Module):
         self.transformer_blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.norm_out = AdaLayerNormZeroFinal(cfg.dim)
         self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
-        self._time_cache: dict[tuple, tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]] = {}
+        self._time_cache: dict[tuple, TimeConditioning] = {}
+        # Set by freeze_time_conditioning: the only t values served, their weights freed.
+        self._time_table: dict[float, TimeConditioning] | None = None
+        self.register_load_state_dict_pre_hook(self._before_load)
+
+    def _before_load(self, *_: object) -> None:
+        if self._time_table is not None:
+            raise RuntimeError(
+                "this DiT's time-conditioning weights were freed (freeze_time_conditioning): "
+                "load the checkpoint into a fresh model"
+            )
         # Weights loaded in place keep their tensors (and so the cache key): forget the entries.
-        self.register_load_state_dict_pre_hook(lambda *_: self._time_cache.clear())
+        self._time_cache.clear()
 
     def forward(
         self,
@@ -397,14 +412,68 @@ class DiT(nn.Module):
             h = block(h, modulation, rope, attn_mask, keep)
         return self.proj_out(self.norm_out(h, final)).transpose(1, 2)
 
-    def _time_conditioning(self, t: Tensor) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+    def _time_conditioning(self, t: Tensor) -> TimeConditioning:
         temb = self.time_embed(t)
         return [block.attn_norm(temb) for block in self.transformer_blocks], self.norm_out.modulation(temb)
 
-    def time_conditioning(self, t: Tensor) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+    def _time_modules(self) -> list[nn.Module]:
+        """What the time conditioning is computed from."""
+        return [self.time_embed, self.norm_out.linear, *(b.attn_norm.linear for b in self.transformer_blocks)]
+
+    @torch.inference_mode()
+    def freeze_time_conditioning(self, times: Tensor) -> int:
+        """Compute the time conditioning of each t in ``times`` (the sampler's step times, see
+        :func:`cosyserve.nn.cfm.euler_times`) once, then free the time MLP's and the adaptive norms'
+        weights (their pages handed back, the modules left on the meta device); returns the bytes
+        freed. From then on only those t values are served: any other raises RuntimeError. CPU only
+        (the table holds CPU tensors); a second call does nothing."""
+        if self._time_table is not None:
+            return 0
+        if any(p.device.type != "cpu" for m in self._time_modules() for p in m.parameters()):
+            raise RuntimeError("freeze_time_conditioning needs the time-conditioning weights on the CPU")
+        times = times.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        table = {float(t): self._time_conditioning(t.reshape(1)) for t in times}
+        freed = 0
+        for module in self._time_modules():
+            for p in module.parameters():
+                freed += p.numel() * p.element_size()
+                page_out(p)  # memory-mapped pages leave RSS; heap copies are freed below
+            module.to(device="meta")
+        self._time_cache.clear()
+        self._time_table = table
+        return freed
+
+    @property
+    def frozen_times(self) -> Tensor | None:
+        """The t values served since :meth:`freeze_time_conditioning` (None: any t)."""
+        return None if self._time_table is None else torch.tensor(list(self._time_table), dtype=torch.float32)
+
+    def _frozen_conditioning(self, t: Tensor) -> TimeConditioning:
+        assert self._time_table is not None
+        values = t.tolist() if t.dtype == torch.float32 else [math.nan] * t.numel()
+        entries = []
+        for value in values:
+            entry = self._time_table.get(value)
+            if entry is None:
+                raise RuntimeError(
+                    f"t = {value} ({t.dtype}) is not one of the {len(self._time_table)} Euler step times this "
+                    "DiT's time conditioning was precomputed for (its weights were freed by the plan)"
+                )
+            entries.append(entry)
+        if all(e is entries[0] for e in entries):
+            blocks, final = entries[0]
+            return _expanded(blocks, final, len(entries))
+        # Rows at different steps in one call: each row's vectors, stacked.
+        blocks = [tuple(map(torch.cat, zip(*rows))) for rows in zip(*(e[0] for e in entries))]
+        return blocks, tuple(map(torch.cat, zip(*(e[1] for e in entries))))
+
+    def time_conditioning(self, t: Tensor) -> TimeConditioning:
         """Every block's modulation vectors and the final norm's, ``[B, H]`` each, for times ``t``
         ``[B]``: on CPU, computed once per time value (every row of a call shares it: the CFG pair,
-        requests batched at the same Euler step) and kept while the weights they come from stay."""
+        requests batched at the same Euler step) and kept while the weights they come from stay;
+        after :meth:`freeze_time_conditioning`, looked up in its table."""
+        if self._time_table is not None:
+            return self._frozen_conditioning(t)
         cacheable = (
             t.device.type == "cpu" and not torch.is_grad_enabled() and not _exporting() and t.numel() > 0
         )
@@ -416,21 +485,14 @@ class DiT(nn.Module):
             if len(self._time_cache) >= _TIME_CACHE_SIZE:
                 self._time_cache.clear()
             entry = self._time_cache[key] = self._time_conditioning(t[:1])
-        rows = t.shape[0]
-        blocks, final = entry
-        return [tuple(v.expand(rows, -1) for v in m) for m in blocks], tuple(
-            v.expand(rows, -1) for v in final
-        )
+        return _expanded(*entry, t.shape[0])
 
     def _conditioning_weights(self) -> tuple:
         """What the time conditioning is computed from: a new tensor or module (loading, ``.to()``,
         quantisation) is another key, so a cached entry never outlives its weights."""
-        parts = (
-            self.time_embed,
-            self.norm_out.linear,
-            *(b.attn_norm.linear for b in self.transformer_blocks),
+        return tuple(
+            (id(m), *((p.data_ptr(), p.dtype) for p in m.parameters())) for m in self._time_modules()
         )
-        return tuple((id(m), *((p.data_ptr(), p.dtype) for p in m.parameters())) for m in parts)
 
     def fuse_qkv(self) -> bool:
         """Fuse every block's q/k/v projections (see :meth:`Attention.fuse_qkv`)."""
@@ -439,3 +501,8 @@ class DiT(nn.Module):
     # Stage outputs, for tests and diagnostics.
     def embed_inputs(self, x: Tensor, mu: Tensor, spks: Tensor, cond: Tensor) -> Tensor:
         return self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
+
+
+def _expanded(blocks: list[tuple[Tensor, ...]], final: tuple[Tensor, ...], rows: int) -> TimeConditioning:
+    """One time value's conditioning (``[1, H]`` vectors) as ``[rows, H]`` views."""
+    return [tuple(v.expand(rows, -1) for v in m) for m in blocks], tuple(v.expand(rows, -1) for v in final)

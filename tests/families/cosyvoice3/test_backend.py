@@ -382,3 +382,51 @@ def test_built_in_speakers_when_the_directory_has_spk2info(tmp_path: Path) -> No
         UnsupportedModeError, match="neither a built-in speaker of this CosyVoice3 model nor a saved voice"
     ):
         backend.check_request(SynthesisRequest(TEXT, voice="nobody"))
+
+
+@pytest.mark.parametrize("plan", ["cpu_fast", "cpu_int8"])
+def test_cpu_plans_free_the_time_conditioning_weights(
+    tiny_v3_model_dir: Path, tmp_path: Path, plan: str
+) -> None:
+    """The CPU plans precompute the DiT's time conditioning for the sampler's step times and free its
+    weights: the flow gives the eager plan's mel (cpu_fast: the same FP32 values), streaming or not, and
+    a stream still synthesises."""
+    from types import SimpleNamespace
+
+    from cosyserve.acceleration.launcher import PLANS, build_backend, open_family
+
+    def build(name: str) -> CosyVoice3Backend:
+        settings = SimpleNamespace(voices_dir=tmp_path, stream_first_hop=None)
+        return build_backend(open_family(tiny_v3_model_dir), str(tiny_v3_model_dir), PLANS[name], settings)
+
+    eager, backend = build("eager"), build(plan)
+    dit = backend.model.flow.decoder.estimator
+    assert any(
+        a.startswith("time conditioning precomputed for the 10 Euler steps")
+        for a in backend.options.extra["accelerations"]
+    )
+    assert (
+        dit.time_embed.time_mlp[0].weight.is_meta
+        and dit.transformer_blocks[0].attn_norm.linear.weight.is_meta
+    )
+    assert not eager.model.flow.decoder.estimator.time_embed.time_mlp[0].weight.is_meta
+    features = backend.prompt_encoder.encode(prompt())
+    tokens = torch.arange(40).reshape(1, -1) * 37
+    tolerance = 1e-6 if plan == "cpu_fast" else 0.05
+    for streaming in (False, True):
+        mels = [
+            b.model.flow.decode(
+                [
+                    b.model.flow.prepare(
+                        tokens, None, None, features.embedding, streaming=streaming, finalize=not streaming
+                    )
+                ]
+            )[0]
+            for b in (eager, backend)
+        ]
+        err = float((mels[1] - mels[0]).abs().max()) / max(1.0, float(mels[0].abs().max()))
+        assert err < tolerance, (streaming, err)
+    request = SynthesisRequest(TEXT, mode="zero_shot", prompt=prompt(), seed=8, stream=True)
+    task, chunks = solo(backend, request, num_tokens=60)
+    assert len(chunks) > 1
+    check_audio(audio_of(chunks), task.segment_tokens[0])
