@@ -384,7 +384,7 @@ def test_built_in_speakers_when_the_directory_has_spk2info(tmp_path: Path) -> No
         backend.check_request(SynthesisRequest(TEXT, voice="nobody"))
 
 
-@pytest.mark.parametrize("plan", ["cpu_fast", "cpu_int8"])
+@pytest.mark.parametrize("plan", ["cpu_fast", "cpu_int8", "cpu_bf16"])
 def test_cpu_plans_free_the_time_conditioning_weights(
     tiny_v3_model_dir: Path, tmp_path: Path, plan: str
 ) -> None:
@@ -394,6 +394,10 @@ def test_cpu_plans_free_the_time_conditioning_weights(
     from types import SimpleNamespace
 
     from cosyserve.acceleration.launcher import PLANS, build_backend, open_family
+    from cosyserve.acceleration.packed import bf16_native
+
+    if plan == "cpu_bf16" and not bf16_native():
+        pytest.skip("cpu_bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX)")
 
     def build(name: str) -> CosyVoice3Backend:
         settings = SimpleNamespace(voices_dir=tmp_path, stream_first_hop=None)
