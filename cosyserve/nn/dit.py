@@ -450,14 +450,15 @@ class DiT(nn.Module):
 
     def _frozen_conditioning(self, t: Tensor) -> TimeConditioning:
         assert self._time_table is not None
-        values = t.tolist() if t.dtype == torch.float32 else [math.nan] * t.numel()
+        if t.dtype != torch.float32:
+            raise RuntimeError(f"this DiT's time conditioning was precomputed for float32 t, got {t.dtype}")
         entries = []
-        for value in values:
+        for value in t.tolist():
             entry = self._time_table.get(value)
             if entry is None:
                 raise RuntimeError(
-                    f"t = {value} ({t.dtype}) is not one of the {len(self._time_table)} Euler step times this "
-                    "DiT's time conditioning was precomputed for (its weights were freed by the plan)"
+                    f"t = {value} is not one of the {len(self._time_table)} Euler step times this DiT's "
+                    "time conditioning was precomputed for (its weights were freed by the plan)"
                 )
             entries.append(entry)
         if all(e is entries[0] for e in entries):

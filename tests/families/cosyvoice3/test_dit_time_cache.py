@@ -85,6 +85,10 @@ def test_frozen_time_conditioning_serves_the_sampler_times_without_its_weights()
         torch.testing.assert_close(dit(*mixed), before_mixed, atol=1e-6, rtol=0)
         with pytest.raises(RuntimeError, match="not one of the 10 Euler step times"):
             dit(*_inputs(0.5))
+        other_dtype = list(_inputs(0.0))
+        other_dtype[3] = times[:2].double()
+        with pytest.raises(RuntimeError, match="float32 t"):
+            dit(*other_dtype)
     with pytest.raises(RuntimeError, match="fresh model"):
         dit.load_state_dict(DiT(CFG).state_dict())
     assert dit.freeze_time_conditioning(times) == 0  # once
