@@ -352,7 +352,7 @@ class CausalHiFTGenerator(nn.Module):
         x = causal_conv(self.conv_pre, x, 0)
         for i in range(self.num_upsamples):
             x = F.leaky_relu(x, self.cfg.lrelu_slope)
-            x = self._upsample_conv(i, x, fast)
+            x = self.upsample_stage(i, x, fast)
             if i == self.num_upsamples - 1:
                 x = torch.cat([x[..., 1:2], x], dim=-1)  # ReflectionPad1d((1, 0))
             down = self.source_downs[i]
@@ -366,7 +366,7 @@ class CausalHiFTGenerator(nn.Module):
         x = causal_conv(self.conv_post, x, self.conv_post.kernel_size[0] - 1)
         return x.squeeze(2) if fast else x
 
-    def _upsample_conv(self, i: int, x: Tensor, fast: bool) -> Tensor:
+    def upsample_stage(self, i: int, x: Tensor, fast: bool) -> Tensor:
         """Upsampling stage ``i``: nearest upsampling then a causal convolution (upstream), or on
         the fast path the equal transposed convolution (:func:`upsampling_as_transposed`)."""
         ups, rate = self.ups[i], self.cfg.upsample_rates[i]

@@ -36,6 +36,6 @@ def test_fast_decode_follows_replaced_upsampling_weights() -> None:
     x = torch.randn(1, 32, 1, 9)
     with torch.no_grad():
         hift.ups[0].weight = torch.nn.Parameter(torch.randn_like(hift.ups[0].weight))
-        fast = hift._upsample_conv(0, to_fast_layout(x.squeeze(2)), fast=True).squeeze(2)
-        reference = hift._upsample_conv(0, x.squeeze(2), fast=False)
+        fast = hift.upsample_stage(0, to_fast_layout(x.squeeze(2)), fast=True).squeeze(2)
+        reference = hift.upsample_stage(0, x.squeeze(2), fast=False)
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
