@@ -4,14 +4,15 @@ For the served-path parity tests: the parity set (official layout,
 reduced dims) is the model: this copies it and adds what serving needs and the set leaves out:
 
 * the Qwen2 tokenizer files (:mod:`cosyserve.tools.qwen_tokenizer_files`), and a text embedding
-  with a row for every id they produce (the set's table has 4096 rows: its LLM fixtures use random
-  ids below that); the first 4096 rows are the set's, the rest small random values;
-* a flow token embedding for every speech token the LLM can produce (the set's flow has 4096
-  rows, its LLM 6561 speech tokens); again the set's rows first;
+  with a row for every id they produce (a set's table is smaller, e.g. set A's 4096 rows: its LLM
+  fixtures use random ids below that); the set's rows first, the rest small random values;
+* a flow token embedding for every speech token the LLM can produce (the yaml's
+  ``speech_token_size``; set A's flow has 4096 rows, its LLM 6561 speech tokens); again the set's
+  rows first;
 * ONNX stand-ins for ``campplus.onnx`` and ``speech_tokenizer_v2.onnx`` (25 tokens/s);
 * no ``CosyVoice-BlankEN/model.safetensors`` (a served directory never reads it).
 
-Both enlargements keep every number of the parity fixtures (their ids are below 4096).
+Both enlargements keep every number of the parity fixtures (their ids index the set's own rows).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from cosyserve.families.cosyvoice2.config import load_model_config
 from cosyserve.tools.onnx_standins import write_standins
 from cosyserve.tools.qwen_tokenizer_files import write_qwen_tokenizer_files
 from tests.helpers.parity import parity_root
@@ -30,7 +32,6 @@ SET = "set_a"
 TEXT_TABLE = "llm.model.model.embed_tokens.weight"
 TEXT_HEAD = "llm.model.lm_head.weight"
 FLOW_TABLE = "input_embedding.weight"
-SPEECH_TOKENS = 6561
 
 
 def parity_v2_dir() -> Path:
@@ -38,6 +39,8 @@ def parity_v2_dir() -> Path:
 
 
 def _grow(table: torch.Tensor, rows: int, generator: torch.Generator) -> torch.Tensor:
+    if rows <= table.shape[0]:
+        return table
     extra = 0.02 * torch.randn(rows - table.shape[0], table.shape[1], generator=generator)
     return torch.cat([table, extra.to(table.dtype)])
 
@@ -76,18 +79,20 @@ def make_tiny_v2_dir(out: Path, seed: int = 1234, source: Path | None = None) ->
     backbone_config["vocab_size"] = text_rows
     (backbone / "config.json").write_text(json.dumps(backbone_config, indent=2), encoding="utf-8")
 
+    speech_tokens = load_model_config(out).llm.speech_token_size  # what the set's LLM can produce
     flow = torch.load(out / "flow.pt", weights_only=True)
     old_rows = flow[FLOW_TABLE].shape[0]
-    flow[FLOW_TABLE] = _grow(flow[FLOW_TABLE], SPEECH_TOKENS, generator)
+    flow[FLOW_TABLE] = _grow(flow[FLOW_TABLE], speech_tokens, generator)
     torch.save(flow, out / "flow.pt")
     yaml = (out / "cosyvoice2.yaml").read_text(encoding="utf-8")
     (out / "cosyvoice2.yaml").write_text(
-        yaml.replace(f"vocab_size: {old_rows}", f"vocab_size: {SPEECH_TOKENS}", 1), encoding="utf-8"
+        yaml.replace(f"vocab_size: {old_rows}", f"vocab_size: {max(old_rows, speech_tokens)}", 1),
+        encoding="utf-8",
     )
     write_standins(
         out,
         seed=seed,
-        vocab_size=SPEECH_TOKENS,
+        vocab_size=speech_tokens,
         tokenizer_file="speech_tokenizer_v2.onnx",
         frames_per_token=4,
     )
